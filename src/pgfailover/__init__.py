@@ -1,0 +1,1 @@
+"""Keep psycopg 3 applications writing through a PostgreSQL failover."""

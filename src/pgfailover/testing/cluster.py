@@ -1,0 +1,879 @@
+"""A real local PostgreSQL cluster (primary, streaming standbys, optional PgBouncer) for tests.
+
+:class:`LocalCluster` builds everything in a temporary directory on free loopback ports and
+produces real failovers on demand. Every operation waits until it is done, polling with a
+deadline, and returns the time each phase took as :class:`Timings`. Everything it started
+is ended by PID and its directory removed on :meth:`LocalCluster.close`, on exit from the
+``with`` block (exception and KeyboardInterrupt included) and, as a last resort, at
+interpreter exit.
+
+When run as root, servers run as an unprivileged OS user (see ``_osuser``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, TypeVar
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from ._binaries import PostgresBinaries, find_pgbouncer, find_postgres
+from ._osuser import OsUser, server_user
+from ._ports import release_port, reserve_port
+from ._process import ServerProcess
+from .errors import HarnessError
+
+logger = logging.getLogger("pgfailover.testing")
+
+StopMode = Literal["smart", "fast", "immediate"]
+PoolMode = Literal["session", "transaction", "statement"]
+Role = Literal["primary", "standby", "down"]
+
+_STOP_SIGNALS: dict[str, int] = {
+    "smart": signal.SIGTERM,
+    "fast": signal.SIGINT,
+    "immediate": signal.SIGQUIT,
+}
+HOST = "127.0.0.1"
+SUPERUSER = "postgres"
+_POLL = 0.02
+T = TypeVar("T")
+
+#: Settings every node gets. ``fsync=off`` trades durability against an OS crash (never
+#: simulated here) for speed; crash recovery after ``immediate`` stops or SIGKILL still
+#: replays WAL as usual because the data stays in the OS page cache.
+BASE_SETTINGS: dict[str, str] = {
+    "listen_addresses": HOST,
+    "max_connections": "200",
+    "shared_buffers": "32MB",
+    "wal_level": "replica",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "wal_keep_size": "512MB",
+    "max_wal_size": "256MB",
+    "hot_standby": "on",
+    "wal_log_hints": "on",
+    "fsync": "off",
+    "wal_receiver_status_interval": "1s",
+    "wal_retrieve_retry_interval": "100ms",
+    "shared_preload_libraries": "pg_stat_statements",
+    "pg_stat_statements.track_utility": "on",
+    "log_line_prefix": "%m [%p] %q%u@%d ",
+    "log_min_messages": "warning",
+}
+
+
+@dataclass(frozen=True)
+class Timings:
+    """How long each phase of an operation took, in seconds, in the order they ran.
+
+    ``total`` is measured end to end (it includes the time between phases). ``notes`` holds
+    facts about how the operation went (e.g. ``rejoin: "pg_rewind"`` or ``"pg_basebackup"``).
+    """
+
+    phases: Mapping[str, float]
+    total: float
+    notes: Mapping[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, phase: str) -> float:
+        return self.phases[phase]
+
+    def __str__(self) -> str:
+        parts = [f"{name} {secs:.3f}s" for name, secs in self.phases.items()]
+        notes = "".join(f", {k}: {v}" for k, v in self.notes.items())
+        return f"{', '.join(parts)} (total {self.total:.3f}s{notes})"
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+        self.notes: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+    def result(self) -> Timings:
+        return Timings(dict(self.phases), time.perf_counter() - self.start, dict(self.notes))
+
+
+def _poll(what: str, check: Callable[[], T | None], timeout: float) -> T:
+    """Call ``check`` until it returns something other than None; HarnessError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = check()
+        except (psycopg.Error, OSError) as ex:
+            last_error, result = ex, None
+        if result is not None:
+            return result
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_error})" if last_error else ""
+            raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}{detail}")
+        time.sleep(_POLL)
+
+
+class Node:
+    """One PostgreSQL server of a :class:`LocalCluster`."""
+
+    def __init__(self, cluster: LocalCluster, name: str, port: int, root: Path) -> None:
+        self._cluster = cluster
+        self.name = name
+        self.host = HOST
+        self.port = port
+        self.root = root
+        self.datadir = root / "data"
+        self.socket_dir = root / "socket"
+        self.log_path = root / "postgres.log"
+        self.process: ServerProcess | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the node."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the postmaster runs."""
+        return self.process is not None and self.process.running
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the postmaster, None when stopped."""
+        return self.process.pid if self.running and self.process else None
+
+    def dsn(self, *, dbname: str | None = None, user: str | None = None, **params: object) -> str:
+        """A libpq conninfo string for this node (application user and database by default).
+
+        It contains the password: pass it to a driver, never log it.
+        """
+        return self._cluster._dsn(self.host, self.port, dbname=dbname, user=user, **params)
+
+    def connect(self, *, superuser: bool = True, **kwargs: object) -> psycopg.Connection[object]:
+        """An autocommit psycopg connection to this node (superuser ``postgres`` by default)."""
+        if superuser:
+            conninfo = self.dsn(dbname="postgres", user=SUPERUSER)
+        else:
+            conninfo = self.dsn()
+        kwargs.setdefault("autocommit", True)
+        kwargs.setdefault("connect_timeout", 5)
+        return psycopg.connect(conninfo, **kwargs)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self.running else "stopped"
+        return f"<Node {self.name} {self.address} {state}>"
+
+
+class PgBouncer:
+    """The PgBouncer of a :class:`LocalCluster` (admin console enabled for ``postgres``)."""
+
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        port: int,
+        root: Path,
+        pool_mode: PoolMode,
+        settings: Mapping[str, str],
+    ) -> None:
+        self._cluster = cluster
+        self.host = HOST
+        self.port = port
+        self.root = root
+        self.pool_mode: PoolMode = pool_mode
+        self.settings = dict(settings)
+        self.config_path = root / "pgbouncer.ini"
+        self.log_path = root / "pgbouncer.log"
+        self.target: Node | None = None
+        self.process: ServerProcess | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of PgBouncer."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the pgbouncer process runs."""
+        return self.process is not None and self.process.running
+
+    def dsn(self, *, dbname: str | None = None, user: str | None = None, **params: object) -> str:
+        """Conninfo of a client connection through PgBouncer (contains the password).
+
+        In transaction mode psycopg's automatic prepared statements fail: pass
+        ``prepare_threshold=None`` to ``psycopg.connect`` (it is not a conninfo parameter).
+        """
+        return self._cluster._dsn(self.host, self.port, dbname=dbname, user=user, **params)
+
+    def admin_dsn(self) -> str:
+        """Conninfo of the admin console (database ``pgbouncer``, user ``postgres``)."""
+        return self.dsn(dbname="pgbouncer", user=SUPERUSER)
+
+    def admin(self, command: str) -> list[dict[str, object]]:
+        """Run an admin console command (``SHOW SERVERS``, ``RELOAD``, ...); rows as dicts."""
+        with psycopg.connect(
+            self.admin_dsn(), autocommit=True, prepare_threshold=None, connect_timeout=5
+        ) as conn:
+            cur = conn.execute(command)  # no parameters: sent with the simple protocol
+            if cur.description is None:
+                return []
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def __repr__(self) -> str:
+        target = self.target.name if self.target else None
+        return f"<PgBouncer {self.address} {self.pool_mode} -> {target}>"
+
+
+_open_clusters: set[LocalCluster] = set()
+_open_lock = threading.Lock()
+
+
+class LocalCluster:
+    """A primary, ``standbys`` streaming standbys and optionally a PgBouncer, all local.
+
+    Use it as a context manager (or call :meth:`open` and :meth:`close`)::
+
+        with LocalCluster(standbys=1, pgbouncer="transaction") as cluster:
+            conn = psycopg.connect(cluster.pgbouncer.dsn(), prepare_threshold=None)
+            cluster.failover()
+
+    ``pgbouncer`` is the pool mode, or None for no PgBouncer. ``server_login_retry`` is
+    PgBouncer's wait after a failed server login (1 s here; PgBouncer's own 15 s default
+    would dominate every timing). ``pgbouncer_settings`` and ``pg_settings`` add or override
+    settings. ``ready_timeout`` bounds every wait, in seconds. ``base_dir`` is where the
+    temporary directory goes (system default when None); ``keep_dir`` keeps it after close.
+    """
+
+    def __init__(
+        self,
+        *,
+        standbys: int = 1,
+        pgbouncer: PoolMode | None = "transaction",
+        server_login_retry: float = 1,
+        pgbouncer_settings: Mapping[str, object] | None = None,
+        pg_settings: Mapping[str, object] | None = None,
+        pg_bindir: str | os.PathLike[str] | None = None,
+        pgbouncer_bin: str | os.PathLike[str] | None = None,
+        os_user: str | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+        keep_dir: bool = False,
+        ready_timeout: float = 60.0,
+        dbname: str = "app",
+        user: str = "app",
+    ) -> None:
+        if standbys < 0:
+            raise ValueError(f"standbys must be >= 0, got {standbys}")
+        if pgbouncer not in (None, "session", "transaction", "statement"):
+            raise ValueError(
+                f"pgbouncer must be 'session', 'transaction', 'statement' or None, got {pgbouncer!r}"
+            )
+        if ready_timeout <= 0:
+            raise ValueError(f"ready_timeout must be > 0 seconds, got {ready_timeout}")
+        self._n_standbys = standbys
+        self._pool_mode = pgbouncer
+        self._pgb_settings = {
+            "server_login_retry": str(server_login_retry),
+            **{k: str(v) for k, v in (pgbouncer_settings or {}).items()},
+        }
+        self._pg_settings = {**BASE_SETTINGS, **{k: str(v) for k, v in (pg_settings or {}).items()}}
+        self._pg_bindir = pg_bindir
+        self._pgbouncer_bin = pgbouncer_bin
+        self._os_user_name = os_user
+        self._base_dir = base_dir
+        self._keep_dir = keep_dir
+        self.ready_timeout = ready_timeout
+        self.dbname = dbname
+        self.user = user
+        #: Password of the application user (random per cluster). Never log it.
+        self.password = secrets.token_urlsafe(12)
+        #: Password of the ``postgres`` superuser (random per cluster). Never log it.
+        self.superuser_password = secrets.token_urlsafe(12)
+        self.nodes: list[Node] = []
+        self.pgbouncer: PgBouncer | None = None
+        self.root: Path | None = None
+        self.bin: PostgresBinaries | None = None
+        self._primary: Node | None = None
+        self._ports: list[int] = []
+        self._osuser: OsUser | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> LocalCluster:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def open(self) -> Timings:
+        """Build and start every server; on any failure everything started so far is ended."""
+        watch = _Stopwatch()
+        with _open_lock:
+            _open_clusters.add(self)
+        try:
+            self._open(watch)
+        except BaseException:
+            self.close()
+            raise
+        return watch.result()
+
+    def _open(self, watch: _Stopwatch) -> None:
+        self.bin = find_postgres(self._pg_bindir)
+        pgbouncer_bin = find_pgbouncer(self._pgbouncer_bin) if self._pool_mode else None
+        self._osuser = server_user(self._os_user_name)
+        self.root = Path(tempfile.mkdtemp(prefix="pgfailover-", dir=self._base_dir))
+        self.root.chmod(0o700)
+        self._osuser.own(self.root)
+        self._write_private(
+            "pgpass",
+            f"*:*:*:{SUPERUSER}:{self.superuser_password}\n*:*:*:{self.user}:{self.password}\n",
+        )
+        for i in range(self._n_standbys + 1):
+            self.nodes.append(self._new_node(f"node{i}"))
+        primary = self.nodes[0]
+        with watch.phase("initdb"):
+            self._initdb(primary)
+        with watch.phase("start_primary"):
+            self.start(primary)
+            self._primary = primary
+            self._create_app_database(primary)
+        with watch.phase("standbys"):
+            for node in self.nodes[1:]:
+                self._base_backup(node, primary)
+                self._write_standby_config(node, primary)
+                self.start(node)
+            for node in self.nodes[1:]:
+                self._wait_streaming(node)
+        if self._pool_mode and pgbouncer_bin:
+            with watch.phase("pgbouncer"):
+                self._start_pgbouncer(pgbouncer_bin, primary)
+        logger.info("local cluster up in %s: %s", self.root, watch.result())
+
+    def close(self) -> None:
+        """End every process this cluster started (by PID) and remove its directory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        procs: list[ServerProcess] = []
+        if self.pgbouncer and self.pgbouncer.process:
+            self.pgbouncer.process.signal(signal.SIGTERM)
+            procs.append(self.pgbouncer.process)
+        for node in self.nodes:
+            if node.process:
+                node.process.signal(signal.SIGQUIT)
+                procs.append(node.process)
+        for proc in procs:
+            if not proc.wait(10) or not proc.wait_group_gone(10):
+                proc.kill_group()
+        if self.root and not self._keep_dir:
+            shutil.rmtree(self.root, ignore_errors=True)
+        for port in self._ports:
+            release_port(port)
+        with _open_lock:
+            _open_clusters.discard(self)
+
+    # ------------------------------------------------------------------ addressing
+    @property
+    def primary(self) -> Node:
+        """The node the cluster made primary last (see :meth:`role` for the live truth)."""
+        if self._primary is None:
+            raise HarnessError("the cluster is not open")
+        return self._primary
+
+    @property
+    def standbys(self) -> list[Node]:
+        """Every node but the primary."""
+        return [n for n in self.nodes if n is not self._primary]
+
+    def node(self, name: str) -> Node:
+        """The node called ``name`` (``node0``, ``node1``, ...)."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node named {name!r}; nodes are {[n.name for n in self.nodes]}")
+
+    def multihost_dsn(self, *, dbname: str | None = None, **params: object) -> str:
+        """Conninfo listing every node (``host=a,b port=x,y``); add e.g. target_session_attrs."""
+        hosts = ",".join(n.host for n in self.nodes)
+        ports = ",".join(str(n.port) for n in self.nodes)
+        return self._dsn(hosts, ports, dbname=dbname, user=None, **params)
+
+    def _dsn(
+        self, host: str, port: int | str, *, dbname: str | None, user: str | None, **params: object
+    ) -> str:
+        user = user or self.user
+        password = self.superuser_password if user == SUPERUSER else self.password
+        return make_conninfo(
+            host=host, port=str(port), dbname=dbname or self.dbname, user=user,
+            password=password, **params,
+        )
+
+    # ------------------------------------------------------------------ node operations
+    def role(self, node: Node) -> Role:
+        """The node's live role: ``primary``, ``standby``, or ``down`` (stopped or unreachable)."""
+        if not node.running:
+            return "down"
+        try:
+            with node.connect(connect_timeout=2) as conn:
+                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        except psycopg.OperationalError:
+            return "down"
+        return "standby" if row and row[0] else "primary"
+
+    def start(self, node: Node) -> Timings:
+        """Start ``node`` (a no-op if it runs) and wait until it accepts connections."""
+        watch = _Stopwatch()
+        if node.running:
+            return watch.result()
+        assert self.bin and self._osuser and self.root
+        node.socket_dir.mkdir(exist_ok=True)
+        self._osuser.own(node.socket_dir)
+        argv = [
+            self.bin.path("postgres"), "-D", str(node.datadir), "-p", str(node.port),
+            "-k", str(node.socket_dir), "-c", f"cluster_name={node.name}",
+        ]
+        with watch.phase("start"):
+            node.process = ServerProcess(
+                self._osuser.wrap(argv), log_path=node.log_path, cwd=self.root,
+                env=self._env(), description=f"postgres {node.name}",
+            )
+            self._wait_accepting(node)
+        return watch.result()
+
+    def stop(self, node: Node, mode: StopMode = "fast") -> Timings:
+        """Stop ``node`` with PostgreSQL's ``smart``/``fast``/``immediate`` shutdown; wait for exit."""
+        if mode not in _STOP_SIGNALS:
+            raise ValueError(f"stop mode must be smart, fast or immediate, got {mode!r}")
+        watch = _Stopwatch()
+        with watch.phase("stop"):
+            if node.process and node.running:
+                node.process.stop(_STOP_SIGNALS[mode], timeout=self.ready_timeout)
+        return watch.result()
+
+    def kill(self, node: Node) -> Timings:
+        """SIGKILL the postmaster of ``node`` (a crash) and wait until its children are gone."""
+        watch = _Stopwatch()
+        with watch.phase("kill"):
+            if node.process and node.running:
+                node.process.signal(signal.SIGKILL)
+                node.process.wait(self.ready_timeout)
+                if not node.process.wait_group_gone(self.ready_timeout):
+                    node.process.kill_group()
+        return watch.result()
+
+    def promote(self, node: Node) -> Timings:
+        """Promote the standby ``node`` and wait until it accepts writes; it becomes ``primary``."""
+        watch = _Stopwatch()
+        with watch.phase("promote"), node.connect() as conn:
+            row = conn.execute("SELECT pg_promote(true, %s)", [int(self.ready_timeout)]).fetchone()
+            if not (row and row[0]):
+                raise HarnessError(f"{node.name} did not finish promotion in time")
+            _poll(f"{node.name} to accept writes", lambda: self._writable(node), self.ready_timeout)
+        self._primary = node
+        return watch.result()
+
+    def rejoin(self, node: Node, primary: Node | None = None) -> Timings:
+        """Make ``node`` a streaming standby of ``primary`` (default: the current primary).
+
+        Stops it if it runs, rewinds it with ``pg_rewind`` after a CHECKPOINT on the primary,
+        falls back to a fresh base backup when rewinding fails, writes ``standby.signal`` and
+        ``primary_conninfo``, starts it and waits until it streams.
+        """
+        primary = primary or self.primary
+        if node is primary:
+            raise HarnessError(f"{node.name} cannot rejoin itself as a standby")
+        watch = _Stopwatch()
+        if node.running:
+            with watch.phase("stop"):
+                self.stop(node, "fast")
+        with watch.phase("rewind"):
+            with primary.connect() as conn:
+                conn.execute("CHECKPOINT")
+            watch.notes["rejoin"] = self._rewind_or_clone(node, primary)
+        with watch.phase("start"):
+            self._write_standby_config(node, primary)
+            self.start(node)
+        with watch.phase("streaming"):
+            self._wait_streaming(node)
+        return watch.result()
+
+    def failover(self, stop_mode: StopMode = "fast", *, target: Node | None = None) -> Timings:
+        """The realistic failover: stop the primary, promote a standby until it accepts writes,
+        point the other standbys at it, and bring the old primary back as its standby.
+
+        PgBouncer is left untouched (it still points at the old primary, now a standby).
+        Phases: ``stop``, ``promote`` (until writable), ``rejoin``.
+        """
+        old = self.primary
+        target = target or self._first_standby()
+        if target is old:
+            raise HarnessError(f"{target.name} is already the primary")
+        watch = _Stopwatch()
+        with watch.phase("stop"):
+            self.stop(old, stop_mode)
+        with watch.phase("promote"):
+            self.promote(target)
+        with watch.phase("rejoin"):
+            for other in self.nodes:
+                if other not in (old, target):
+                    self._follow(other, target)
+            rejoined = self.rejoin(old, target)
+        watch.notes.update(rejoined.notes)
+        return watch.result()
+
+    def switchover(
+        self, target: Node | None = None, *, repoint_pgbouncer: bool = False
+    ) -> Timings:
+        """Planned role swap: like :meth:`failover` with a fast stop, then optionally repoint
+        PgBouncer at the new primary. Two switchovers restore the original topology."""
+        watch = _Stopwatch()
+        with watch.phase("failover"):
+            timings = self.failover("fast", target=target)
+        if repoint_pgbouncer and self.pgbouncer:
+            with watch.phase("repoint"):
+                self.repoint_pgbouncer(self.primary)
+        watch.notes.update(timings.notes)
+        return watch.result()
+
+    def repoint_pgbouncer(self, node: Node) -> Timings:
+        """Rewrite PgBouncer's databases to point at ``node`` and RELOAD it via the admin console."""
+        if self.pgbouncer is None:
+            raise HarnessError("this cluster has no PgBouncer (pass pgbouncer='transaction')")
+        watch = _Stopwatch()
+        with watch.phase("reload"):
+            self.pgbouncer.target = node
+            self._write_pgbouncer_config()
+            self.pgbouncer.admin("RELOAD")
+        return watch.result()
+
+    def wait_replicated(self, timeout: float | None = None) -> Timings:
+        """Wait until every running standby has replayed all WAL the primary has written so far."""
+        watch = _Stopwatch()
+        timeout = timeout or self.ready_timeout
+        with watch.phase("replicate"), self.primary.connect() as conn:
+            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            assert row is not None
+            lsn = row[0]
+            for node in self.standbys:
+                if node.running:
+                    _poll(f"{node.name} to replay {lsn}", lambda n=node: self._replayed(n, lsn), timeout)
+        return watch.result()
+
+    def reset(self) -> Timings:
+        """Restore the known topology cheaply: every node running, ``node0`` primary, the others
+        its streaming standbys, PgBouncer running and pointing at ``node0``.
+
+        Costs one role query per node when the topology is already right.
+        """
+        watch = _Stopwatch()
+        home = self.nodes[0]
+        roles = {n.name: self.role(n) for n in self.nodes}
+        primaries = [n for n in self.nodes if roles[n.name] == "primary"]
+        keep = home if home in primaries else (primaries[0] if primaries else None)
+        if keep is None:
+            with watch.phase("promote"):
+                self.start(home)
+                if self.role(home) == "standby":
+                    self.promote(home)
+                keep = home
+        self._primary = keep
+        for node in self.nodes:
+            if node is keep:
+                continue
+            if not node.running or roles[node.name] != "standby" or not self._streams_from(node, keep):
+                with watch.phase("rejoin"):
+                    self.rejoin(node, keep)
+        if keep is not home:
+            with watch.phase("switchover"):
+                self.failover("fast", target=home)
+        if self.pgbouncer:
+            with watch.phase("pgbouncer"):
+                if not self.pgbouncer.running:
+                    self.pgbouncer.target = home
+                    self._write_pgbouncer_config()
+                    self._spawn_pgbouncer()
+                elif self.pgbouncer.target is not home:
+                    self.repoint_pgbouncer(home)
+        return watch.result()
+
+    # ------------------------------------------------------------------ internals
+    def _env(self) -> dict[str, str]:
+        assert self.root
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "HOME": str(self.root),
+            "PGPASSFILE": str(self.root / "pgpass"),
+        }
+
+    def _run(self, argv: list[str], what: str) -> None:
+        assert self._osuser and self.root
+        import subprocess
+
+        result = subprocess.run(
+            self._osuser.wrap(argv), cwd=self.root, env=self._env(), capture_output=True,
+            text=True, timeout=max(self.ready_timeout, 120), check=False,
+        )
+        if result.returncode != 0:
+            raise HarnessError(f"{what} failed (exit {result.returncode}): {result.stderr.strip()}")
+
+    def _write_private(self, name: str, text: str) -> Path:
+        assert self.root and self._osuser
+        path = self.root / name
+        path.write_text(text)
+        path.chmod(0o600)
+        self._osuser.own(path)
+        return path
+
+    def _new_node(self, name: str) -> Node:
+        assert self.root and self._osuser
+        port = reserve_port()
+        self._ports.append(port)
+        root = self.root / name
+        root.mkdir(mode=0o700)
+        self._osuser.own(root)
+        return Node(self, name, port, root)
+
+    def _initdb(self, node: Node) -> None:
+        assert self.bin
+        pwfile = self._write_private("pwfile", self.superuser_password + "\n")
+        self._run(
+            [self.bin.path("initdb"), "-D", str(node.datadir), "-U", SUPERUSER,
+             f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
+             "-N", "-E", "UTF8", "--locale=C"],
+            "initdb",
+        )
+        pwfile.unlink()
+        conf = "".join(f"{k} = '{v}'\n" for k, v in self._pg_settings.items())
+        with open(node.datadir / "postgresql.conf", "a") as f:
+            f.write("\n# pgfailover test harness\n" + conf)
+
+    def _create_app_database(self, node: Node) -> None:
+        from psycopg import sql
+
+        with node.connect() as conn:
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(self.user), sql.Literal(self.password)
+                )
+            )
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(self.dbname), sql.Identifier(self.user)
+                )
+            )
+        with psycopg.connect(
+            node.dsn(user=SUPERUSER), autocommit=True, connect_timeout=5
+        ) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+
+    def _base_backup(self, node: Node, source: Node) -> None:
+        assert self.bin
+        if node.datadir.exists():
+            shutil.rmtree(node.datadir)
+        self._run(
+            [self.bin.path("pg_basebackup"), "-D", str(node.datadir), "-h", source.host,
+             "-p", str(source.port), "-U", SUPERUSER, "-X", "stream", "-c", "fast", "--no-sync"],
+            f"pg_basebackup of {node.name} from {source.name}",
+        )
+
+    def _rewind_or_clone(self, node: Node, source: Node) -> str:
+        assert self.bin
+        try:
+            self._run(
+                [self.bin.path("pg_rewind"), f"--target-pgdata={node.datadir}",
+                 f"--source-server=host={source.host} port={source.port} user={SUPERUSER} "
+                 "dbname=postgres", "--no-sync"],
+                f"pg_rewind of {node.name} from {source.name}",
+            )
+        except HarnessError as ex:
+            logger.info("%s; falling back to a fresh base backup", ex)
+            self._base_backup(node, source)
+            return "pg_basebackup"
+        return "pg_rewind"
+
+    def _write_standby_config(self, node: Node, primary: Node) -> None:
+        assert self.root and self._osuser
+        (node.datadir / "standby.signal").touch()
+        self._osuser.own(node.datadir / "standby.signal")
+        auto = node.datadir / "postgresql.auto.conf"
+        lines = [
+            line for line in (auto.read_text().splitlines() if auto.exists() else [])
+            if not line.startswith(("primary_conninfo", "primary_slot_name"))
+        ]
+        lines.append(f"primary_conninfo = '{self._primary_conninfo(node, primary)}'")
+        auto.write_text("\n".join(lines) + "\n")
+        self._osuser.own(auto)
+
+    def _primary_conninfo(self, node: Node, primary: Node) -> str:
+        assert self.root
+        return (
+            f"host={primary.host} port={primary.port} user={SUPERUSER} "
+            f"passfile={self.root / 'pgpass'} application_name={node.name}"
+        )
+
+    def _follow(self, node: Node, primary: Node) -> None:
+        """Point a running standby at a new primary without restarting it (PG13+)."""
+        if not node.running:
+            return
+        with node.connect() as conn:
+            conn.execute(
+                f"ALTER SYSTEM SET primary_conninfo = '{self._primary_conninfo(node, primary)}'"
+            )
+            conn.execute("SELECT pg_reload_conf()")
+
+    def _first_standby(self) -> Node:
+        for node in self.standbys:
+            if node.running:
+                return node
+        raise HarnessError("no running standby to promote")
+
+    def _wait_accepting(self, node: Node) -> None:
+        def check() -> bool | None:
+            assert node.process
+            if not node.process.running:
+                raise HarnessError(
+                    f"postgres {node.name} exited during start-up; log tail:\n"
+                    + node.process.log_tail()
+                )
+            with node.connect(connect_timeout=2):
+                return True
+
+        _poll(f"{node.name} to accept connections", check, self.ready_timeout)
+
+    def _writable(self, node: Node) -> bool | None:
+        with node.connect(connect_timeout=2) as conn:
+            conn.execute("SELECT pg_current_xact_id()")  # needs an xid: fails on a standby
+            return True
+
+    def _wait_streaming(self, node: Node) -> None:
+        def check() -> bool | None:
+            with node.connect(connect_timeout=2) as conn:
+                row = conn.execute("SELECT status FROM pg_stat_wal_receiver").fetchone()
+                return True if row and row[0] == "streaming" else None
+
+        _poll(f"{node.name} to stream WAL", check, self.ready_timeout)
+
+    def _streams_from(self, node: Node, primary: Node) -> bool:
+        try:
+            with node.connect(connect_timeout=2) as conn:
+                row = conn.execute(
+                    "SELECT status, sender_port FROM pg_stat_wal_receiver"
+                ).fetchone()
+        except psycopg.OperationalError:
+            return False
+        return bool(row and row[0] == "streaming" and row[1] == primary.port)
+
+    def _replayed(self, node: Node, lsn: str) -> bool | None:
+        with node.connect(connect_timeout=2) as conn:
+            row = conn.execute(
+                "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [lsn]
+            ).fetchone()
+            return True if row and row[0] else None
+
+    # ------------------------------------------------------------------ PgBouncer
+    def _start_pgbouncer(self, program: Path, target: Node) -> None:
+        assert self.root and self._pool_mode and self._osuser
+        port = reserve_port()
+        self._ports.append(port)
+        root = self.root / "pgbouncer"
+        root.mkdir(mode=0o700)
+        self._osuser.own(root)
+        self.pgbouncer = PgBouncer(self, port, root, self._pool_mode, self._pgb_settings)
+        self.pgbouncer.target = target
+        self._pgbouncer_program = program
+        users = f'"{SUPERUSER}" "{self.superuser_password}"\n"{self.user}" "{self.password}"\n'
+        self._write_private("pgbouncer/userlist.txt", users)
+        self._write_pgbouncer_config()
+        self._spawn_pgbouncer()
+
+    def _spawn_pgbouncer(self) -> None:
+        assert self.pgbouncer and self._osuser and self.root
+        bouncer = self.pgbouncer
+        bouncer.process = ServerProcess(
+            self._osuser.wrap([str(self._pgbouncer_program), str(bouncer.config_path)]),
+            log_path=bouncer.log_path, cwd=self.root, env=self._env(), description="pgbouncer",
+        )
+
+        def check() -> bool | None:
+            assert bouncer.process
+            if not bouncer.process.running:
+                raise HarnessError(
+                    "pgbouncer exited during start-up; log tail:\n" + bouncer.process.log_tail()
+                )
+            bouncer.admin("SHOW VERSION")
+            return True
+
+        _poll("pgbouncer to accept connections", check, self.ready_timeout)
+
+    def _write_pgbouncer_config(self) -> None:
+        assert self.pgbouncer and self.pgbouncer.target and self._osuser
+        bouncer, target = self.pgbouncer, self.pgbouncer.target
+        settings = {
+            "listen_addr": HOST,
+            "listen_port": str(bouncer.port),
+            "unix_socket_dir": str(bouncer.root),
+            "auth_type": "scram-sha-256",
+            "auth_file": str(bouncer.root / "userlist.txt"),
+            "admin_users": SUPERUSER,
+            "stats_users": SUPERUSER,
+            "pool_mode": bouncer.pool_mode,
+            "max_client_conn": "500",
+            "default_pool_size": "20",
+            "server_connect_timeout": "5",
+            "ignore_startup_parameters": "extra_float_digits,options",
+            **bouncer.settings,
+        }
+        databases = "".join(
+            f"{db} = host={target.host} port={target.port} dbname={db}\n"
+            for db in (self.dbname, "postgres")
+        )
+        text = (
+            "[databases]\n" + databases + "\n[pgbouncer]\n"
+            + "".join(f"{k} = {v}\n" for k, v in settings.items())
+        )
+        tmp = bouncer.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        self._osuser.own(tmp)
+        tmp.replace(bouncer.config_path)
+
+    def __repr__(self) -> str:
+        nodes = ", ".join(f"{n.name}@{n.port}" for n in self.nodes)
+        return f"<LocalCluster [{nodes}] primary={self._primary and self._primary.name}>"
+
+
+def _close_open_clusters() -> None:
+    with _open_lock:
+        clusters = list(_open_clusters)
+    for cluster in clusters:
+        with contextlib.suppress(Exception):
+            cluster.close()
+
+
+atexit.register(_close_open_clusters)
