@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import secrets
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -26,9 +28,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from ._binaries import PostgresBinaries, find_pgbouncer, find_postgres
@@ -52,6 +55,8 @@ HOST = "127.0.0.1"
 SUPERUSER = "postgres"
 _POLL = 0.02
 T = TypeVar("T")
+#: The harness's own connections: plain tuples as rows.
+Conn: TypeAlias = psycopg.Connection[tuple[Any, ...]]
 
 #: Settings every node gets. ``fsync=off`` trades durability against an OS crash (never
 #: simulated here) for speed; crash recovery after ``immediate`` stops or SIGKILL still
@@ -116,7 +121,7 @@ class _Stopwatch:
         return Timings(dict(self.phases), time.perf_counter() - self.start, dict(self.notes))
 
 
-def _poll(what: str, check: Callable[[], T | None], timeout: float) -> T:
+def _poll(what: str, check: Callable[[], T | None], timeout: float, interval: float = _POLL) -> T:
     """Call ``check`` until it returns something other than None; HarnessError after ``timeout``."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -130,7 +135,7 @@ def _poll(what: str, check: Callable[[], T | None], timeout: float) -> T:
         if time.monotonic() >= deadline:
             detail = f" (last error: {last_error})" if last_error else ""
             raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}{detail}")
-        time.sleep(_POLL)
+        time.sleep(interval)
 
 
 class Node:
@@ -162,22 +167,19 @@ class Node:
         """PID of the postmaster, None when stopped."""
         return self.process.pid if self.running and self.process else None
 
-    def dsn(self, *, dbname: str | None = None, user: str | None = None, **params: object) -> str:
+    def dsn(self, *, dbname: str | None = None, user: str | None = None, **params: Any) -> str:
         """A libpq conninfo string for this node (application user and database by default).
 
         It contains the password: pass it to a driver, never log it.
         """
         return self._cluster._dsn(self.host, self.port, dbname=dbname, user=user, **params)
 
-    def connect(self, *, superuser: bool = True, **kwargs: object) -> psycopg.Connection[object]:
+    def connect(self, *, superuser: bool = True, **kwargs: Any) -> Conn:
         """An autocommit psycopg connection to this node (superuser ``postgres`` by default)."""
-        if superuser:
-            conninfo = self.dsn(dbname="postgres", user=SUPERUSER)
-        else:
-            conninfo = self.dsn()
+        conninfo = self.dsn(dbname="postgres", user=SUPERUSER) if superuser else self.dsn()
         kwargs.setdefault("autocommit", True)
         kwargs.setdefault("connect_timeout", 5)
-        return psycopg.connect(conninfo, **kwargs)  # type: ignore[arg-type]
+        return psycopg.connect(conninfo, **kwargs)
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
@@ -216,7 +218,7 @@ class PgBouncer:
         """Whether the pgbouncer process runs."""
         return self.process is not None and self.process.running
 
-    def dsn(self, *, dbname: str | None = None, user: str | None = None, **params: object) -> str:
+    def dsn(self, *, dbname: str | None = None, user: str | None = None, **params: Any) -> str:
         """Conninfo of a client connection through PgBouncer (contains the password).
 
         In transaction mode psycopg's automatic prepared statements fail: pass
@@ -244,6 +246,16 @@ class PgBouncer:
         return f"<PgBouncer {self.address} {self.pool_mode} -> {target}>"
 
 
+@dataclass(frozen=True)
+class _Runtime:
+    """What an open cluster found and made: binaries, the server OS user, its directory."""
+
+    bin: PostgresBinaries
+    osuser: OsUser
+    root: Path
+    pgbouncer_bin: Path | None
+
+
 _open_clusters: set[LocalCluster] = set()
 _open_lock = threading.Lock()
 
@@ -260,7 +272,10 @@ class LocalCluster:
     ``pgbouncer`` is the pool mode, or None for no PgBouncer. ``server_login_retry`` is
     PgBouncer's wait after a failed server login (1 s here; PgBouncer's own 15 s default
     would dominate every timing). ``pgbouncer_settings`` and ``pg_settings`` add or override
-    settings. ``ready_timeout`` bounds every wait, in seconds. ``base_dir`` is where the
+    settings. ``synchronous`` makes replication synchronous (a commit returns once one standby
+    has flushed it): without it, like PostgreSQL's default, an ``immediate`` stop or a kill
+    can lose the last acknowledged commits. ``ready_timeout`` bounds every wait, in seconds.
+    ``base_dir`` is where the
     temporary directory goes (system default when None); ``keep_dir`` keeps it after close.
     """
 
@@ -268,6 +283,7 @@ class LocalCluster:
         self,
         *,
         standbys: int = 1,
+        synchronous: bool = False,
         pgbouncer: PoolMode | None = "transaction",
         server_login_retry: float = 1,
         pgbouncer_settings: Mapping[str, object] | None = None,
@@ -285,7 +301,8 @@ class LocalCluster:
             raise ValueError(f"standbys must be >= 0, got {standbys}")
         if pgbouncer not in (None, "session", "transaction", "statement"):
             raise ValueError(
-                f"pgbouncer must be 'session', 'transaction', 'statement' or None, got {pgbouncer!r}"
+                "pgbouncer must be 'session', 'transaction', 'statement' or None, "
+                f"got {pgbouncer!r}"
             )
         if ready_timeout <= 0:
             raise ValueError(f"ready_timeout must be > 0 seconds, got {ready_timeout}")
@@ -295,7 +312,13 @@ class LocalCluster:
             "server_login_retry": str(server_login_retry),
             **{k: str(v) for k, v in (pgbouncer_settings or {}).items()},
         }
-        self._pg_settings = {**BASE_SETTINGS, **{k: str(v) for k, v in (pg_settings or {}).items()}}
+        if synchronous and standbys == 0:
+            raise ValueError("synchronous replication needs at least one standby")
+        self._pg_settings = {
+            **BASE_SETTINGS,
+            **({"synchronous_standby_names": "ANY 1 (*)"} if synchronous else {}),
+            **{k: str(v) for k, v in (pg_settings or {}).items()},
+        }
         self._pg_bindir = pg_bindir
         self._pgbouncer_bin = pgbouncer_bin
         self._os_user_name = os_user
@@ -310,11 +333,9 @@ class LocalCluster:
         self.superuser_password = secrets.token_urlsafe(12)
         self.nodes: list[Node] = []
         self.pgbouncer: PgBouncer | None = None
-        self.root: Path | None = None
-        self.bin: PostgresBinaries | None = None
+        self._runtime: _Runtime | None = None
         self._primary: Node | None = None
         self._ports: list[int] = []
-        self._osuser: OsUser | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -343,12 +364,13 @@ class LocalCluster:
         return watch.result()
 
     def _open(self, watch: _Stopwatch) -> None:
-        self.bin = find_postgres(self._pg_bindir)
+        binaries = find_postgres(self._pg_bindir)
         pgbouncer_bin = find_pgbouncer(self._pgbouncer_bin) if self._pool_mode else None
-        self._osuser = server_user(self._os_user_name)
-        self.root = Path(tempfile.mkdtemp(prefix="pgfailover-", dir=self._base_dir))
-        self.root.chmod(0o700)
-        self._osuser.own(self.root)
+        osuser = server_user(self._os_user_name)
+        root = Path(tempfile.mkdtemp(prefix="pgfailover-", dir=self._base_dir))
+        root.chmod(0o700)
+        osuser.own(root)
+        self._runtime = _Runtime(binaries, osuser, root, pgbouncer_bin)
         self._write_private(
             "pgpass",
             f"*:*:*:{SUPERUSER}:{self.superuser_password}\n*:*:*:{self.user}:{self.password}\n",
@@ -369,10 +391,10 @@ class LocalCluster:
                 self.start(node)
             for node in self.nodes[1:]:
                 self._wait_streaming(node)
-        if self._pool_mode and pgbouncer_bin:
+        if self._pool_mode:
             with watch.phase("pgbouncer"):
-                self._start_pgbouncer(pgbouncer_bin, primary)
-        logger.info("local cluster up in %s: %s", self.root, watch.result())
+                self._start_pgbouncer(self._pool_mode, primary)
+        logger.info("local cluster up in %s: %s", root, watch.result())
 
     def close(self) -> None:
         """End every process this cluster started (by PID) and remove its directory. Idempotent."""
@@ -390,14 +412,30 @@ class LocalCluster:
         for proc in procs:
             if not proc.wait(10) or not proc.wait_group_gone(10):
                 proc.kill_group()
-        if self.root and not self._keep_dir:
-            shutil.rmtree(self.root, ignore_errors=True)
+        if self._runtime and not self._keep_dir:
+            shutil.rmtree(self._runtime.root, ignore_errors=True)
         for port in self._ports:
             release_port(port)
         with _open_lock:
             _open_clusters.discard(self)
 
     # ------------------------------------------------------------------ addressing
+    @property
+    def root(self) -> Path | None:
+        """The cluster's temporary directory (None before :meth:`open`)."""
+        return self._runtime.root if self._runtime else None
+
+    @property
+    def bin(self) -> PostgresBinaries | None:
+        """The PostgreSQL binaries in use (None before :meth:`open`)."""
+        return self._runtime.bin if self._runtime else None
+
+    @property
+    def _rt(self) -> _Runtime:
+        if self._runtime is None or self._closed:
+            raise HarnessError("the cluster is not open: use it in a with-block or call open()")
+        return self._runtime
+
     @property
     def primary(self) -> Node:
         """The node the cluster made primary last (see :meth:`role` for the live truth)."""
@@ -417,20 +455,24 @@ class LocalCluster:
                 return n
         raise KeyError(f"no node named {name!r}; nodes are {[n.name for n in self.nodes]}")
 
-    def multihost_dsn(self, *, dbname: str | None = None, **params: object) -> str:
+    def multihost_dsn(self, *, dbname: str | None = None, **params: Any) -> str:
         """Conninfo listing every node (``host=a,b port=x,y``); add e.g. target_session_attrs."""
         hosts = ",".join(n.host for n in self.nodes)
         ports = ",".join(str(n.port) for n in self.nodes)
         return self._dsn(hosts, ports, dbname=dbname, user=None, **params)
 
     def _dsn(
-        self, host: str, port: int | str, *, dbname: str | None, user: str | None, **params: object
+        self, host: str, port: int | str, *, dbname: str | None, user: str | None, **params: Any
     ) -> str:
         user = user or self.user
         password = self.superuser_password if user == SUPERUSER else self.password
         return make_conninfo(
-            host=host, port=str(port), dbname=dbname or self.dbname, user=user,
-            password=password, **params,
+            host=host,
+            port=str(port),
+            dbname=dbname or self.dbname,
+            user=user,
+            password=password,
+            **params,
         )
 
     # ------------------------------------------------------------------ node operations
@@ -450,23 +492,32 @@ class LocalCluster:
         watch = _Stopwatch()
         if node.running:
             return watch.result()
-        assert self.bin and self._osuser and self.root
         node.socket_dir.mkdir(exist_ok=True)
-        self._osuser.own(node.socket_dir)
+        self._rt.osuser.own(node.socket_dir)
         argv = [
-            self.bin.path("postgres"), "-D", str(node.datadir), "-p", str(node.port),
-            "-k", str(node.socket_dir), "-c", f"cluster_name={node.name}",
+            self._rt.bin.path("postgres"),
+            "-D",
+            str(node.datadir),
+            "-p",
+            str(node.port),
+            "-k",
+            str(node.socket_dir),
+            "-c",
+            f"cluster_name={node.name}",
         ]
         with watch.phase("start"):
             node.process = ServerProcess(
-                self._osuser.wrap(argv), log_path=node.log_path, cwd=self.root,
-                env=self._env(), description=f"postgres {node.name}",
+                self._rt.osuser.wrap(argv),
+                log_path=node.log_path,
+                cwd=self._rt.root,
+                env=self._env(),
+                description=f"postgres {node.name}",
             )
             self._wait_accepting(node)
         return watch.result()
 
     def stop(self, node: Node, mode: StopMode = "fast") -> Timings:
-        """Stop ``node`` with PostgreSQL's ``smart``/``fast``/``immediate`` shutdown; wait for exit."""
+        """Stop ``node`` with a ``smart``, ``fast`` or ``immediate`` shutdown; wait for the exit."""
         if mode not in _STOP_SIGNALS:
             raise ValueError(f"stop mode must be smart, fast or immediate, got {mode!r}")
         watch = _Stopwatch()
@@ -490,10 +541,14 @@ class LocalCluster:
         """Promote the standby ``node`` and wait until it accepts writes; it becomes ``primary``."""
         watch = _Stopwatch()
         with watch.phase("promote"), node.connect() as conn:
-            row = conn.execute("SELECT pg_promote(true, %s)", [int(self.ready_timeout)]).fetchone()
-            if not (row and row[0]):
-                raise HarnessError(f"{node.name} did not finish promotion in time")
-            _poll(f"{node.name} to accept writes", lambda: self._writable(node), self.ready_timeout)
+            # pg_promote(wait => true) polls every 100 ms; polling ourselves measures tighter.
+            conn.execute("SELECT pg_promote(false)")
+            _poll(
+                f"{node.name} to accept writes",
+                lambda: self._writable(conn),
+                self.ready_timeout,
+                interval=0.005,
+            )
         self._primary = node
         return watch.result()
 
@@ -546,9 +601,7 @@ class LocalCluster:
         watch.notes.update(rejoined.notes)
         return watch.result()
 
-    def switchover(
-        self, target: Node | None = None, *, repoint_pgbouncer: bool = False
-    ) -> Timings:
+    def switchover(self, target: Node | None = None, *, repoint_pgbouncer: bool = False) -> Timings:
         """Planned role swap: like :meth:`failover` with a fast stop, then optionally repoint
         PgBouncer at the new primary. Two switchovers restore the original topology."""
         watch = _Stopwatch()
@@ -561,13 +614,13 @@ class LocalCluster:
         return watch.result()
 
     def repoint_pgbouncer(self, node: Node) -> Timings:
-        """Rewrite PgBouncer's databases to point at ``node`` and RELOAD it via the admin console."""
+        """Point PgBouncer's databases at ``node`` and RELOAD it through the admin console."""
         if self.pgbouncer is None:
             raise HarnessError("this cluster has no PgBouncer (pass pgbouncer='transaction')")
         watch = _Stopwatch()
         with watch.phase("reload"):
             self.pgbouncer.target = node
-            self._write_pgbouncer_config()
+            self._write_pgbouncer_config(self.pgbouncer, node)
             self.pgbouncer.admin("RELOAD")
         return watch.result()
 
@@ -581,7 +634,11 @@ class LocalCluster:
             lsn = row[0]
             for node in self.standbys:
                 if node.running:
-                    _poll(f"{node.name} to replay {lsn}", lambda n=node: self._replayed(n, lsn), timeout)
+                    _poll(
+                        f"{node.name} to replay {lsn}",
+                        functools.partial(self._replayed, node, lsn),
+                        timeout,
+                    )
         return watch.result()
 
     def reset(self) -> Timings:
@@ -605,7 +662,11 @@ class LocalCluster:
         for node in self.nodes:
             if node is keep:
                 continue
-            if not node.running or roles[node.name] != "standby" or not self._streams_from(node, keep):
+            if (
+                not node.running
+                or roles[node.name] != "standby"
+                or not self._streams_from(node, keep)
+            ):
                 with watch.phase("rejoin"):
                     self.rejoin(node, keep)
         if keep is not home:
@@ -615,58 +676,68 @@ class LocalCluster:
             with watch.phase("pgbouncer"):
                 if not self.pgbouncer.running:
                     self.pgbouncer.target = home
-                    self._write_pgbouncer_config()
-                    self._spawn_pgbouncer()
+                    self._write_pgbouncer_config(self.pgbouncer, home)
+                    self._spawn_pgbouncer(self.pgbouncer)
                 elif self.pgbouncer.target is not home:
                     self.repoint_pgbouncer(home)
         return watch.result()
 
     # ------------------------------------------------------------------ internals
     def _env(self) -> dict[str, str]:
-        assert self.root
         return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
-            "HOME": str(self.root),
-            "PGPASSFILE": str(self.root / "pgpass"),
+            "HOME": str(self._rt.root),
+            "PGPASSFILE": str(self._rt.root / "pgpass"),
         }
 
     def _run(self, argv: list[str], what: str) -> None:
-        assert self._osuser and self.root
-        import subprocess
 
         result = subprocess.run(
-            self._osuser.wrap(argv), cwd=self.root, env=self._env(), capture_output=True,
-            text=True, timeout=max(self.ready_timeout, 120), check=False,
+            self._rt.osuser.wrap(argv),
+            cwd=self._rt.root,
+            env=self._env(),
+            capture_output=True,
+            text=True,
+            timeout=max(self.ready_timeout, 120),
+            check=False,
         )
         if result.returncode != 0:
             raise HarnessError(f"{what} failed (exit {result.returncode}): {result.stderr.strip()}")
 
     def _write_private(self, name: str, text: str) -> Path:
-        assert self.root and self._osuser
-        path = self.root / name
+        path = self._rt.root / name
         path.write_text(text)
         path.chmod(0o600)
-        self._osuser.own(path)
+        self._rt.osuser.own(path)
         return path
 
     def _new_node(self, name: str) -> Node:
-        assert self.root and self._osuser
         port = reserve_port()
         self._ports.append(port)
-        root = self.root / name
+        root = self._rt.root / name
         root.mkdir(mode=0o700)
-        self._osuser.own(root)
+        self._rt.osuser.own(root)
         return Node(self, name, port, root)
 
     def _initdb(self, node: Node) -> None:
-        assert self.bin
         pwfile = self._write_private("pwfile", self.superuser_password + "\n")
         self._run(
-            [self.bin.path("initdb"), "-D", str(node.datadir), "-U", SUPERUSER,
-             f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
-             "-N", "-E", "UTF8", "--locale=C"],
+            [
+                self._rt.bin.path("initdb"),
+                "-D",
+                str(node.datadir),
+                "-U",
+                SUPERUSER,
+                f"--pwfile={pwfile}",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-N",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
             "initdb",
         )
         pwfile.unlink()
@@ -675,8 +746,6 @@ class LocalCluster:
             f.write("\n# pgfailover test harness\n" + conf)
 
     def _create_app_database(self, node: Node) -> None:
-        from psycopg import sql
-
         with node.connect() as conn:
             conn.execute(
                 sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
@@ -688,28 +757,42 @@ class LocalCluster:
                     sql.Identifier(self.dbname), sql.Identifier(self.user)
                 )
             )
-        with psycopg.connect(
-            node.dsn(user=SUPERUSER), autocommit=True, connect_timeout=5
-        ) as conn:
+        with psycopg.connect(node.dsn(user=SUPERUSER), autocommit=True, connect_timeout=5) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
 
     def _base_backup(self, node: Node, source: Node) -> None:
-        assert self.bin
         if node.datadir.exists():
             shutil.rmtree(node.datadir)
         self._run(
-            [self.bin.path("pg_basebackup"), "-D", str(node.datadir), "-h", source.host,
-             "-p", str(source.port), "-U", SUPERUSER, "-X", "stream", "-c", "fast", "--no-sync"],
+            [
+                self._rt.bin.path("pg_basebackup"),
+                "-D",
+                str(node.datadir),
+                "-h",
+                source.host,
+                "-p",
+                str(source.port),
+                "-U",
+                SUPERUSER,
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
             f"pg_basebackup of {node.name} from {source.name}",
         )
 
     def _rewind_or_clone(self, node: Node, source: Node) -> str:
-        assert self.bin
         try:
             self._run(
-                [self.bin.path("pg_rewind"), f"--target-pgdata={node.datadir}",
-                 f"--source-server=host={source.host} port={source.port} user={SUPERUSER} "
-                 "dbname=postgres", "--no-sync"],
+                [
+                    self._rt.bin.path("pg_rewind"),
+                    f"--target-pgdata={node.datadir}",
+                    f"--source-server=host={source.host} port={source.port} user={SUPERUSER} "
+                    "dbname=postgres",
+                    "--no-sync",
+                ],
                 f"pg_rewind of {node.name} from {source.name}",
             )
         except HarnessError as ex:
@@ -719,23 +802,22 @@ class LocalCluster:
         return "pg_rewind"
 
     def _write_standby_config(self, node: Node, primary: Node) -> None:
-        assert self.root and self._osuser
         (node.datadir / "standby.signal").touch()
-        self._osuser.own(node.datadir / "standby.signal")
+        self._rt.osuser.own(node.datadir / "standby.signal")
         auto = node.datadir / "postgresql.auto.conf"
         lines = [
-            line for line in (auto.read_text().splitlines() if auto.exists() else [])
+            line
+            for line in (auto.read_text().splitlines() if auto.exists() else [])
             if not line.startswith(("primary_conninfo", "primary_slot_name"))
         ]
         lines.append(f"primary_conninfo = '{self._primary_conninfo(node, primary)}'")
         auto.write_text("\n".join(lines) + "\n")
-        self._osuser.own(auto)
+        self._rt.osuser.own(auto)
 
     def _primary_conninfo(self, node: Node, primary: Node) -> str:
-        assert self.root
         return (
             f"host={primary.host} port={primary.port} user={SUPERUSER} "
-            f"passfile={self.root / 'pgpass'} application_name={node.name}"
+            f"passfile={self._rt.root / 'pgpass'} application_name={node.name}"
         )
 
     def _follow(self, node: Node, primary: Node) -> None:
@@ -767,10 +849,13 @@ class LocalCluster:
 
         _poll(f"{node.name} to accept connections", check, self.ready_timeout)
 
-    def _writable(self, node: Node) -> bool | None:
-        with node.connect(connect_timeout=2) as conn:
+    @staticmethod
+    def _writable(conn: Conn) -> bool | None:
+        try:
             conn.execute("SELECT pg_current_xact_id()")  # needs an xid: fails on a standby
-            return True
+        except psycopg.errors.ReadOnlySqlTransaction:
+            return None
+        return True
 
     def _wait_streaming(self, node: Node) -> None:
         def check() -> bool | None:
@@ -792,49 +877,48 @@ class LocalCluster:
 
     def _replayed(self, node: Node, lsn: str) -> bool | None:
         with node.connect(connect_timeout=2) as conn:
-            row = conn.execute(
-                "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [lsn]
-            ).fetchone()
+            row = conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [lsn]).fetchone()
             return True if row and row[0] else None
 
     # ------------------------------------------------------------------ PgBouncer
-    def _start_pgbouncer(self, program: Path, target: Node) -> None:
-        assert self.root and self._pool_mode and self._osuser
+    def _start_pgbouncer(self, pool_mode: PoolMode, target: Node) -> None:
         port = reserve_port()
         self._ports.append(port)
-        root = self.root / "pgbouncer"
+        root = self._rt.root / "pgbouncer"
         root.mkdir(mode=0o700)
-        self._osuser.own(root)
-        self.pgbouncer = PgBouncer(self, port, root, self._pool_mode, self._pgb_settings)
-        self.pgbouncer.target = target
-        self._pgbouncer_program = program
+        self._rt.osuser.own(root)
+        bouncer = PgBouncer(self, port, root, pool_mode, self._pgb_settings)
+        bouncer.target = target
+        self.pgbouncer = bouncer
         users = f'"{SUPERUSER}" "{self.superuser_password}"\n"{self.user}" "{self.password}"\n'
         self._write_private("pgbouncer/userlist.txt", users)
-        self._write_pgbouncer_config()
-        self._spawn_pgbouncer()
+        self._write_pgbouncer_config(bouncer, target)
+        self._spawn_pgbouncer(bouncer)
 
-    def _spawn_pgbouncer(self) -> None:
-        assert self.pgbouncer and self._osuser and self.root
-        bouncer = self.pgbouncer
-        bouncer.process = ServerProcess(
-            self._osuser.wrap([str(self._pgbouncer_program), str(bouncer.config_path)]),
-            log_path=bouncer.log_path, cwd=self.root, env=self._env(), description="pgbouncer",
+    def _spawn_pgbouncer(self, bouncer: PgBouncer) -> None:
+        program = self._rt.pgbouncer_bin
+        if program is None:
+            raise HarnessError("this cluster was opened without PgBouncer")
+        process = ServerProcess(
+            self._rt.osuser.wrap([str(program), str(bouncer.config_path)]),
+            log_path=bouncer.log_path,
+            cwd=self._rt.root,
+            env=self._env(),
+            description="pgbouncer",
         )
+        bouncer.process = process
 
         def check() -> bool | None:
-            assert bouncer.process
-            if not bouncer.process.running:
+            if not process.running:
                 raise HarnessError(
-                    "pgbouncer exited during start-up; log tail:\n" + bouncer.process.log_tail()
+                    "pgbouncer exited during start-up; log tail:\n" + process.log_tail()
                 )
             bouncer.admin("SHOW VERSION")
             return True
 
         _poll("pgbouncer to accept connections", check, self.ready_timeout)
 
-    def _write_pgbouncer_config(self) -> None:
-        assert self.pgbouncer and self.pgbouncer.target and self._osuser
-        bouncer, target = self.pgbouncer, self.pgbouncer.target
+    def _write_pgbouncer_config(self, bouncer: PgBouncer, target: Node) -> None:
         settings = {
             "listen_addr": HOST,
             "listen_port": str(bouncer.port),
@@ -855,12 +939,14 @@ class LocalCluster:
             for db in (self.dbname, "postgres")
         )
         text = (
-            "[databases]\n" + databases + "\n[pgbouncer]\n"
+            "[databases]\n"
+            + databases
+            + "\n[pgbouncer]\n"
             + "".join(f"{k} = {v}\n" for k, v in settings.items())
         )
         tmp = bouncer.config_path.with_suffix(".tmp")
         tmp.write_text(text)
-        self._osuser.own(tmp)
+        self._rt.osuser.own(tmp)
         tmp.replace(bouncer.config_path)
 
     def __repr__(self) -> str:

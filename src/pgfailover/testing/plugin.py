@@ -1,0 +1,81 @@
+"""pytest plugin (entry point ``pytest11``): real failover clusters as fixtures.
+
+Fixtures:
+
+- ``pgfailover_cluster_factory`` (session): ``factory(**LocalCluster kwargs)`` opens a
+  cluster that is closed at the end of the session.
+- ``pgfailover_session_cluster`` (session): primary + 1 standby + PgBouncer in transaction
+  mode, shared by the whole session.
+- ``pgfailover_cluster`` (function): the session cluster, restored before the test to the
+  known topology (``node0`` primary, PgBouncer pointing at it); cheap when nothing changed.
+
+Options (command line, or ini keys without the dashes and with underscores):
+``--pg-bindir`` / ``pgfailover_pg_bindir``, ``--pgbouncer-bin`` / ``pgfailover_pgbouncer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from .cluster import LocalCluster
+
+ClusterFactory = Callable[..., LocalCluster]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pgfailover", "pgfailover local clusters")
+    group.addoption(
+        "--pg-bindir",
+        dest="pgfailover_pg_bindir",
+        default=None,
+        help="directory of the PostgreSQL server programs (default: found automatically)",
+    )
+    group.addoption(
+        "--pgbouncer-bin",
+        dest="pgfailover_pgbouncer",
+        default=None,
+        help="path of the pgbouncer program (default: found on PATH)",
+    )
+    parser.addini("pgfailover_pg_bindir", "directory of the PostgreSQL server programs")
+    parser.addini("pgfailover_pgbouncer", "path of the pgbouncer program")
+
+
+def _option(config: pytest.Config, name: str) -> str | None:
+    value = config.getoption(name) or config.getini(name)
+    return str(value) if value else None
+
+
+@pytest.fixture(scope="session")
+def pgfailover_cluster_factory(request: pytest.FixtureRequest) -> Iterator[ClusterFactory]:
+    """Open clusters with the session's binaries; all are closed when the session ends."""
+    opened: list[LocalCluster] = []
+
+    def factory(**kwargs: Any) -> LocalCluster:
+        kwargs.setdefault("pg_bindir", _option(request.config, "pgfailover_pg_bindir"))
+        kwargs.setdefault("pgbouncer_bin", _option(request.config, "pgfailover_pgbouncer"))
+        cluster = LocalCluster(**kwargs)
+        opened.append(cluster)
+        cluster.open()
+        return cluster
+
+    try:
+        yield factory
+    finally:
+        for cluster in opened:
+            cluster.close()
+
+
+@pytest.fixture(scope="session")
+def pgfailover_session_cluster(pgfailover_cluster_factory: ClusterFactory) -> LocalCluster:
+    """Primary + 1 streaming standby + PgBouncer (transaction mode), for the whole session."""
+    return pgfailover_cluster_factory(standbys=1, pgbouncer="transaction")
+
+
+@pytest.fixture
+def pgfailover_cluster(pgfailover_session_cluster: LocalCluster) -> LocalCluster:
+    """The session cluster, reset to ``node0`` primary with PgBouncer pointing at it."""
+    pgfailover_session_cluster.reset()
+    return pgfailover_session_cluster

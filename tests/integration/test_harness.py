@@ -1,0 +1,230 @@
+"""The LocalCluster test bed produces real replication and real failovers."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from pgfailover.testing import LocalCluster
+from pgfailover.testing.plugin import ClusterFactory
+from pgfailover.testing.simulate import make_read_only, raise_recovery_error
+
+
+def _table(conn: psycopg.Connection[tuple[Any, ...]]) -> str:
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, note text)")
+    return name
+
+
+def test_row_written_on_primary_is_readable_on_every_standby(
+    pgfailover_cluster_factory: ClusterFactory,
+) -> None:
+    """A row committed on the primary is replayed and readable on each of two standbys."""
+    cluster = pgfailover_cluster_factory(standbys=2, pgbouncer=None)
+    with cluster.primary.connect(superuser=False) as conn:
+        table = _table(conn)
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'replicated')")
+    cluster.wait_replicated()
+    for node in cluster.standbys:
+        with node.connect(superuser=False) as conn:
+            assert conn.execute(f"SELECT note FROM {table}").fetchall() == [("replicated",)]
+
+
+def test_failover_with_two_standbys_moves_the_other_standby_to_the_new_primary(
+    pgfailover_cluster_factory: ClusterFactory,
+) -> None:
+    """After failover, both the old primary and the third node stream from the new primary."""
+    cluster = pgfailover_cluster_factory(standbys=2, pgbouncer=None)
+    old = cluster.primary
+    timings = cluster.failover()
+    new = cluster.primary
+    assert new is not old
+    assert [cluster.role(n) for n in cluster.nodes].count("primary") == 1
+    assert cluster.role(new) == "primary"
+    for node in cluster.standbys:
+        assert cluster.role(node) == "standby"
+        assert cluster._streams_from(node, new)
+    assert set(timings.phases) == {"stop", "promote", "rejoin"}
+    with new.connect(superuser=False) as conn:
+        table = _table(conn)
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'after')")
+    cluster.wait_replicated()
+    for node in cluster.standbys:
+        with node.connect(superuser=False) as conn:
+            assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("stop_mode", ["fast", "immediate"])
+def test_failover_through_pgbouncer_transaction_mode_reproduces_the_write_failure(
+    pgfailover_cluster: LocalCluster, stop_mode: str
+) -> None:
+    """An old client stays open and IDLE on the standby; writes fail with 25006 and 0A000
+    until PgBouncer is repointed, then succeed on the same connection."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    old_primary = cluster.primary
+    conn = psycopg.connect(cluster.pgbouncer.dsn(), prepare_threshold=None, autocommit=True)
+    with conn:
+        table = _table(conn)
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'before')")
+        # Replication is asynchronous: an immediate stop can lose the last commits.
+        cluster.wait_replicated()
+
+        timings = cluster.failover(stop_mode)  # type: ignore[arg-type]
+        assert cluster.primary is not old_primary
+        assert cluster.role(old_primary) == "standby"
+        assert timings["promote"] > 0
+
+        assert not conn.closed
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        with pytest.raises(errors.ReadOnlySqlTransaction) as plain:
+            conn.execute(f"INSERT INTO {table} VALUES (2, 'plain')")
+        assert plain.value.sqlstate == "25006"
+
+        conn.autocommit = False
+        conn.read_only = False
+        with pytest.raises(errors.FeatureNotSupported) as begin_rw:
+            conn.execute(f"INSERT INTO {table} VALUES (3, 'read write')")
+        assert begin_rw.value.sqlstate == "0A000"
+        assert (
+            begin_rw.value.diag.message_primary
+            == "cannot set transaction read-write mode during recovery"
+        )
+        assert not conn.closed
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+        cluster.repoint_pgbouncer(cluster.primary)
+        conn.execute(f"INSERT INTO {table} VALUES (4, 'after repoint')")
+        conn.commit()
+        row = conn.execute(f"SELECT inet_server_port(), count(*) FROM {table}").fetchone()
+        assert row == (cluster.primary.port, 2)
+
+
+def test_session_mode_client_opened_after_failover_stays_on_the_standby_after_repoint(
+    pgfailover_cluster_factory: ClusterFactory,
+) -> None:
+    """Session mode: a client from before the failover is closed (57P01); one that connected
+    to the standby keeps it after RELOAD (its server is only marked close_needed), so its
+    writes keep failing; a new client reaches the new primary."""
+    cluster = pgfailover_cluster_factory(standbys=1, pgbouncer="session")
+    bouncer = cluster.pgbouncer
+    assert bouncer is not None
+    early = psycopg.connect(bouncer.dsn(), autocommit=True)
+    table = _table(early)
+    cluster.failover()
+    with pytest.raises(errors.AdminShutdown):
+        early.execute("SELECT 1")
+    assert early.broken
+
+    late = psycopg.connect(bouncer.dsn(), autocommit=True)
+    standby_port = cluster.standbys[0].port
+    assert late.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone() == (
+        standby_port,
+        True,
+    )
+    # PgBouncer hands new clients its cached startup parameters: stale on a standby.
+    assert late.info.parameter_status("in_hot_standby") == "off"
+
+    cluster.repoint_pgbouncer(cluster.primary)
+    servers = bouncer.admin("SHOW SERVERS")
+    assert [(s["port"], s["close_needed"]) for s in servers] == [(standby_port, 1)]
+    with pytest.raises(errors.ReadOnlySqlTransaction):
+        late.execute(f"INSERT INTO {table} VALUES (1, 'late')")
+    assert late.execute("SELECT inet_server_port()").fetchone() == (standby_port,)
+    late.close()
+
+    with psycopg.connect(bouncer.dsn(), autocommit=True) as fresh:
+        fresh.execute(f"INSERT INTO {table} VALUES (2, 'fresh')")
+        assert fresh.execute("SELECT inet_server_port()").fetchone() == (cluster.primary.port,)
+
+
+def test_simulated_recovery_error_is_the_real_server_error(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """On a healthy primary the helper raises FeatureNotSupported with the standby's message
+    and leaves the connection open and IDLE."""
+    with cluster_conn(pgfailover_cluster) as conn:
+        with pytest.raises(errors.FeatureNotSupported) as info:
+            raise_recovery_error(conn)
+        assert info.value.sqlstate == "0A000"
+        assert (
+            info.value.diag.message_primary
+            == "cannot set transaction read-write mode during recovery"
+        )
+        assert not conn.closed
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_read_only_flag_makes_every_write_fail_until_the_connection_is_replaced(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """After make_read_only, writes fail with 25006 (reads still work); a new connection writes."""
+    with cluster_conn(pgfailover_cluster) as conn:
+        table = _table(conn)
+        make_read_only(conn)
+        for i in range(2):
+            with pytest.raises(errors.ReadOnlySqlTransaction):
+                conn.execute(f"INSERT INTO {table} VALUES ({i}, 'x')")
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+    with cluster_conn(pgfailover_cluster) as fresh:
+        fresh.execute(f"INSERT INTO {table} VALUES (1, 'x')")
+
+
+def cluster_conn(cluster: LocalCluster) -> psycopg.Connection[tuple[Any, ...]]:
+    return psycopg.connect(cluster.primary.dsn(), autocommit=True)
+
+
+def test_kill_then_promote_gives_a_writable_primary(pgfailover_cluster: LocalCluster) -> None:
+    """SIGKILL of the primary's postmaster, then promote: the standby accepts writes, and
+    rejoin turns the crashed node into its streaming standby."""
+    cluster = pgfailover_cluster
+    old, standby = cluster.primary, cluster.standbys[0]
+    old_pid = old.pid
+    cluster.kill(old)
+    assert not old.running
+    assert cluster.role(old) == "down"
+    assert old_pid is not None
+    cluster.promote(standby)
+    assert cluster.primary is standby
+    assert cluster.role(standby) == "primary"
+    with standby.connect(superuser=False) as conn:
+        _table(conn)
+    rejoin = cluster.rejoin(old)
+    assert rejoin.notes["rejoin"] in {"pg_rewind", "pg_basebackup"}
+    assert cluster.role(old) == "standby"
+
+
+def test_two_switchovers_restore_the_original_topology(pgfailover_cluster: LocalCluster) -> None:
+    """switchover() swaps roles; a second one puts node0 back as primary, PgBouncer following."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    original = cluster.primary
+    cluster.switchover(repoint_pgbouncer=True)
+    assert cluster.primary is not original
+    assert cluster.role(original) == "standby"
+    cluster.switchover(repoint_pgbouncer=True)
+    assert cluster.primary is original
+    assert [cluster.role(n) for n in cluster.nodes] == ["primary", "standby"]
+    assert cluster.pgbouncer.target is original
+    with psycopg.connect(cluster.pgbouncer.dsn(), prepare_threshold=None, autocommit=True) as conn:
+        assert conn.execute("SELECT inet_server_port()").fetchone() == (original.port,)
+
+
+def test_reset_restores_topology_after_an_unrepaired_crash(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """After a kill + promote left node0 down and PgBouncer on it, reset() brings node0 back
+    as primary, the other node as its standby, and PgBouncer pointing at node0."""
+    cluster = pgfailover_cluster
+    home, other = cluster.nodes
+    cluster.kill(home)
+    cluster.promote(other)
+    cluster.reset()
+    assert cluster.primary is home
+    assert [cluster.role(n) for n in cluster.nodes] == ["primary", "standby"]
+    assert cluster.pgbouncer is not None
+    assert cluster.pgbouncer.target is home
