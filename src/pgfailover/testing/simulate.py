@@ -18,13 +18,8 @@ from typing import Any, NoReturn
 
 import psycopg
 
-RECOVERY_MESSAGE = "cannot set transaction read-write mode during recovery"
+from ..connection import RECOVERY_ERROR_SQL
 
-#: The statement that makes a primary raise the standby's 0A000 error.
-RECOVERY_ERROR_SQL = (
-    f"DO $$ BEGIN RAISE EXCEPTION '{RECOVERY_MESSAGE}' "
-    "USING ERRCODE = 'feature_not_supported'; END $$"
-)
 #: The statement that makes every later transaction of the session read-only.
 READ_ONLY_SQL = "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
 

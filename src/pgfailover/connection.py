@@ -1,0 +1,203 @@
+"""``Connection`` and ``AsyncConnection``: psycopg connections that know when their node can
+no longer write.
+
+They are real subclasses of :class:`psycopg.Connection` and :class:`psycopg.AsyncConnection`
+(``isinstance`` holds, every psycopg behaviour is kept). Every operation psycopg performs on
+a connection (statements, BEGIN, COMMIT, COPY, pipeline syncs, server-side cursor fetches)
+runs through ``wait()``; these classes override it to classify a failure when one happens.
+When the verdict says the connection must not be used again (its node is read-only or in
+recovery, the connection is lost, the server is shutting down), the connection marks itself
+:attr:`~Connection.poisoned` with the verdict, adds a note to the exception (Python 3.11+)
+and emits one :class:`~pgfailover.events.FailoverEvent`. The exception itself propagates
+unchanged: ``except psycopg.errors.ReadOnlySqlTransaction`` keeps working.
+
+The happy path costs one ``try`` block and one attribute read per operation: no extra
+round trip, no allocation.
+
+What a connection knows about the operation that failed (for the retry condition):
+COMMIT (from ``commit()``, a ``transaction()`` block's exit, or two-phase commit) is
+tracked; a COMMIT sent as text through ``execute("COMMIT")`` is not, and is classified as a
+statement inside a transaction. Use ``commit()`` or ``transaction()``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TypeVar, cast
+
+import psycopg
+from psycopg._connection_base import BaseConnection
+from psycopg.abc import PQGen, QueryNoTemplate
+from psycopg.pq import Format, TransactionStatus
+from psycopg.rows import Row
+
+from .classify import RECOVERY_MESSAGE, Phase, Verdict, classify
+from .events import FailoverEvent, NodeInfo, caller_stack, diagnostics_of, emit
+
+RV = TypeVar("RV")
+
+#: The statement that makes a healthy primary raise a standby's 0A000 recovery error.
+RECOVERY_ERROR_SQL = (
+    f"DO $$ BEGIN RAISE EXCEPTION '{RECOVERY_MESSAGE}' "
+    "USING ERRCODE = 'feature_not_supported'; END $$"
+)
+
+_IDLE = TransactionStatus.IDLE
+_INERROR = TransactionStatus.INERROR
+_IN_BLOCK = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+
+
+class _FailoverAware(BaseConnection[Row]):
+    """State and decisions shared by the sync and async connections (no I/O here)."""
+
+    #: The verdict that made this connection unusable, or None while it is healthy. Pools
+    #: discard a poisoned connection instead of reusing it.
+    poisoned: Verdict | None = None
+    #: Whether a multiplexing pooler sits between this connection and the server: None until
+    #: known (set by :func:`pgfailover.probe.probe` or by the user; see :mod:`pgfailover.probe`).
+    via_pooler: bool | None = None
+    #: ``host:port`` of the PostgreSQL server behind the connection as of the last query probe
+    #: (useful behind a pooler, where :attr:`info` names the pooler), else None.
+    server_address: str | None = None
+
+    _pgf_committing: bool = False
+    _pgf_simulating: bool = False
+    _pgf_passthrough: object = None  # the commit/rollback generator simulation lets through
+
+    def simulate_recovery(self, enabled: bool = True) -> None:
+        """Behave as if the node had just entered recovery (a test aid).
+
+        While enabled, every operation except COMMIT and ROLLBACK (and any operation inside an
+        already failed transaction) is replaced by a statement that makes the server raise its real
+        ``FeatureNotSupported`` (0A000) "cannot set transaction read-write mode during
+        recovery"; the connection then poisons itself as it would on a standby. It lasts
+        until the connection is replaced or this is called with ``enabled=False``.
+        """
+        self._pgf_simulating = enabled
+
+    def _exec_command(
+        self, command: QueryNoTemplate, result_format: Format = Format.TEXT
+    ) -> PQGen[Any]:
+        # COMMIT from commit(), a transaction() block, or tpc_commit() passes through here.
+        is_commit = isinstance(command, bytes) and command.startswith((b"COMMIT", b"commit"))
+        if not is_commit:
+            return super()._exec_command(command, result_format)
+        return self._commit_tracked(super()._exec_command(command, result_format))
+
+    def _commit_gen(self) -> PQGen[None]:
+        gen = super()._commit_gen()
+        self._pgf_passthrough = gen
+        return gen
+
+    def _rollback_gen(self) -> PQGen[None]:
+        gen = super()._rollback_gen()
+        self._pgf_passthrough = gen
+        return gen
+
+    def _commit_tracked(self, gen: PQGen[Any]) -> PQGen[Any]:
+        self._pgf_committing = True
+        try:
+            result = yield from gen
+        except psycopg.Error:
+            raise  # the flag stays set: wait() classifies the failure, then clears it
+        except BaseException:
+            self._pgf_committing = False
+            raise
+        self._pgf_committing = False
+        return result
+
+    def _pgf_maybe_simulate(self, gen: PQGen[RV], before: int) -> PQGen[RV]:
+        if gen is self._pgf_passthrough or before == _INERROR:
+            return gen
+        gen.close()
+        return cast("PQGen[RV]", super()._exec_command(RECOVERY_ERROR_SQL))
+
+    def _pgf_phase(self, before: int) -> Phase:
+        if self._pgf_committing:
+            return Phase.COMMIT
+        if before == _IDLE:
+            return Phase.AUTOCOMMIT if self.autocommit else Phase.TRANSACTION
+        if before in _IN_BLOCK:
+            return Phase.TRANSACTION
+        return Phase.UNKNOWN
+
+    def _pgf_failed(self, ex: psycopg.Error, before: int) -> None:
+        """Classify a failure; poison the connection and emit an event if it must go."""
+        phase = self._pgf_phase(before)
+        self._pgf_committing = False
+        verdict = classify(ex, conn=self, phase=phase)
+        if not verdict.discard_connection:
+            return
+        node = self._pgf_node()
+        action = "connection poisoned: it will not be reused"
+        if verdict.purge_generation:
+            action += "; connections opened before now to this endpoint are suspect"
+        if verdict.rediscover_primary:
+            action += "; the primary must be found again"
+        if sys.version_info >= (3, 11):
+            ex.add_note(f"pgfailover: {verdict.kind.value} on {node}: {verdict.reason}")
+        if self.poisoned is not None:
+            return  # one event per connection
+        self.poisoned = verdict
+        emit(
+            FailoverEvent(
+                verdict=verdict,
+                node=node,
+                action=action,
+                error_type=f"{type(ex).__module__}.{type(ex).__qualname__}",
+                diagnostics=diagnostics_of(ex),
+                stack=caller_stack(),
+            )
+        )
+
+    def _pgf_node(self) -> NodeInfo:
+        try:
+            info = self.info
+            return NodeInfo(
+                info.host,
+                info.port,
+                info.backend_pid or None,
+                self.via_pooler,
+                self.server_address,
+            )
+        except psycopg.Error:  # the connection is already finished
+            return NodeInfo(None, None, None, self.via_pooler, self.server_address)
+
+
+# The parents' wait(), bound once: a plain function call is cheaper than super() on every
+# operation of every connection.
+_sync_wait = psycopg.Connection.wait
+_async_wait = psycopg.AsyncConnection.wait
+
+
+class Connection(_FailoverAware[Row], psycopg.Connection[Row]):
+    """A :class:`psycopg.Connection` that poisons itself when its node can no longer write.
+
+    Use it wherever psycopg takes a connection class: ``pgfailover.Connection.connect(...)``,
+    ``psycopg_pool.ConnectionPool(connection_class=pgfailover.Connection)``, SQLAlchemy's
+    ``creator``. See :attr:`poisoned`, :attr:`via_pooler`, :meth:`simulate_recovery`.
+    """
+
+    def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
+        before = self.pgconn.transaction_status
+        if self._pgf_simulating:
+            gen = self._pgf_maybe_simulate(gen, before)
+        try:
+            return _sync_wait(self, gen, *args, **kwargs)
+        except psycopg.Error as ex:
+            self._pgf_failed(ex, before)
+            raise
+
+
+class AsyncConnection(_FailoverAware[Row], psycopg.AsyncConnection[Row]):
+    """Async twin of :class:`Connection`, a real :class:`psycopg.AsyncConnection`."""
+
+    async def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
+        before = self.pgconn.transaction_status
+        if self._pgf_simulating:
+            gen = self._pgf_maybe_simulate(gen, before)
+        try:
+            return await _async_wait(self, gen, *args, **kwargs)
+        except psycopg.Error as ex:
+            self._pgf_failed(ex, before)
+            raise
