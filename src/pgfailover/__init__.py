@@ -23,13 +23,32 @@ from .connection import AsyncConnection, Connection
 from .events import EventHook, FailoverEvent, NodeInfo, subscribe, unsubscribe
 from .probe import Role, RoleReport, aprobe, probe
 
-__all__ = [
+_POOL_NAMES = ("AsyncConnectionPool", "ConnectionPool", "NoPrimaryAvailable")
+
+
+def __getattr__(name: str) -> object:
+    """Import the pool integration on first use: it needs the ``pool`` extra (psycopg_pool)."""
+    if name in _POOL_NAMES:
+        try:
+            from . import errors, pool  # noqa: PLC0415 - lazy: the pool extra is optional
+        except ImportError as ex:  # pragma: no cover - depends on the installed extras
+            raise ImportError(
+                f"pgfailover.{name} needs psycopg_pool: pip install 'pgfailover[pool]'"
+            ) from ex
+        return getattr(errors if name == "NoPrimaryAvailable" else pool, name)
+    raise AttributeError(f"module 'pgfailover' has no attribute {name!r}")
+
+
+__all__ = [  # includes the lazily imported pool names
     "RECOVERY_MESSAGE",
     "AsyncConnection",
+    "AsyncConnectionPool",
     "Connection",
+    "ConnectionPool",
     "EventHook",
     "FailoverEvent",
     "Kind",
+    "NoPrimaryAvailable",
     "NodeInfo",
     "Phase",
     "Retry",

@@ -60,6 +60,11 @@ class _FailoverAware(BaseConnection[Row]):
     #: (useful behind a pooler, where :attr:`info` names the pooler), else None.
     server_address: str | None = None
 
+    #: Set by pgfailover pools: the pool generation the connection was made or last checked in.
+    pool_generation: int = 0
+    #: Set by pgfailover pools: ``time.monotonic()`` when the connection was last returned.
+    pool_returned_at: float = 0.0
+
     _pgf_committing: bool = False
     _pgf_simulating: bool = False
     _pgf_passthrough: object = None  # the commit/rollback generator simulation lets through

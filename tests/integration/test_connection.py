@@ -219,6 +219,19 @@ def test_read_only_session_hitting_25006_is_not_poisoned(
     assert events == []
 
 
+async def test_async_read_only_session_hitting_25006_is_not_poisoned(
+    pgfailover_cluster: LocalCluster, events: list[FailoverEvent]
+) -> None:
+    """Async twin: a read_only=True session's 25006 on the primary is not a failover."""
+    table = _table(pgfailover_cluster)
+    async with await AsyncConnection.connect(pgfailover_cluster.primary.dsn()) as conn:
+        await conn.set_read_only(True)
+        with pytest.raises(errors.ReadOnlySqlTransaction):
+            await conn.execute(f"INSERT INTO {table} (note) VALUES ('x')")
+        assert conn.poisoned is None
+    assert events == []
+
+
 async def test_async_application_errors_are_not_poisoned(
     pgfailover_cluster: LocalCluster, events: list[FailoverEvent]
 ) -> None:

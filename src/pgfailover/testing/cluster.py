@@ -88,11 +88,14 @@ class Timings:
 
     ``total`` is measured end to end (it includes the time between phases). ``notes`` holds
     facts about how the operation went (e.g. ``rejoin: "pg_rewind"`` or ``"pg_basebackup"``).
+    ``ended_at`` holds the ``time.monotonic()`` instant each phase ended, to compare with a
+    client's own clock (e.g. when did the promoted node start accepting writes).
     """
 
     phases: Mapping[str, float]
     total: float
     notes: Mapping[str, str] = field(default_factory=dict)
+    ended_at: Mapping[str, float] = field(default_factory=dict)
 
     def __getitem__(self, phase: str) -> float:
         return self.phases[phase]
@@ -108,6 +111,7 @@ class _Stopwatch:
         self.start = time.perf_counter()
         self.phases: dict[str, float] = {}
         self.notes: dict[str, str] = {}
+        self.ended_at: dict[str, float] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -116,9 +120,15 @@ class _Stopwatch:
             yield
         finally:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+            self.ended_at[name] = time.monotonic()
 
     def result(self) -> Timings:
-        return Timings(dict(self.phases), time.perf_counter() - self.start, dict(self.notes))
+        return Timings(
+            dict(self.phases),
+            time.perf_counter() - self.start,
+            dict(self.notes),
+            dict(self.ended_at),
+        )
 
 
 def _poll(what: str, check: Callable[[], T | None], timeout: float, interval: float = _POLL) -> T:
@@ -465,7 +475,8 @@ class LocalCluster:
         self, host: str, port: int | str, *, dbname: str | None, user: str | None, **params: Any
     ) -> str:
         user = user or self.user
-        password = self.superuser_password if user == SUPERUSER else self.password
+        default = self.superuser_password if user == SUPERUSER else self.password
+        password = params.pop("password", default)
         return make_conninfo(
             host=host,
             port=str(port),

@@ -1,0 +1,375 @@
+"""pgfailover pools on a real cluster: recovery after failover, clear errors, no extra cost."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import pytest
+
+import pgfailover
+from pgfailover.errors import NoPrimaryAvailable
+from pgfailover.pool import AsyncConnectionPool, ConnectionPool
+from pgfailover.testing import LocalCluster
+from pgfailover.testing.plugin import ClusterFactory
+
+WRITERS = 4
+
+
+@dataclass
+class Workload:
+    """Outcomes of concurrent writers, as monotonic timestamps."""
+
+    ok: list[float] = field(default_factory=list)
+    failed: list[tuple[float, str]] = field(default_factory=list)
+
+    def first_ok_after(self, instant: float) -> float:
+        later = [t for t in self.ok if t > instant]
+        assert later, "no successful write after the instant"
+        return min(later) - instant
+
+
+def _table(cluster: LocalCluster) -> str:
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    with cluster.primary.connect(superuser=False) as conn:
+        conn.execute(f"CREATE TABLE {name} (id serial PRIMARY KEY, writer int)")
+    return name
+
+
+def _run_writers(pool: ConnectionPool[Any], table: str, stop: threading.Event) -> Workload:
+    work = Workload()
+
+    def writer(i: int) -> None:
+        while not stop.is_set():
+            try:
+                with pool.connection() as conn:
+                    conn.execute(f"INSERT INTO {table} (writer) VALUES (%s)", [i])
+                work.ok.append(time.monotonic())
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as ex:
+                work.failed.append((time.monotonic(), type(ex).__name__))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(WRITERS)]
+    for t in threads:
+        t.start()
+    work.threads = threads  # type: ignore[attr-defined]
+    return work
+
+
+async def _async_writer(
+    pool: AsyncConnectionPool[Any], table: str, i: int, stop: asyncio.Event, work: Workload
+) -> None:
+    while not stop.is_set():
+        try:
+            async with pool.connection() as conn:
+                await conn.execute(f"INSERT INTO {table} (writer) VALUES (%s)", [i])
+            work.ok.append(time.monotonic())
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as ex:
+            work.failed.append((time.monotonic(), type(ex).__name__))
+
+
+def _no_server_left_on(cluster: LocalCluster, port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        assert cluster.pgbouncer is not None
+        return all(s["port"] != port for s in cluster.pgbouncer.admin("SHOW SERVERS"))
+
+    return check
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+async def _eventually_async(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def _bouncer_cluster(factory: ClusterFactory, mode: str, session: LocalCluster) -> LocalCluster:
+    if mode == "transaction":
+        session.reset()
+        return session
+    return factory(standbys=1, pgbouncer="session")
+
+
+POOL_KWARGS: dict[str, Any] = {
+    "kwargs": {"prepare_threshold": None, "autocommit": True},
+    "min_size": 4,
+    "max_size": 8,
+    "timeout": 15,
+}
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_pool_recovers_through_pgbouncer_after_repoint(
+    pgfailover_cluster_factory: ClusterFactory,
+    pgfailover_session_cluster: LocalCluster,
+    mode: str,
+) -> None:
+    """Concurrent writers through PgBouncer; failover; repoint 1 s later: the pool recovers
+    without restart, the first write lands within 0.5 s of the repoint, no server connection
+    to the standby survives, and the probes are bounded."""
+    cluster = _bouncer_cluster(pgfailover_cluster_factory, mode, pgfailover_session_cluster)
+    assert cluster.pgbouncer is not None
+    table = _table(cluster)
+    old_primary = cluster.primary
+    stop = threading.Event()
+    with ConnectionPool[Any](cluster.pgbouncer.dsn(), **POOL_KWARGS) as pool:
+        pool.wait()
+        work = _run_writers(pool, table, stop)
+        try:
+            _eventually(lambda: len(work.ok) > 20)
+            cluster.failover()
+            _eventually(lambda: pool.get_stats()["failovers_detected"] == 1)
+            time.sleep(1.0)  # the outage an operator or HA tool takes to repoint
+            repointed_at = cluster.repoint_pgbouncer(cluster.primary).ended_at["reload"]
+            _eventually(lambda: any(t > repointed_at for t in work.ok))
+            _eventually(lambda: len([t for t in work.ok if t > repointed_at]) > 50)
+        finally:
+            stop.set()
+            for t in work.threads:  # type: ignore[attr-defined]
+                t.join()
+        stats = pool.get_stats()
+    assert work.first_ok_after(repointed_at) < 0.5
+    assert stats["generations_purged"] >= 1
+    assert stats["probes_run"] < 60, stats  # bounded by time, not by failing requests
+    assert len(work.failed) <= 2 * WRITERS + stats["pool_max"], work.failed
+    _eventually(_no_server_left_on(cluster, old_primary.port))
+    with old_primary.connect() as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", [cluster.user]
+        ).fetchone()
+        assert row == (0,)
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+async def test_async_pool_recovers_through_pgbouncer_after_repoint(
+    pgfailover_cluster_factory: ClusterFactory,
+    pgfailover_session_cluster: LocalCluster,
+    mode: str,
+) -> None:
+    """Async twin: the pool recovers within 0.5 s of the repoint with bounded probes."""
+    cluster = _bouncer_cluster(pgfailover_cluster_factory, mode, pgfailover_session_cluster)
+    assert cluster.pgbouncer is not None
+    table = _table(cluster)
+    old_primary = cluster.primary
+    stop = asyncio.Event()
+    work = Workload()
+    async with AsyncConnectionPool[Any](cluster.pgbouncer.dsn(), **POOL_KWARGS) as pool:
+        await pool.wait()
+        tasks = [
+            asyncio.create_task(_async_writer(pool, table, i, stop, work)) for i in range(WRITERS)
+        ]
+        try:
+            await _eventually_async(lambda: len(work.ok) > 20)
+            await asyncio.to_thread(cluster.failover)
+            await _eventually_async(lambda: pool.get_stats()["failovers_detected"] > 0)
+            await asyncio.sleep(1.0)
+            timings = await asyncio.to_thread(cluster.repoint_pgbouncer, cluster.primary)
+            repointed_at = timings.ended_at["reload"]
+            deadline = time.monotonic() + 5
+            while len([t for t in work.ok if t > repointed_at]) <= 50:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+        stats = pool.get_stats()
+    assert work.first_ok_after(repointed_at) < 0.5
+    assert stats["probes_run"] < 60, stats
+    _eventually(_no_server_left_on(cluster, old_primary.port))
+
+
+def test_multihost_pool_writes_to_new_primary_soon_after_it_is_writable(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """Direct multi-host DSN: after failover() the pool writes to the new primary within 0.5 s
+    of the promoted node accepting writes."""
+    cluster = pgfailover_cluster
+    table = _table(cluster)
+    stop = threading.Event()
+    kwargs = {**POOL_KWARGS, "kwargs": {"autocommit": True}}
+    with ConnectionPool[Any](cluster.multihost_dsn(connect_timeout=2), **kwargs) as pool:
+        pool.wait()
+        work = _run_writers(pool, table, stop)
+        try:
+            _eventually(lambda: len(work.ok) > 20)
+            timings = cluster.failover()
+            writable_at = timings.ended_at["promote"]
+            _eventually(lambda: len([t for t in work.ok if t > writable_at]) > 50)
+        finally:
+            stop.set()
+            for t in work.threads:  # type: ignore[attr-defined]
+                t.join()
+    assert work.first_ok_after(writable_at) < 0.5
+
+
+async def test_async_multihost_pool_follows_the_new_primary(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """Async twin of the multi-host recovery test."""
+    cluster = pgfailover_cluster
+    table = _table(cluster)
+    stop = asyncio.Event()
+    work = Workload()
+    kwargs = {**POOL_KWARGS, "kwargs": {"autocommit": True}}
+    async with AsyncConnectionPool[Any](cluster.multihost_dsn(connect_timeout=2), **kwargs) as pool:
+        await pool.wait()
+        tasks = [
+            asyncio.create_task(_async_writer(pool, table, i, stop, work)) for i in range(WRITERS)
+        ]
+        try:
+            await _eventually_async(lambda: len(work.ok) > 20)
+            timings = await asyncio.to_thread(cluster.failover)
+            writable_at = timings.ended_at["promote"]
+            deadline = time.monotonic() + 5
+            while len([t for t in work.ok if t > writable_at]) <= 50:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+    assert work.first_ok_after(writable_at) < 0.5
+
+
+def test_pool_pinned_to_the_demoted_node_names_it_as_standby(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """A single-host DSN on the old primary: after the timeout the error names it a standby."""
+    cluster = pgfailover_cluster
+    old_primary = cluster.primary
+    with ConnectionPool[Any](old_primary.dsn(), min_size=2, timeout=1.5) as pool:
+        pool.wait()
+        cluster.failover()
+        # The fast stop ended the idle connections: each fails once at its first use (57P01)
+        # and is discarded; after that, requests wait for a primary and time out clearly.
+        lost = 0
+        while True:
+            t0 = time.monotonic()
+            try:
+                with pool.connection() as conn:
+                    conn.execute("SELECT 1")
+            except NoPrimaryAvailable as ex:
+                error = ex
+                break
+            except psycopg.OperationalError:
+                lost += 1
+                assert lost <= 2, "more lost connections than the pool held"
+        assert 1.4 < time.monotonic() - t0 < 3.0
+    assert isinstance(error, psycopg_pool.PoolTimeout)
+    info = pytest.ExceptionInfo.from_exception(error)
+    assert info.value.hosts == {old_primary.address: "standby"}
+    assert old_primary.address in str(info.value)
+    assert cluster.password not in str(info.value)
+
+
+async def test_async_pool_pinned_to_the_demoted_node_names_it_as_standby(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """Async twin of the pinned-node test."""
+    cluster = pgfailover_cluster
+    old_primary = cluster.primary
+    async with AsyncConnectionPool[Any](old_primary.dsn(), min_size=2, timeout=1.5) as pool:
+        await pool.wait()
+        await asyncio.to_thread(cluster.failover)
+        lost = 0
+        while True:
+            try:
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+            except NoPrimaryAvailable as ex:
+                error = ex
+                break
+            except psycopg.OperationalError:
+                lost += 1
+                assert lost <= 2, "more lost connections than the pool held"
+    info = pytest.ExceptionInfo.from_exception(error)
+    assert info.value.hosts == {old_primary.address: "standby"}
+
+
+def test_wrong_password_fails_fast_with_the_auth_error(pgfailover_cluster: LocalCluster) -> None:
+    """A wrong password raises the driver's auth error well before the request timeout."""
+    dsn = pgfailover_cluster.primary.dsn(password="wrong-password")
+    with ConnectionPool[Any](dsn, min_size=1, timeout=20) as pool:
+        t0 = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as info:
+            pool.getconn()
+        assert time.monotonic() - t0 < 3.0
+    assert pgfailover.classify(info.value).kind is pgfailover.Kind.CONFIGURATION
+    assert "password authentication failed" in str(info.value)
+
+
+async def test_async_wrong_password_fails_fast(pgfailover_cluster: LocalCluster) -> None:
+    """Async twin: the auth error arrives well before the request timeout."""
+    dsn = pgfailover_cluster.primary.dsn(password="wrong-password")
+    async with AsyncConnectionPool[Any](dsn, min_size=1, timeout=20) as pool:
+        t0 = time.monotonic()
+        with pytest.raises(psycopg.OperationalError):
+            await pool.getconn()
+        assert time.monotonic() - t0 < 3.0
+
+
+def _statement_calls(cluster: LocalCluster) -> int:
+    with psycopg.connect(cluster.primary.dsn(user="postgres"), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s JOIN pg_roles r"
+            " ON r.oid = s.userid WHERE r.rolname = %s",
+            [cluster.user],
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def _reset_statements(cluster: LocalCluster) -> None:
+    with psycopg.connect(cluster.primary.dsn(user="postgres"), autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_statements_reset()")
+
+
+@pytest.mark.parametrize("through", ["direct", "pgbouncer"])
+def test_happy_path_costs_no_extra_round_trip_per_checkout(
+    pgfailover_cluster: LocalCluster, through: str
+) -> None:
+    """On a healthy cluster, server-side statement counts for 300 checkouts are those of
+    psycopg_pool plus one probe (BEGIN, query, ROLLBACK) per connection the pool opened:
+    nothing per checkout."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    dsn = cluster.primary.dsn() if through == "direct" else cluster.pgbouncer.dsn()
+    kwargs: dict[str, Any] = {"kwargs": {"prepare_threshold": None}, "min_size": 2, "max_size": 2}
+    counts = {}
+    opened = 0
+    for name, cls in (
+        ("psycopg_pool", psycopg_pool.ConnectionPool),
+        ("pgfailover", ConnectionPool),
+    ):
+        _reset_statements(cluster)
+        with cls(dsn, **kwargs) as pool:
+            pool.wait()
+            for _ in range(300):
+                with pool.connection() as conn:
+                    conn.execute("SELECT 1")
+            opened = pool.get_stats().get("connections_num", 0)
+        counts[name] = _statement_calls(cluster)
+    assert counts["psycopg_pool"] >= 600  # SELECT 1 and COMMIT per checkout
+    assert counts["pgfailover"] - counts["psycopg_pool"] <= 3 * opened
+
+
+def test_pool_rejects_a_plain_connection_class() -> None:
+    """connection_class must be pgfailover.Connection or a subclass: a clear TypeError."""
+    with pytest.raises(TypeError, match=r"pgfailover\.Connection"):
+        ConnectionPool("", connection_class=psycopg.Connection, open=False)  # type: ignore[type-var]
+    with pytest.raises(ValueError, match="recheck_interval"):
+        ConnectionPool("", recheck_interval=-1, open=False)

@@ -1,0 +1,87 @@
+"""Pure decisions of pgfailover.pool.FailoverState (no server)."""
+
+from __future__ import annotations
+
+import psycopg.errors
+from hypothesis import given
+from hypothesis import strategies as st
+from psycopg_pool import PoolTimeout
+
+from pgfailover import classify
+from pgfailover.connection import Connection
+from pgfailover.errors import NoPrimaryAvailable
+from pgfailover.pool import MIN_PROBE_INTERVAL, FailoverState
+
+READ_ONLY = classify(psycopg.errors.lookup("25006")("cannot execute INSERT"))
+TRANSIENT = classify(psycopg.errors.lookup("40001")("could not serialize"))
+
+
+def test_many_poisoned_connections_of_one_generation_purge_once() -> None:
+    """However many connections of the same generation come back poisoned, one purge."""
+    state = FailoverState(pooler=None)
+    purges = [state.poisoned(0, READ_ONLY, now=1.0) for _ in range(10)]
+    assert purges.count(True) == 1
+    assert state.generation == 1
+    assert state.stats()["connections_poisoned"] == 10
+    assert state.stats()["failovers_detected"] == 1
+
+
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=50))
+def test_purges_never_exceed_generations(generations: list[int]) -> None:
+    """Each purge bumps the generation; a connection from an older generation never purges."""
+    state = FailoverState(pooler=None)
+    purges = sum(state.poisoned(g, READ_ONLY, now=1.0) for g in generations)
+    assert purges == state.generation == state.stats()["generations_purged"]
+
+
+def test_non_failover_poison_does_not_start_an_outage() -> None:
+    """A verdict that does not purge leaves the generation and the outage alone."""
+    state = FailoverState(pooler=None)
+    assert state.poisoned(0, TRANSIENT, now=1.0) is False
+    assert state.outage_since is None
+    assert state.generation == 0
+
+
+def test_single_flight_during_an_outage() -> None:
+    """In an outage one connect at a time, at most every MIN_PROBE_INTERVAL; free otherwise."""
+    state = FailoverState(pooler=None)
+    assert state.may_connect(0.0)  # healthy: no gate
+    assert state.may_connect(0.0)
+    state.not_primary("h:1", "standby", now=1.0, generation=-1)
+    assert state.may_connect(1.0)
+    assert not state.may_connect(1.0 + MIN_PROBE_INTERVAL * 2)  # one in flight
+    state.connect_done()
+    assert not state.may_connect(1.0 + MIN_PROBE_INTERVAL / 2)  # too soon
+    assert state.may_connect(1.0 + MIN_PROBE_INTERVAL)
+    state.connect_done()
+    state.connected(now=2.5)
+    assert state.outage_since is None
+    assert state.stats()["recovery_ms_last"] == 1500
+
+
+def test_timeout_error_names_hosts_during_an_outage() -> None:
+    """A timeout in an outage is NoPrimaryAvailable (a PoolTimeout) naming each host."""
+    state = FailoverState(pooler=None)
+    assert type(state.timeout_error(1.0)) is PoolTimeout
+    state.not_primary("10.0.0.1:5432", "standby", now=1.0, generation=-1)
+    error = state.timeout_error(2.0)
+    assert isinstance(error, NoPrimaryAvailable)
+    assert isinstance(error, PoolTimeout)
+    assert error.hosts == {"10.0.0.1:5432": "standby"}
+    assert "10.0.0.1:5432: standby" in str(error)
+
+
+def test_needs_check_only_with_a_reason() -> None:
+    """A fresh connection of the current generation is not probed; an idle, stale-generation
+    or outage-time one is."""
+    state = FailoverState(pooler=None)
+    conn = object.__new__(Connection)
+    conn.pool_generation = 0
+    conn.pool_returned_at = 1e12  # returned "just now" (in the future of monotonic())
+    assert not state.needs_check(conn, recheck_interval=10.0)
+    assert not state.needs_check(conn, recheck_interval=None)
+    conn.pool_returned_at = 0.0
+    assert state.needs_check(conn, recheck_interval=10.0)
+    conn.pool_returned_at = 1e12
+    state.poisoned(0, READ_ONLY, now=1.0)
+    assert state.needs_check(conn, recheck_interval=None)
