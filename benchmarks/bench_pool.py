@@ -1,0 +1,147 @@
+"""pgfailover.ConnectionPool against psycopg_pool.ConnectionPool, and recovery after failover.
+
+    python benchmarks/bench_pool.py [--rounds 10] [--checkouts 1000] [--recoveries 10]
+
+(a) Happy path: on one local primary, alternating round by round, each pool serves
+``--checkouts`` sequential checkouts running ``SELECT 1``; prints throughput and p50/p99
+checkout+query latency of each, and the throughput ratio pgfailover/psycopg_pool.
+(b) Recovery: primary + standby + PgBouncer (transaction mode), 4 writer threads on a
+pgfailover pool; ``--recoveries`` times: failover, repoint PgBouncer 0.3 s later, and the
+time from the repoint to the first successful write, next to the harness's
+promote-until-writable time (the physical limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from pgfailover.pool import ConnectionPool
+from pgfailover.testing import LocalCluster
+
+
+def _round(pool: Any, checkouts: int) -> list[float]:
+    latencies = []
+    for _ in range(checkouts):
+        t0 = time.perf_counter()
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+        latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
+def happy_path(rounds: int, checkouts: int) -> None:
+    with LocalCluster(standbys=0, pgbouncer=None) as cluster:
+        dsn = cluster.primary.dsn()
+        kwargs: dict[str, Any] = {"min_size": 2, "max_size": 2}
+        results: dict[str, list[float]] = {"psycopg_pool": [], "pgfailover": []}
+        times: dict[str, float] = {"psycopg_pool": 0.0, "pgfailover": 0.0}
+        with (
+            psycopg_pool.ConnectionPool(dsn, **kwargs) as plain,
+            ConnectionPool[Any](dsn, **kwargs) as ours,
+        ):
+            plain.wait()
+            ours.wait()
+            pools = {"psycopg_pool": plain, "pgfailover": ours}
+            for pool in pools.values():
+                _round(pool, checkouts // 10)
+            for _ in range(rounds):
+                for name, pool in pools.items():
+                    lat = _round(pool, checkouts)
+                    results[name] += lat
+                    times[name] += sum(lat)
+    print(f"(a) happy path: {rounds} alternating rounds x {checkouts} checkouts of SELECT 1\n")
+    print("| pool | checkouts/s | p50 ms | p99 ms |")
+    print("|---|---:|---:|---:|")
+    for name, lat in results.items():
+        q = statistics.quantiles(lat, n=100)
+        print(f"| {name} | {len(lat) / times[name]:.0f} | {q[49] * 1e3:.3f} | {q[98] * 1e3:.3f} |")
+    ratio = times["psycopg_pool"] / times["pgfailover"]
+    print(f"\nthroughput ratio pgfailover/psycopg_pool: {ratio:.3f}\n")
+
+
+def recovery(runs: int) -> None:
+    delays: list[float] = []
+    promotes: list[float] = []
+    with LocalCluster(standbys=1, pgbouncer="transaction") as cluster:
+        assert cluster.pgbouncer is not None
+        with cluster.primary.connect(superuser=False) as conn:
+            conn.execute("CREATE TABLE bench (id serial PRIMARY KEY)")
+        ok: list[float] = []
+        stop = threading.Event()
+        with ConnectionPool[Any](
+            cluster.pgbouncer.dsn(),
+            kwargs={"prepare_threshold": None, "autocommit": True},
+            min_size=4,
+            max_size=8,
+            timeout=30,
+        ) as pool:
+            pool.wait()
+
+            def writer() -> None:
+                while not stop.is_set():
+                    try:
+                        with pool.connection() as conn:
+                            conn.execute("INSERT INTO bench DEFAULT VALUES")
+                        ok.append(time.monotonic())
+                    except (psycopg.Error, psycopg_pool.PoolTimeout):
+                        pass
+
+            threads = [threading.Thread(target=writer) for _ in range(4)]
+            for t in threads:
+                t.start()
+            try:
+                for _ in range(runs):
+                    time.sleep(0.3)
+                    timings = cluster.failover()
+                    promotes.append(timings["promote"])
+                    time.sleep(0.3)
+                    at = cluster.repoint_pgbouncer(cluster.primary).ended_at["reload"]
+                    deadline = time.monotonic() + 10
+                    while not any(t > at for t in ok[-50:]) and time.monotonic() < deadline:
+                        time.sleep(0.002)
+                    later = [t for t in ok if t > at]
+                    delays.append(min(later) - at if later else float("inf"))
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+            stats = pool.get_stats()
+    print(f"(b) recovery through PgBouncer (transaction mode), {runs} failovers\n")
+    print("| measure | p50 s | max s |")
+    print("|---|---:|---:|")
+    print(
+        f"| repoint -> first successful write | {statistics.median(delays):.3f} | "
+        f"{max(delays):.3f} |"
+    )
+    print(
+        f"| harness promote-until-writable | {statistics.median(promotes):.3f} | "
+        f"{max(promotes):.3f} |"
+    )
+    print(
+        f"\nprobes run: {stats['probes_run']}, generations purged: "
+        f"{stats['generations_purged']}, failovers detected: {stats['failovers_detected']}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--checkouts", type=int, default=1000)
+    parser.add_argument("--recoveries", type=int, default=10)
+    args = parser.parse_args()
+    print(f"command: python {' '.join(sys.argv)}\n")
+    happy_path(args.rounds, args.checkouts)
+    recovery(args.recoveries)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
