@@ -67,14 +67,17 @@ def happy_path(rounds: int, checkouts: int) -> None:
     print(f"\nthroughput ratio pgfailover/psycopg_pool: {ratio:.3f}\n")
 
 
-def recovery(runs: int) -> None:
+def recovery(runs: int, server_login_retry: float) -> None:
     delays: list[float] = []
     promotes: list[float] = []
-    with LocalCluster(standbys=1, pgbouncer="transaction") as cluster:
+    with LocalCluster(
+        standbys=1, pgbouncer="transaction", server_login_retry=server_login_retry
+    ) as cluster:
         assert cluster.pgbouncer is not None
         with cluster.primary.connect(superuser=False) as conn:
             conn.execute("CREATE TABLE bench (id serial PRIMARY KEY)")
         ok: list[float] = []
+        failed: list[str] = []
         stop = threading.Event()
         with ConnectionPool[Any](
             cluster.pgbouncer.dsn(),
@@ -91,8 +94,8 @@ def recovery(runs: int) -> None:
                         with pool.connection() as conn:
                             conn.execute("INSERT INTO bench DEFAULT VALUES")
                         ok.append(time.monotonic())
-                    except (psycopg.Error, psycopg_pool.PoolTimeout):
-                        pass
+                    except (psycopg.Error, psycopg_pool.PoolTimeout) as ex:
+                        failed.append(getattr(ex, "sqlstate", None) or type(ex).__name__)
 
             threads = [threading.Thread(target=writer) for _ in range(4)]
             for t in threads:
@@ -126,7 +129,11 @@ def recovery(runs: int) -> None:
         f"{max(promotes):.3f} |"
     )
     print(
-        f"\nprobes run: {stats['probes_run']}, generations purged: "
+        f"\nfailed writes over all runs: {len(failed)} "
+        f"{ {c: failed.count(c) for c in sorted(set(failed))} }"
+    )
+    print(
+        f"probes run: {stats['probes_run']}, generations purged: "
         f"{stats['generations_purged']}, failovers detected: {stats['failovers_detected']}"
     )
 
@@ -136,10 +143,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--checkouts", type=int, default=1000)
     parser.add_argument("--recoveries", type=int, default=10)
+    parser.add_argument(
+        "--server-login-retry",
+        type=float,
+        default=0.1,
+        help="PgBouncer's wait after a failed server login (it adds to recovery 1:1)",
+    )
     args = parser.parse_args()
     print(f"command: python {' '.join(sys.argv)}\n")
     happy_path(args.rounds, args.checkouts)
-    recovery(args.recoveries)
+    recovery(args.recoveries, args.server_login_retry)
     return 0
 
 
