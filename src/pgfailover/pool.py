@@ -29,7 +29,6 @@ Decisions live in :class:`FailoverState` (no I/O); the two pool classes are thin
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from time import monotonic
 from typing import Any, TypeVar
@@ -43,18 +42,16 @@ from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection
 from psycopg_pool.pool_async import AddConnection as AsyncAddConnection
 
-from .classify import Kind, Phase, Verdict, classify
-from .connection import AsyncConnection, Connection, _FailoverAware
-from .errors import NoPrimaryAvailable
+from .classify import Kind, Phase, classify
+from .connection import AsyncConnection, Connection
 from .probe import RoleReport, aprobe, probe
+from .state import FailoverState, finding
 
 logger = logging.getLogger("pgfailover.pool")
 
 CT = TypeVar("CT", bound=Connection[Any])
 ACT = TypeVar("ACT", bound=AsyncConnection[Any])
 
-#: Smallest wait between two role probes of new connections while no primary is reachable.
-MIN_PROBE_INTERVAL = 0.05
 #: Largest wait between reconnection attempts while no primary is reachable.
 MAX_RECONNECT_DELAY = 0.2
 
@@ -83,137 +80,7 @@ class NotWritable(psycopg.OperationalError):
     def __init__(self, report: RoleReport, endpoint: str) -> None:
         self.report = report
         self.endpoint = endpoint
-        super().__init__(f"{endpoint} leads to a {_finding(report)}, not a writable primary")
-
-
-class FailoverState:
-    """What a pool knows about failovers, and the decisions it makes. No I/O.
-
-    Thread-safe: every method takes a short internal lock (never held across I/O), so the
-    same object serves threads and asyncio tasks.
-    """
-
-    def __init__(self, *, pooler: bool | None) -> None:
-        self._lock = threading.Lock()
-        #: Bumped at each purge; connections remember the generation they were made in.
-        self.generation = 0
-        #: Configured or detected: does a multiplexing pooler sit in front of the servers?
-        self.pooler = pooler
-        #: ``time.monotonic()`` when the current outage was first noticed, None when healthy.
-        self.outage_since: float | None = None
-        #: The error of the last connect if it was an auth/configuration failure, else None.
-        self.fatal: BaseException | None = None
-        #: Per endpoint, what was found there last (for NoPrimaryAvailable).
-        self.hosts: dict[str, str] = {}
-        self._probing = False
-        self._last_probe = 0.0
-        self.counters = {
-            "failovers_detected": 0,
-            "connections_poisoned": 0,
-            "generations_purged": 0,
-            "probes_run": 0,
-            "connections_rejected": 0,
-            "recovery_ms_last": 0,
-        }
-
-    # -- what happened
-    def poisoned(self, generation: int, verdict: Verdict, now: float) -> bool:
-        """A poisoned connection came back. True if the caller must purge the generation."""
-        with self._lock:
-            self.counters["connections_poisoned"] += 1
-            if verdict.is_failover:
-                self._outage(now)
-            if verdict.purge_generation and generation == self.generation:
-                self.generation += 1
-                self.counters["generations_purged"] += 1
-                return True
-            return False
-
-    def not_primary(self, endpoint: str, finding: str, now: float, generation: int) -> bool:
-        """A probe found no writable primary at ``endpoint``. True if the caller must purge."""
-        with self._lock:
-            self.counters["connections_rejected"] += 1
-            self.hosts[endpoint] = finding
-            self._outage(now)
-            if generation == self.generation:
-                self.generation += 1
-                self.counters["generations_purged"] += 1
-                return True
-            return False
-
-    def connect_failed(self, endpoint: str, verdict: Verdict, now: float) -> None:
-        """Opening a connection failed with ``verdict``."""
-        with self._lock:
-            if verdict.kind is Kind.CONFIGURATION:
-                self.hosts[endpoint] = f"auth or configuration failure: {verdict.message}"
-            else:
-                self.hosts[endpoint] = f"down: {verdict.message}"
-                if verdict.is_failover:
-                    self._outage(now)
-
-    def connected(self, now: float) -> None:
-        """A new connection reached a writable primary: the outage, if any, is over."""
-        with self._lock:
-            self.fatal = None
-            if self.outage_since is not None:
-                self.counters["recovery_ms_last"] = int((now - self.outage_since) * 1000)
-                logger.warning(
-                    "writable primary reached again %.3f s after the failover was noticed",
-                    now - self.outage_since,
-                )
-                self.outage_since = None
-                self.hosts.clear()
-
-    def probed(self, report: RoleReport) -> None:
-        """Record a probe's outcome: count queries, learn whether a pooler is in front."""
-        with self._lock:
-            if report.source == "query":
-                self.counters["probes_run"] += 1
-            if self.pooler is None and report.via_pooler is not None:
-                self.pooler = report.via_pooler
-
-    def _outage(self, now: float) -> None:
-        if self.outage_since is None:
-            self.outage_since = now
-            self.counters["failovers_detected"] += 1
-
-    # -- decisions
-    def may_connect(self, now: float) -> bool:
-        """Single flight: during an outage, one connection attempt at a time, and not more
-        often than MIN_PROBE_INTERVAL. Call :meth:`connect_done` after a True answer."""
-        with self._lock:
-            if self.outage_since is None:
-                return True
-            if self._probing or now - self._last_probe < MIN_PROBE_INTERVAL:
-                return False
-            self._probing = True
-            self._last_probe = now
-            return True
-
-    def connect_done(self) -> None:
-        """The attempt allowed by :meth:`may_connect` is over."""
-        with self._lock:
-            self._probing = False
-
-    def needs_check(self, conn: _FailoverAware[Any], recheck_interval: float | None) -> bool:
-        """Whether a connection leaving the pool must be probed first."""
-        if conn.pool_generation != self.generation or self.outage_since is not None:
-            return True
-        if recheck_interval is None:
-            return False
-        return monotonic() - conn.pool_returned_at >= recheck_interval
-
-    def timeout_error(self, timeout: float) -> PoolTimeout:
-        """The error for a request that timed out: NoPrimaryAvailable during an outage."""
-        with self._lock:
-            if self.outage_since is None and not self.hosts:
-                return PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
-            return NoPrimaryAvailable(timeout, self.hosts)
-
-    def stats(self) -> dict[str, int]:
-        """The failover counters, for ``get_stats()``."""
-        with self._lock:
-            return dict(self.counters)
+        super().__init__(f"{endpoint} leads to a {finding(report)}, not a writable primary")
 
 
 def _endpoint(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
@@ -244,11 +111,6 @@ def _prefer_read_write(conninfo: Any, pooler: bool | None) -> Any:
     if "," in str(params.get("host", "")) and "target_session_attrs" not in params:
         return make_conninfo(conninfo, target_session_attrs="read-write")
     return conninfo
-
-
-def _finding(report: RoleReport) -> str:
-    where = f" (server {report.server_address})" if report.via_pooler else ""
-    return ("standby" if report.role.value == "standby" else "read-only primary") + where
 
 
 def _check_options(
@@ -314,7 +176,7 @@ class ConnectionPool(_Pool[CT]):
             conn = super()._connect(timeout)
         except NotWritable as ex:
             # a new connection belongs to no generation yet: nothing to purge (generation -1)
-            self._pgf.not_primary(ex.endpoint, _finding(ex.report), monotonic(), -1)
+            self._pgf.not_primary(ex.endpoint, finding(ex.report), monotonic(), -1)
             raise
         except psycopg.Error as ex:
             self._pgf_connect_failed(ex)
@@ -359,12 +221,15 @@ class ConnectionPool(_Pool[CT]):
         while True:
             try:
                 conn = super().getconn(max(deadline - monotonic(), 0.0))
-            except PoolTimeout:
-                raise self._pgf.timeout_error(timeout) from None
-            if not self._pgf.needs_check(conn, self.recheck_interval) or self._pgf_checkout_ok(
-                conn
-            ):
+            except PoolTimeout as ex:
+                raise (self._pgf.no_primary(timeout) or ex) from None
+            if not self._pgf_needs_check(conn) or self._pgf_checkout_ok(conn):
                 return conn
+
+    def _pgf_needs_check(self, conn: CT) -> bool:
+        return self._pgf.needs_check(
+            conn.pool_generation, conn.pool_returned_at, self.recheck_interval, monotonic()
+        )
 
     def _pgf_checkout_ok(self, conn: CT) -> bool:
         generation = conn.pool_generation
@@ -377,7 +242,7 @@ class ConnectionPool(_Pool[CT]):
         if report.writable:
             conn.pool_generation = self._pgf.generation
             return True
-        purge = self._pgf.not_primary(_endpoint(conn), _finding(report), monotonic(), generation)
+        purge = self._pgf.not_primary(_endpoint(conn), finding(report), monotonic(), generation)
         conn.close()
         self.putconn(conn)
         if purge:
@@ -445,7 +310,7 @@ class AsyncConnectionPool(_AsyncPool[ACT]):
         try:
             conn = await super()._connect(timeout)
         except NotWritable as ex:
-            self._pgf.not_primary(ex.endpoint, _finding(ex.report), monotonic(), -1)
+            self._pgf.not_primary(ex.endpoint, finding(ex.report), monotonic(), -1)
             raise
         except psycopg.Error as ex:
             await self._pgf_connect_failed(ex)
@@ -494,12 +359,15 @@ class AsyncConnectionPool(_AsyncPool[ACT]):
         while True:
             try:
                 conn = await super().getconn(max(deadline - monotonic(), 0.0))
-            except PoolTimeout:
-                raise self._pgf.timeout_error(timeout) from None
-            if not self._pgf.needs_check(
-                conn, self.recheck_interval
-            ) or await self._pgf_checkout_ok(conn):
+            except PoolTimeout as ex:
+                raise (self._pgf.no_primary(timeout) or ex) from None
+            if not self._pgf_needs_check(conn) or await self._pgf_checkout_ok(conn):
                 return conn
+
+    def _pgf_needs_check(self, conn: ACT) -> bool:
+        return self._pgf.needs_check(
+            conn.pool_generation, conn.pool_returned_at, self.recheck_interval, monotonic()
+        )
 
     async def _pgf_checkout_ok(self, conn: ACT) -> bool:
         generation = conn.pool_generation
@@ -512,7 +380,7 @@ class AsyncConnectionPool(_AsyncPool[ACT]):
         if report.writable:
             conn.pool_generation = self._pgf.generation
             return True
-        purge = self._pgf.not_primary(_endpoint(conn), _finding(report), monotonic(), generation)
+        purge = self._pgf.not_primary(_endpoint(conn), finding(report), monotonic(), generation)
         await conn.close()
         await self.putconn(conn)
         if purge:

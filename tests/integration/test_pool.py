@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -20,28 +17,17 @@ from pgfailover.pool import AsyncConnectionPool, ConnectionPool
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.plugin import ClusterFactory
 
-WRITERS = 4
-
-
-@dataclass
-class Workload:
-    """Outcomes of concurrent writers, as monotonic timestamps."""
-
-    ok: list[float] = field(default_factory=list)
-    failed: list[tuple[float, str]] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def first_ok_after(self, instant: float) -> float:
-        later = [t for t in self.ok if t > instant]
-        assert later, "no successful write after the instant"
-        return min(later) - instant
-
-
-def _table(cluster: LocalCluster) -> str:
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    with cluster.primary.connect(superuser=False) as conn:
-        conn.execute(f"CREATE TABLE {name} (id serial PRIMARY KEY, writer int)")
-    return name
+from .support import (
+    WRITERS,
+    Workload,
+    bouncer_cluster,
+    eventually,
+    eventually_async,
+    no_server_left_on,
+    reset_statements,
+    statement_calls,
+    table,
+)
 
 
 def _run_writers(pool: ConnectionPool[Any], table: str, stop: threading.Event) -> Workload:
@@ -74,48 +60,6 @@ async def _async_writer(
             work.failed.append((time.monotonic(), type(ex).__name__))
 
 
-def _no_server_left_on(cluster: LocalCluster, port: int) -> Callable[[], bool]:
-    def check() -> bool:
-        assert cluster.pgbouncer is not None
-        return all(s["port"] != port for s in cluster.pgbouncer.admin("SHOW SERVERS"))
-
-    return check
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
-async def _eventually_async(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
-_bouncer_clusters: dict[str, LocalCluster] = {}
-
-
-def _bouncer_cluster(factory: ClusterFactory, mode: str) -> LocalCluster:
-    """A cluster behind PgBouncer in ``mode``, reset, with PgBouncer's login retry at 0.1 s.
-
-    After a failed server login PgBouncer refuses new ones for ``server_login_retry`` (1 s in
-    the harness): with it, every recovery that hits a failed login takes ~1 s whatever the
-    pool does. These tests measure the pool, so they shorten PgBouncer's wait.
-    """
-    cluster = _bouncer_clusters.get(mode)
-    if cluster is None:
-        cluster = factory(standbys=1, pgbouncer=mode, server_login_retry=0.1)
-        _bouncer_clusters[mode] = cluster
-    cluster.reset()
-    return cluster
-
-
 POOL_KWARGS: dict[str, Any] = {
     "kwargs": {"prepare_threshold": None, "autocommit": True},
     "min_size": 4,
@@ -132,22 +76,22 @@ def test_pool_recovers_through_pgbouncer_after_repoint(
     """Concurrent writers through PgBouncer; failover; repoint 1 s later: the pool recovers
     without restart, the first write lands within 0.5 s of the repoint, no server connection
     to the standby survives, and the probes are bounded."""
-    cluster = _bouncer_cluster(pgfailover_cluster_factory, mode)
+    cluster = bouncer_cluster(pgfailover_cluster_factory, mode)
     assert cluster.pgbouncer is not None
-    table = _table(cluster)
+    name = table(cluster)
     old_primary = cluster.primary
     stop = threading.Event()
     with ConnectionPool[Any](cluster.pgbouncer.dsn(), **POOL_KWARGS) as pool:
         pool.wait()
-        work = _run_writers(pool, table, stop)
+        work = _run_writers(pool, name, stop)
         try:
-            _eventually(lambda: len(work.ok) > 20)
+            eventually(lambda: len(work.ok) > 20)
             cluster.failover()
-            _eventually(lambda: pool.get_stats()["failovers_detected"] == 1)
+            eventually(lambda: pool.get_stats()["failovers_detected"] == 1)
             time.sleep(1.0)  # the outage an operator or HA tool takes to repoint
             repointed_at = cluster.repoint_pgbouncer(cluster.primary).ended_at["reload"]
-            _eventually(lambda: any(t > repointed_at for t in work.ok))
-            _eventually(lambda: len([t for t in work.ok if t > repointed_at]) > 50)
+            eventually(lambda: any(t > repointed_at for t in work.ok))
+            eventually(lambda: len([t for t in work.ok if t > repointed_at]) > 50)
         finally:
             stop.set()
             for t in work.threads:
@@ -157,7 +101,7 @@ def test_pool_recovers_through_pgbouncer_after_repoint(
     assert stats["generations_purged"] >= 1
     assert stats["probes_run"] < 60, stats  # bounded by time, not by failing requests
     assert len(work.failed) <= 2 * WRITERS + stats["pool_max"], work.failed
-    _eventually(_no_server_left_on(cluster, old_primary.port))
+    eventually(no_server_left_on(cluster, old_primary.port))
     with old_primary.connect() as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", [cluster.user]
@@ -171,32 +115,32 @@ async def test_async_pool_recovers_through_pgbouncer_after_repoint(
     mode: str,
 ) -> None:
     """Async twin: the pool recovers within 0.5 s of the repoint with bounded probes."""
-    cluster = _bouncer_cluster(pgfailover_cluster_factory, mode)
+    cluster = bouncer_cluster(pgfailover_cluster_factory, mode)
     assert cluster.pgbouncer is not None
-    table = _table(cluster)
+    name = table(cluster)
     old_primary = cluster.primary
     stop = asyncio.Event()
     work = Workload()
     async with AsyncConnectionPool[Any](cluster.pgbouncer.dsn(), **POOL_KWARGS) as pool:
         await pool.wait()
         tasks = [
-            asyncio.create_task(_async_writer(pool, table, i, stop, work)) for i in range(WRITERS)
+            asyncio.create_task(_async_writer(pool, name, i, stop, work)) for i in range(WRITERS)
         ]
         try:
-            await _eventually_async(lambda: len(work.ok) > 20)
+            await eventually_async(lambda: len(work.ok) > 20)
             await asyncio.to_thread(cluster.failover)
-            await _eventually_async(lambda: pool.get_stats()["failovers_detected"] > 0)
+            await eventually_async(lambda: pool.get_stats()["failovers_detected"] > 0)
             await asyncio.sleep(1.0)
             timings = await asyncio.to_thread(cluster.repoint_pgbouncer, cluster.primary)
             repointed_at = timings.ended_at["reload"]
-            await _eventually_async(lambda: len([t for t in work.ok if t > repointed_at]) > 50)
+            await eventually_async(lambda: len([t for t in work.ok if t > repointed_at]) > 50)
         finally:
             stop.set()
             await asyncio.gather(*tasks)
         stats = pool.get_stats()
     assert work.first_ok_after(repointed_at) < 0.5
     assert stats["probes_run"] < 60, stats
-    _eventually(_no_server_left_on(cluster, old_primary.port))
+    eventually(no_server_left_on(cluster, old_primary.port))
 
 
 def test_multihost_pool_writes_to_new_primary_soon_after_it_is_writable(
@@ -205,17 +149,17 @@ def test_multihost_pool_writes_to_new_primary_soon_after_it_is_writable(
     """Direct multi-host DSN: after failover() the pool writes to the new primary within 0.5 s
     of the promoted node accepting writes."""
     cluster = pgfailover_cluster
-    table = _table(cluster)
+    name = table(cluster)
     stop = threading.Event()
     kwargs = {**POOL_KWARGS, "kwargs": {"autocommit": True}}
     with ConnectionPool[Any](cluster.multihost_dsn(connect_timeout=2), **kwargs) as pool:
         pool.wait()
-        work = _run_writers(pool, table, stop)
+        work = _run_writers(pool, name, stop)
         try:
-            _eventually(lambda: len(work.ok) > 20)
+            eventually(lambda: len(work.ok) > 20)
             timings = cluster.failover()
             writable_at = timings.ended_at["promote"]
-            _eventually(lambda: len([t for t in work.ok if t > writable_at]) > 50)
+            eventually(lambda: len([t for t in work.ok if t > writable_at]) > 50)
         finally:
             stop.set()
             for t in work.threads:
@@ -228,20 +172,20 @@ async def test_async_multihost_pool_follows_the_new_primary(
 ) -> None:
     """Async twin of the multi-host recovery test."""
     cluster = pgfailover_cluster
-    table = _table(cluster)
+    name = table(cluster)
     stop = asyncio.Event()
     work = Workload()
     kwargs = {**POOL_KWARGS, "kwargs": {"autocommit": True}}
     async with AsyncConnectionPool[Any](cluster.multihost_dsn(connect_timeout=2), **kwargs) as pool:
         await pool.wait()
         tasks = [
-            asyncio.create_task(_async_writer(pool, table, i, stop, work)) for i in range(WRITERS)
+            asyncio.create_task(_async_writer(pool, name, i, stop, work)) for i in range(WRITERS)
         ]
         try:
-            await _eventually_async(lambda: len(work.ok) > 20)
+            await eventually_async(lambda: len(work.ok) > 20)
             timings = await asyncio.to_thread(cluster.failover)
             writable_at = timings.ended_at["promote"]
-            await _eventually_async(lambda: len([t for t in work.ok if t > writable_at]) > 50)
+            await eventually_async(lambda: len([t for t in work.ok if t > writable_at]) > 50)
         finally:
             stop.set()
             await asyncio.gather(*tasks)
@@ -325,22 +269,6 @@ async def test_async_wrong_password_fails_fast(pgfailover_cluster: LocalCluster)
         assert time.monotonic() - t0 < 3.0
 
 
-def _statement_calls(cluster: LocalCluster) -> int:
-    with psycopg.connect(cluster.primary.dsn(user="postgres"), autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s JOIN pg_roles r"
-            " ON r.oid = s.userid WHERE r.rolname = %s",
-            [cluster.user],
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
-
-
-def _reset_statements(cluster: LocalCluster) -> None:
-    with psycopg.connect(cluster.primary.dsn(user="postgres"), autocommit=True) as conn:
-        conn.execute("SELECT pg_stat_statements_reset()")
-
-
 @pytest.mark.parametrize("through", ["direct", "pgbouncer"])
 def test_happy_path_costs_no_extra_round_trip_per_checkout(
     pgfailover_cluster: LocalCluster, through: str
@@ -358,14 +286,14 @@ def test_happy_path_costs_no_extra_round_trip_per_checkout(
         ("psycopg_pool", psycopg_pool.ConnectionPool),
         ("pgfailover", ConnectionPool),
     ):
-        _reset_statements(cluster)
+        reset_statements(cluster)
         with cls(dsn, **kwargs) as pool:
             pool.wait()
             for _ in range(300):
                 with pool.connection() as conn:
                     conn.execute("SELECT 1")
             opened = pool.get_stats().get("connections_num", 0)
-        counts[name] = _statement_calls(cluster)
+        counts[name] = statement_calls(cluster)
     assert counts["psycopg_pool"] >= 600  # SELECT 1 and COMMIT per checkout
     assert counts["pgfailover"] - counts["psycopg_pool"] <= 3 * opened
 

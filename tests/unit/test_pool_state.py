@@ -1,4 +1,4 @@
-"""Pure decisions of pgfailover.pool.FailoverState (no server)."""
+"""Pure decisions of pgfailover.state.FailoverState (no server)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from hypothesis import strategies as st
 from psycopg_pool import PoolTimeout
 
 from pgfailover import classify
-from pgfailover.connection import Connection
 from pgfailover.errors import NoPrimaryAvailable
-from pgfailover.pool import MIN_PROBE_INTERVAL, FailoverState
+from pgfailover.state import MIN_PROBE_INTERVAL, FailoverState
 
 READ_ONLY = classify(psycopg.errors.lookup("25006")("cannot execute INSERT"))
 TRANSIENT = classify(psycopg.errors.lookup("40001")("could not serialize"))
@@ -59,12 +58,13 @@ def test_single_flight_during_an_outage() -> None:
     assert state.stats()["recovery_ms_last"] == 1500
 
 
-def test_timeout_error_names_hosts_during_an_outage() -> None:
-    """A timeout in an outage is NoPrimaryAvailable (a PoolTimeout) naming each host."""
+def test_no_primary_error_names_hosts_during_an_outage() -> None:
+    """Outside an outage there is no NoPrimaryAvailable; in one it is a PoolTimeout naming
+    each host."""
     state = FailoverState(pooler=None)
-    assert type(state.timeout_error(1.0)) is PoolTimeout
+    assert state.no_primary(1.0) is None
     state.not_primary("10.0.0.1:5432", "standby", now=1.0, generation=-1)
-    error = state.timeout_error(2.0)
+    error = state.no_primary(2.0)
     assert isinstance(error, NoPrimaryAvailable)
     assert isinstance(error, PoolTimeout)
     assert error.hosts == {"10.0.0.1:5432": "standby"}
@@ -72,16 +72,13 @@ def test_timeout_error_names_hosts_during_an_outage() -> None:
 
 
 def test_needs_check_only_with_a_reason() -> None:
-    """A fresh connection of the current generation is not probed; an idle, stale-generation
-    or outage-time one is."""
+    """A connection of the current generation returned recently is not probed; an idle,
+    stale-generation or outage-time one is."""
     state = FailoverState(pooler=None)
-    conn = object.__new__(Connection)
-    conn.pool_generation = 0
-    conn.pool_returned_at = 1e12  # returned "just now" (in the future of monotonic())
-    assert not state.needs_check(conn, recheck_interval=10.0)
-    assert not state.needs_check(conn, recheck_interval=None)
-    conn.pool_returned_at = 0.0
-    assert state.needs_check(conn, recheck_interval=10.0)
-    conn.pool_returned_at = 1e12
+    assert not state.needs_check(0, returned_at=5.0, recheck_interval=10.0, now=6.0)
+    assert not state.needs_check(0, returned_at=5.0, recheck_interval=None, now=600.0)
+    assert state.needs_check(0, returned_at=5.0, recheck_interval=10.0, now=15.0)
+    assert state.needs_check(0, returned_at=5.0, recheck_interval=0.0, now=5.0)
     state.poisoned(0, READ_ONLY, now=1.0)
-    assert state.needs_check(conn, recheck_interval=None)
+    assert state.needs_check(1, returned_at=5.0, recheck_interval=None, now=6.0)
+    assert state.needs_check(0, returned_at=5.0, recheck_interval=None, now=6.0)

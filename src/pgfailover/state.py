@@ -1,0 +1,163 @@
+"""What a pool (or an instrumented engine) knows about failovers, and its decisions. No I/O.
+
+:class:`FailoverState` is shared by :mod:`pgfailover.pool` and :mod:`pgfailover.sqlalchemy`:
+generations and their purges, the outage under way, what each host was found to be, the
+single-flight gate for reconnecting, and the counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from .classify import Kind, Verdict
+from .errors import NoPrimaryAvailable
+from .probe import RoleReport
+
+logger = logging.getLogger("pgfailover.state")
+
+#: Smallest wait between two role probes of new connections while no primary is reachable.
+MIN_PROBE_INTERVAL = 0.05
+
+
+def finding(report: RoleReport) -> str:
+    """What a probe that found no writable primary says about the server, for errors."""
+    where = f" (server {report.server_address})" if report.via_pooler else ""
+    return ("standby" if report.role.value == "standby" else "read-only primary") + where
+
+
+class FailoverState:
+    """What a pool knows about failovers, and the decisions it makes. No I/O.
+
+    Thread-safe: every method takes a short internal lock (never held across I/O), so the
+    same object serves threads and asyncio tasks.
+    """
+
+    def __init__(self, *, pooler: bool | None) -> None:
+        self._lock = threading.Lock()
+        #: Bumped at each purge; connections remember the generation they were made in.
+        self.generation = 0
+        #: Configured or detected: does a multiplexing pooler sit in front of the servers?
+        self.pooler = pooler
+        #: ``time.monotonic()`` when the current outage was first noticed, None when healthy.
+        self.outage_since: float | None = None
+        #: The error of the last connect if it was an auth/configuration failure, else None.
+        self.fatal: BaseException | None = None
+        #: Per endpoint, what was found there last (for NoPrimaryAvailable).
+        self.hosts: dict[str, str] = {}
+        self._probing = False
+        self._last_probe = 0.0
+        self.counters = {
+            "failovers_detected": 0,
+            "connections_poisoned": 0,
+            "generations_purged": 0,
+            "probes_run": 0,
+            "connections_rejected": 0,
+            "recovery_ms_last": 0,
+        }
+
+    # -- what happened
+    def poisoned(self, generation: int, verdict: Verdict, now: float) -> bool:
+        """A poisoned connection came back. True if the caller must purge the generation."""
+        with self._lock:
+            self.counters["connections_poisoned"] += 1
+            if verdict.is_failover:
+                self._outage(now)
+            if verdict.purge_generation and generation == self.generation:
+                self.generation += 1
+                self.counters["generations_purged"] += 1
+                return True
+            return False
+
+    def not_primary(self, endpoint: str, finding: str, now: float, generation: int) -> bool:
+        """A probe found no writable primary at ``endpoint``. True if the caller must purge."""
+        with self._lock:
+            self.counters["connections_rejected"] += 1
+            self.hosts[endpoint] = finding
+            self._outage(now)
+            if generation == self.generation:
+                self.generation += 1
+                self.counters["generations_purged"] += 1
+                return True
+            return False
+
+    def connect_failed(self, endpoint: str, verdict: Verdict, now: float) -> None:
+        """Opening a connection failed with ``verdict``."""
+        with self._lock:
+            if verdict.kind is Kind.CONFIGURATION:
+                self.hosts[endpoint] = f"auth or configuration failure: {verdict.message}"
+            else:
+                self.hosts[endpoint] = f"down: {verdict.message}"
+                if verdict.is_failover:
+                    self._outage(now)
+
+    def connected(self, now: float) -> None:
+        """A new connection reached a writable primary: the outage, if any, is over."""
+        with self._lock:
+            self.fatal = None
+            if self.outage_since is not None:
+                self.counters["recovery_ms_last"] = int((now - self.outage_since) * 1000)
+                logger.warning(
+                    "writable primary reached again %.3f s after the failover was noticed",
+                    now - self.outage_since,
+                )
+                self.outage_since = None
+                self.hosts.clear()
+
+    def probed(self, report: RoleReport) -> None:
+        """Record a probe's outcome: count queries, learn whether a pooler is in front."""
+        with self._lock:
+            if report.source == "query":
+                self.counters["probes_run"] += 1
+            if self.pooler is None and report.via_pooler is not None:
+                self.pooler = report.via_pooler
+
+    def _outage(self, now: float) -> None:
+        if self.outage_since is None:
+            self.outage_since = now
+            self.counters["failovers_detected"] += 1
+
+    # -- decisions
+    def may_connect(self, now: float) -> bool:
+        """Single flight: during an outage, one connection attempt at a time, and not more
+        often than MIN_PROBE_INTERVAL. Call :meth:`connect_done` after a True answer."""
+        with self._lock:
+            if self.outage_since is None:
+                return True
+            if self._probing or now - self._last_probe < MIN_PROBE_INTERVAL:
+                return False
+            self._probing = True
+            self._last_probe = now
+            return True
+
+    def connect_done(self) -> None:
+        """The attempt allowed by :meth:`may_connect` is over."""
+        with self._lock:
+            self._probing = False
+
+    def needs_check(
+        self, generation: int, returned_at: float, recheck_interval: float | None, now: float
+    ) -> bool:
+        """Whether a connection leaving the pool must be probed first.
+
+        It must if it belongs to an older generation, if an outage is under way, or if it
+        has been idle (since ``returned_at``) at least ``recheck_interval`` seconds; None
+        never rechecks an idle connection, 0 rechecks at every checkout.
+        """
+        if generation != self.generation or self.outage_since is not None:
+            return True
+        if recheck_interval is None:
+            return False
+        return now - returned_at >= recheck_interval
+
+    def no_primary(self, timeout: float) -> NoPrimaryAvailable | None:
+        """The error for a request that timed out during an outage, None outside one."""
+        with self._lock:
+            if self.outage_since is None and not self.hosts:
+                return None
+            return NoPrimaryAvailable(timeout, self.hosts)
+
+    def stats(self) -> dict[str, int]:
+        """The failover counters, for ``get_stats()``."""
+        with self._lock:
+            return dict(self.counters)
