@@ -362,7 +362,13 @@ class LocalCluster:
         self.close()
 
     def open(self) -> Timings:
-        """Build and start every server; on any failure everything started so far is ended."""
+        """Build and start every server; on any failure everything started so far is ended.
+
+        Raises :class:`HarnessError` if the cluster is already open (``with LocalCluster()``
+        opens it).
+        """
+        if self._runtime is not None:
+            raise HarnessError("this cluster is already open (a `with` block opens it)")
         watch = _Stopwatch()
         with _open_lock:
             _open_clusters.add(self)
