@@ -27,7 +27,12 @@ _POOL_NAMES = ("AsyncConnectionPool", "ConnectionPool", "NoPrimaryAvailable")
 
 
 def __getattr__(name: str) -> object:
-    """Import the pool integration on first use: it needs the ``pool`` extra (psycopg_pool)."""
+    """Import the optional integrations on first use: the pools need the ``pool`` extra
+    (psycopg_pool), :mod:`pgfailover.sqlalchemy` the ``sqlalchemy`` extra."""
+    if name == "sqlalchemy":
+        import importlib  # noqa: PLC0415 - lazy: the sqlalchemy extra is optional
+
+        return importlib.import_module(".sqlalchemy", __name__)
     if name in _POOL_NAMES:
         try:
             from . import errors, pool  # noqa: PLC0415 - lazy: the pool extra is optional

@@ -1,0 +1,541 @@
+"""SQLAlchemy 2 integration: one call makes an engine survive a failover.
+
+.. code-block:: python
+
+    engine = create_engine("postgresql+psycopg://app@db/app")      # or create_async_engine
+    pgfailover.sqlalchemy.instrument(engine)
+
+Works with the psycopg (sync and async), psycopg2 and asyncpg dialects; classification is
+by SQLSTATE, so the three behave the same. :func:`instrument` adds listeners, nothing else:
+the engine, its pool, its connections and the driver's exceptions keep their types.
+
+What it changes:
+
+- **Errors** (``handle_error``): a failover verdict (the node is a standby or read-only,
+  the connection is lost, the server is shutting down) is marked as a disconnect, so
+  SQLAlchemy invalidates the connection instead of handing it out again. When the verdict
+  says the endpoint's node changed role or went away, the whole pool is invalidated too
+  (every connection opened before that instant is replaced at its next checkout), once per
+  generation however many requests fail at the same moment.
+- **New connections** (``do_connect``): each is checked with the core role probe (no round
+  trip on a direct connection once it is known to be direct; one query through a pooler).
+  A connection to a standby is closed and the next attempt follows with a fast capped
+  backoff (50 ms, x1.5, at most 200 ms, with jitter; one attempt at a time per engine during
+  an outage) until ``timeout``; then :class:`~pgfailover.errors.NoPrimaryAvailable` says
+  what each host was. Authentication and configuration errors are raised at once.
+  With ``NullPool`` (every checkout is a new connection) new connections are probed only
+  while an outage is under way, so the happy path costs no round trip there either.
+- **Checkout** (``checkout``): a pooled connection is probed only when there is a reason:
+  an outage is under way, or it was last checked out (or probed) at least
+  ``recheck_interval`` seconds ago. (The time of the last checkout, not of the last
+  checkin, spares a ``checkin`` listener: a connection held longer than the interval is
+  probed at its next checkout.) One
+  that leads to a standby raises ``InvalidatePoolError`` (first time in a generation) or
+  ``DisconnectionError``: SQLAlchemy replaces it, and the replacement goes through the
+  checks above. This replaces the blind ``pool_pre_ping`` (``;`` passes on a standby);
+  ``pool_pre_ping=True`` may stay on and still catches dead connections.
+
+Each connection invalidated for a failover produces one
+:class:`~pgfailover.events.FailoverEvent` (logged once on ``pgfailover.events``).
+:meth:`Instrumentation.stats` returns the counters. ``instrument()`` is idempotent and
+:meth:`Instrumentation.remove` (or :func:`uninstrument`) takes every listener away.
+See ``docs/sqlalchemy.md`` for the ORM pattern and the retry recipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from sqlalchemy import event, exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
+
+from .classify import Kind, Phase, Verdict, classify
+from .connection import _FailoverAware
+from .errors import NoPrimaryAvailable
+from .events import FailoverEvent, NodeInfo, caller_stack, diagnostics_of, emit
+from .probe import PROBE_SQL, RoleReport, aprobe, probe, report_from_row, role_from_parameters
+from .state import FailoverState, finding
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+try:
+    from sqlalchemy.util.concurrency import await_ as _await
+except ImportError:  # pragma: no cover - SQLAlchemy 2.0 names it await_only
+    from sqlalchemy.util.concurrency import await_only as _await
+
+__all__ = ["Instrumentation", "instrument", "uninstrument"]
+
+#: Reconnection backoff while no primary is reachable: first wait, growth, cap (seconds).
+INITIAL_DELAY = 0.05
+DELAY_BACKOFF = 1.5
+MAX_DELAY = 0.2
+
+_CHECKED_AT = "pgfailover.checked_at"  # record.info: monotonic time of last checkout or probe
+_GENERATION = "pgfailover.generation"  # record.info: the engine generation it was made in
+_VIA_POOLER = "pgfailover.via_pooler"  # record.info: what the first query probe found
+_REPORTED = "pgfailover.reported"  # record.info: an event was emitted for this connection
+_SERVER = "pgfailover.server"  # record.info: host:port of the server behind, per last query
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What :func:`instrument` was called with (see there)."""
+
+    recheck_interval: float | None
+    timeout: float
+    pooler: bool | None
+
+
+class Instrumentation:
+    """The listeners :func:`instrument` added to one engine, and what they have seen."""
+
+    def __init__(self, engine: Engine, options: Options) -> None:
+        self._engine = weakref.ref(engine)
+        self.options = options
+        self.state = FailoverState(pooler=options.pooler)
+        self._async = bool(engine.dialect.is_async)
+        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+
+    # -- installation
+    def _install(self, engine: Engine) -> None:
+        for target, name, fn in (
+            (engine, "handle_error", self._on_error),
+            (engine, "do_connect", self._on_do_connect),
+            (engine, "checkout", self._on_checkout),
+        ):
+            event.listen(target, name, fn)
+            self._listeners.append((target, name, fn))
+
+    def remove(self) -> None:
+        """Remove every listener; the engine behaves as if never instrumented. Idempotent."""
+        engine = self._engine()
+        while self._listeners:
+            target, name, fn = self._listeners.pop()
+            if event.contains(target, name, fn):
+                event.remove(target, name, fn)
+        if engine is not None:
+            with _registry_lock:
+                if _registry.get(engine) is self:
+                    del _registry[engine]
+
+    @property
+    def installed(self) -> bool:
+        """Whether the listeners are in place."""
+        return bool(self._listeners)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: failovers_detected, connections_poisoned (invalidated for a failover
+        verdict), generations_purged (pool invalidations), probes_run (role queries),
+        connections_rejected (new or checked-out connections that led to no writable
+        primary), recovery_ms_last (from noticing the last outage to the next writable
+        connection)."""
+        return self.state.stats()
+
+    # -- errors
+    def _on_error(self, ctx: ExceptionContext) -> BaseException | None:
+        original = ctx.original_exception
+        if isinstance(original, NoPrimaryAvailable):
+            # The same type whatever the dialect: psycopg's would wrap it (it is a psycopg
+            # error), psycopg2's and asyncpg's would not.
+            return original if ctx.sqlalchemy_exception is not None else None
+        proxied = _proxied(ctx)
+        dbapi_conn = proxied.dbapi_connection if proxied is not None else None
+        verdict = classify(
+            original,
+            conn=_driver(dbapi_conn) if dbapi_conn is not None else None,
+            read_only=_read_only(ctx.dialect, dbapi_conn),
+            phase=Phase.CONNECT if proxied is None else Phase.UNKNOWN,
+        )
+        if not verdict.discard_connection or proxied is None:
+            return None
+        ctx.is_disconnect = True
+        generation = proxied.info.get(_GENERATION, -1)
+        purge = self.state.poisoned(generation, verdict, time.monotonic())
+        ctx.invalidate_pool_on_disconnect = purge
+        self._report(original, verdict, proxied, purge)
+        return None
+
+    def _report(
+        self,
+        ex: BaseException,
+        verdict: Verdict,
+        proxied: PoolProxiedConnection,
+        purge: bool,
+    ) -> None:
+        if proxied.info.get(_REPORTED):
+            return
+        proxied.info[_REPORTED] = True
+        dbapi_conn = proxied.dbapi_connection
+        driver = _driver(dbapi_conn) if dbapi_conn is not None else None
+        if isinstance(driver, _FailoverAware) and driver.poisoned is not None:
+            return  # a pgfailover.Connection reported it already
+        action = "connection invalidated: SQLAlchemy will not reuse it"
+        if purge:
+            action += "; pool invalidated: connections opened before now are replaced"
+        emit(
+            FailoverEvent(
+                verdict=verdict,
+                node=_node(driver, proxied.info.get(_VIA_POOLER), proxied.info.get(_SERVER)),
+                action=action,
+                error_type=f"{type(ex).__module__}.{type(ex).__qualname__}",
+                diagnostics=diagnostics_of(ex),
+                stack=caller_stack(("pgfailover", "psycopg", "sqlalchemy")),
+            )
+        )
+
+    # -- new connections
+    def _on_do_connect(
+        self,
+        dialect: Dialect,
+        conn_rec: ConnectionPoolEntry,
+        cargs: tuple[Any, ...],
+        cparams: dict[str, Any],
+    ) -> Any:
+        timeout = self.options.timeout
+        deadline = time.monotonic() + timeout
+        delay = INITIAL_DELAY
+        last_error: BaseException | None = None
+        while True:
+            now = time.monotonic()
+            if self.state.may_connect(now):
+                try:
+                    conn, last_error = self._connect_once(dialect, conn_rec, cargs, cparams)
+                finally:
+                    self.state.connect_done()
+                if conn is not None:
+                    return conn
+            now = time.monotonic()
+            if now >= deadline:
+                raise self.state.no_primary(timeout) or NoPrimaryAvailable(
+                    timeout, {}
+                ) from last_error
+            wait = min(delay * random.uniform(0.9, 1.1), deadline - now)  # noqa: S311
+            delay = min(delay * DELAY_BACKOFF, MAX_DELAY)
+            self._sleep(max(wait, 0.0))
+
+    def _connect_once(
+        self,
+        dialect: Dialect,
+        conn_rec: ConnectionPoolEntry,
+        cargs: tuple[Any, ...],
+        cparams: dict[str, Any],
+    ) -> tuple[Any, BaseException | None]:
+        """One attempt: the connection if it leads to a writable primary, else (None, why)."""
+        try:
+            dbapi_conn = dialect.connect(*cargs, **cparams)
+        except Exception as ex:
+            verdict = classify(ex, phase=Phase.CONNECT)
+            if verdict.kind is Kind.CONFIGURATION or not verdict.may_retry():
+                raise
+            self.state.connect_failed(_endpoint_of_params(cparams), verdict, time.monotonic())
+            return None, ex
+        validate = self.state.outage_since is not None or not self._null_pool()
+        report = None
+        if validate:
+            try:
+                report = self._probe(dbapi_conn, None)
+            except Exception as ex:
+                _close_quietly(dbapi_conn)
+                verdict = classify(ex, phase=Phase.CONNECT)
+                if not verdict.may_retry():
+                    raise
+                self.state.connect_failed(_endpoint_of_params(cparams), verdict, time.monotonic())
+                return None, ex
+            if not report.writable:
+                endpoint = _endpoint(_driver(dbapi_conn), cparams)
+                _close_quietly(dbapi_conn)
+                self.state.not_primary(endpoint, finding(report), time.monotonic(), -1)
+                return None, None
+            self.state.connected(time.monotonic())
+        now = time.monotonic()
+        info = conn_rec.info  # a new DBAPI connection: forget what was known of the old one
+        for key in (_REPORTED, _VIA_POOLER, _SERVER):
+            info.pop(key, None)
+        info[_CHECKED_AT] = now
+        info[_GENERATION] = self.state.generation
+        if report is not None:
+            _remember(info, report)
+        return dbapi_conn, None
+
+    # -- checkout
+    def _on_checkout(
+        self, dbapi_conn: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> None:
+        now = time.monotonic()
+        info = record.info
+        generation = info.get(_GENERATION, -1)
+        last_used = info.get(_CHECKED_AT, 0.0)
+        info[_CHECKED_AT] = now
+        if not self.state.needs_check(generation, last_used, self.options.recheck_interval, now):
+            return
+        try:
+            report = self._probe(dbapi_conn, info)
+        except Exception as ex:
+            verdict = classify(ex, conn=_driver(dbapi_conn))
+            if not verdict.discard_connection:
+                raise
+            purge = self.state.poisoned(generation, verdict, now)
+            raise _disconnection(f"role probe at checkout failed: {verdict.message}", purge) from ex
+        if report.writable:
+            info[_CHECKED_AT] = now
+            info[_GENERATION] = self.state.generation
+            return
+        endpoint = _endpoint(_driver(dbapi_conn), {})
+        purge = self.state.not_primary(endpoint, finding(report), now, generation)
+        raise _disconnection(f"{endpoint} leads to a {finding(report)}, not a primary", purge)
+
+    # -- I/O helpers
+    def _probe(self, dbapi_conn: Any, info: dict[Any, Any] | None) -> RoleReport:
+        """The role of ``dbapi_conn``'s server: ParameterStatus when it can be trusted, else one
+        query (leaving the connection idle, as found)."""
+        driver = _driver(dbapi_conn)
+        pooler = self.state.pooler
+        if pooler is None and info is not None:
+            pooler = info.get(_VIA_POOLER)
+        if isinstance(driver, psycopg.Connection):
+            report = probe(driver, pooler=pooler)
+        elif isinstance(driver, psycopg.AsyncConnection):
+            report = _await(aprobe(driver, pooler=pooler))
+        else:
+            report = self._dbapi_probe(dbapi_conn, driver, pooler)
+        self.state.probed(report)
+        if info is not None:
+            _remember(info, report)
+        return report
+
+    @staticmethod
+    def _dbapi_probe(dbapi_conn: Any, driver: Any, pooler: bool | None) -> RoleReport:
+        if pooler is False:
+            report = role_from_parameters(_parameter_getter(driver))
+            if report is not None:
+                return report
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(PROBE_SQL)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        dbapi_conn.rollback()
+        return report_from_row(row, _client_pid(driver))
+
+    def _null_pool(self) -> bool:
+        engine = self._engine()
+        return engine is not None and isinstance(engine.pool, NullPool)
+
+    def _sleep(self, seconds: float) -> None:
+        if self._async:
+            _await(asyncio.sleep(seconds))
+        else:
+            time.sleep(seconds)
+
+
+# --------------------------------------------------------------------- public API
+
+_registry: weakref.WeakKeyDictionary[Engine, Instrumentation] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+
+
+def instrument(
+    engine: Engine | AsyncEngine,
+    *,
+    recheck_interval: float | None = 10.0,
+    timeout: float | None = None,
+    pooler: bool | None = None,
+) -> Instrumentation:
+    """Make ``engine`` (an ``Engine`` or ``AsyncEngine``) survive failovers; see the module doc.
+
+    Args:
+        engine: a PostgreSQL engine using the psycopg, psycopg2 or asyncpg dialect.
+        recheck_interval: a pooled connection last checked out at least this many seconds
+            ago is probed at checkout; 0 probes at every checkout, None only during an
+            outage. Default 10 s, as pgjdbc's and Npgsql's host recheck.
+        timeout: how long a new connection waits for a writable primary before
+            :class:`~pgfailover.errors.NoPrimaryAvailable` (seconds; default: the pool's
+            own checkout timeout, 30 s for pools without one). 0 makes one attempt.
+        pooler: True if a multiplexing pooler (PgBouncer) is in front of the servers: roles
+            are always queried; False if not: ParameterStatus is trusted (no round trip);
+            None (default) detects it per connection with the first probe.
+
+    Returns the :class:`Instrumentation` (counters, :meth:`~Instrumentation.remove`).
+    Calling it again on the same engine returns the same object; with different options it
+    raises ``ValueError`` (remove the first one before).
+    """
+    sync_engine = _sync(engine)
+    if sync_engine.dialect.name != "postgresql":
+        raise ValueError(
+            f"instrument() needs a PostgreSQL engine, got dialect {sync_engine.dialect.name!r}"
+        )
+    options = Options(
+        recheck_interval=_seconds("recheck_interval", recheck_interval),
+        timeout=_seconds("timeout", _default_timeout(sync_engine) if timeout is None else timeout)
+        or 0.0,
+        pooler=pooler,
+    )
+    with _registry_lock:
+        existing = _registry.get(sync_engine)
+        if existing is not None:
+            if existing.options != options:
+                raise ValueError(
+                    f"this engine is already instrumented with {existing.options}; "
+                    "call uninstrument(engine) first to change the options"
+                )
+            return existing
+        instrumentation = Instrumentation(sync_engine, options)
+        instrumentation._install(sync_engine)
+        _registry[sync_engine] = instrumentation
+    return instrumentation
+
+
+def uninstrument(engine: Engine | AsyncEngine) -> bool:
+    """Remove pgfailover's listeners from ``engine``; False if it was not instrumented."""
+    sync_engine = _sync(engine)
+    with _registry_lock:
+        instrumentation = _registry.get(sync_engine)
+    if instrumentation is None:
+        return False
+    instrumentation.remove()
+    return True
+
+
+def instrumentation_of(engine: Engine | AsyncEngine) -> Instrumentation | None:
+    """The :class:`Instrumentation` of ``engine``, None if it is not instrumented."""
+    sync_engine = _sync(engine)
+    with _registry_lock:
+        return _registry.get(sync_engine)
+
+
+# ------------------------------------------------------------------ small helpers
+
+
+def _sync(engine: Engine | AsyncEngine) -> Engine:
+    """The ``Engine`` behind an ``AsyncEngine`` (without importing SQLAlchemy's asyncio
+    extension, which needs greenlet), or the engine itself."""
+    sync_engine = getattr(engine, "sync_engine", engine)
+    if not isinstance(sync_engine, Engine):
+        raise TypeError(f"expected an Engine or AsyncEngine, got {type(engine)!r}")
+    return sync_engine
+
+
+def _seconds(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0 or None, got {value!r}")
+    return float(value)
+
+
+def _default_timeout(engine: Engine) -> float:
+    timeout = getattr(engine.pool, "_timeout", None)
+    return float(timeout) if isinstance(timeout, int | float) and timeout > 0 else 30.0
+
+
+def _disconnection(message: str, purge: bool) -> exc.DisconnectionError:
+    return exc.InvalidatePoolError(message) if purge else exc.DisconnectionError(message)
+
+
+def _proxied(ctx: ExceptionContext) -> PoolProxiedConnection | None:
+    """The pooled connection the error happened on, without ever reconnecting."""
+    conn = ctx.connection
+    if conn is None or conn.closed or conn.invalidated:
+        return None
+    try:
+        return conn.connection
+    except exc.SQLAlchemyError:
+        return None
+
+
+def _driver(dbapi_conn: Any) -> Any:
+    """The driver's own connection: asyncio dialects wrap it in an adapter."""
+    return getattr(dbapi_conn, "driver_connection", dbapi_conn)
+
+
+def _read_only(dialect: Dialect, dbapi_conn: Any) -> bool | None:
+    """Whether the session asked for read-only (``postgresql_readonly``), None if unknown."""
+    if dbapi_conn is None:
+        return None
+    try:
+        value = dialect.get_readonly(dbapi_conn)  # type: ignore[attr-defined]
+    except Exception:  # not every dialect or connection state can tell
+        return None
+    return value if isinstance(value, bool) else None
+
+
+def _parameter_getter(driver: Any) -> Callable[[str], str | None]:
+    """ParameterStatus access: psycopg and psycopg2 (``info``), asyncpg (``get_settings``)."""
+    info = getattr(driver, "info", None)
+    getter = getattr(info, "parameter_status", None)
+    if callable(getter):
+        return getter  # type: ignore[no-any-return]
+    get_settings = getattr(driver, "get_settings", None)
+    if callable(get_settings):
+        settings = get_settings()
+        return lambda name: getattr(settings, name, None)
+    return lambda name: None
+
+
+def _client_pid(driver: Any) -> int | None:
+    """The backend PID the client was given at start-up (a pooler's own, through one)."""
+    info = getattr(driver, "info", None)
+    pid = getattr(info, "backend_pid", None)
+    if pid is None and callable(getattr(driver, "get_server_pid", None)):
+        pid = driver.get_server_pid()
+    return int(pid) if pid else None
+
+
+def _host_port(driver: Any) -> tuple[str | None, int | None]:
+    """The endpoint a driver connection was opened to; (None, None) if it cannot say."""
+    try:
+        info = getattr(driver, "info", None)
+        if info is not None and getattr(info, "host", None) is not None:
+            return str(info.host), int(info.port)
+        addr = getattr(driver, "_addr", None)  # asyncpg
+        if isinstance(addr, tuple) and len(addr) == 2:
+            return str(addr[0]), int(addr[1])
+    except Exception:  # a finished connection cannot say
+        return None, None
+    return None, None
+
+
+def _endpoint(driver: Any, params: Mapping[str, Any]) -> str:
+    host, port = _host_port(driver)
+    if host is None:
+        return _endpoint_of_params(params)
+    return f"{host}:{port}"
+
+
+def _endpoint_of_params(params: Mapping[str, Any]) -> str:
+    host = params.get("host") or "localhost"
+    port = params.get("port") or 5432
+    return f"{host}:{port}"
+
+
+def _node(driver: Any, via_pooler: bool | None, server: str | None) -> NodeInfo:
+    host, port = _host_port(driver)
+    pid = _client_pid(driver) if driver is not None else None
+    return NodeInfo(host, port, pid, via_pooler, server)
+
+
+def _remember(info: dict[Any, Any], report: RoleReport) -> None:
+    """Keep what a probe learnt about a pooled connection in its record's ``info``."""
+    if report.via_pooler is not None:
+        info[_VIA_POOLER] = report.via_pooler
+    if report.server_address is not None:
+        info[_SERVER] = report.server_address
+
+
+def _close_quietly(dbapi_conn: Any) -> None:
+    try:
+        dbapi_conn.close()
+    except Exception:  # already broken: nothing to free
+        return
