@@ -8,13 +8,29 @@ from __future__ import annotations
 from ._process import live_pids
 from .cluster import LocalCluster, Node, PgBouncer, Timings
 from .errors import BinariesNotFound, HarnessError
+from .proxy import (
+    ClientMessage,
+    FaultProxy,
+    FaultRule,
+    FiredFault,
+    ProxiedConnection,
+    ProxyError,
+    ProxyStats,
+)
 
 __all__ = [
     "BinariesNotFound",
+    "ClientMessage",
+    "FaultProxy",
+    "FaultRule",
+    "FiredFault",
     "HarnessError",
     "LocalCluster",
     "Node",
     "PgBouncer",
+    "ProxiedConnection",
+    "ProxyError",
+    "ProxyStats",
     "Timings",
     "live_pids",
 ]
