@@ -763,7 +763,9 @@ class LocalCluster:
             f.write("\n# pgfailover test harness\n" + conf)
 
     def _create_app_database(self, node: Node) -> None:
-        with node.connect() as conn:
+        # No standby exists yet: with synchronous replication a commit would wait forever.
+        local = "-c synchronous_commit=local"
+        with node.connect(options=local) as conn:
             conn.execute(
                 sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
                     sql.Identifier(self.user), sql.Literal(self.password)
@@ -774,7 +776,9 @@ class LocalCluster:
                     sql.Identifier(self.dbname), sql.Identifier(self.user)
                 )
             )
-        with psycopg.connect(node.dsn(user=SUPERUSER), autocommit=True, connect_timeout=5) as conn:
+        with psycopg.connect(
+            node.dsn(user=SUPERUSER), autocommit=True, connect_timeout=5, options=local
+        ) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
 
     def _base_backup(self, node: Node, source: Node) -> None:
