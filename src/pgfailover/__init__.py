@@ -20,8 +20,12 @@ from .classify import (
     sqlstate_of,
 )
 from .connection import AsyncConnection, Connection
-from .events import EventHook, FailoverEvent, NodeInfo, subscribe, unsubscribe
+from .errors import CommitOutcomeUnknown
+from .events import Event, EventHook, FailoverEvent, NodeInfo, RetryEvent, subscribe, unsubscribe
+from .outcome import Outcome
+from .policy import Decision, RetryPolicy
 from .probe import Role, RoleReport, aprobe, probe
+from .retry import arun_transaction, run_transaction, transaction
 
 _POOL_NAMES = ("AsyncConnectionPool", "ConnectionPool", "NoPrimaryAvailable")
 
@@ -48,24 +52,33 @@ __all__ = [  # includes the lazily imported pool names
     "RECOVERY_MESSAGE",
     "AsyncConnection",
     "AsyncConnectionPool",
+    "CommitOutcomeUnknown",
     "Connection",
     "ConnectionPool",
+    "Decision",
+    "Event",
     "EventHook",
     "FailoverEvent",
     "Kind",
     "NoPrimaryAvailable",
     "NodeInfo",
+    "Outcome",
     "Phase",
     "Retry",
+    "RetryEvent",
+    "RetryPolicy",
     "Role",
     "RoleReport",
     "Verdict",
     "aprobe",
+    "arun_transaction",
     "classify",
     "is_failover_error",
     "is_retryable",
     "probe",
+    "run_transaction",
     "sqlstate_of",
     "subscribe",
+    "transaction",
     "unsubscribe",
 ]

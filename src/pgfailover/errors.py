@@ -38,3 +38,28 @@ class NoPrimaryAvailable(_TimeoutBase):
 
     def __reduce__(self) -> tuple[type[NoPrimaryAvailable], tuple[float, dict[str, str]]]:
         return (type(self), (self.timeout, self.hosts))
+
+
+class CommitOutcomeUnknown(Exception):
+    """A COMMIT was lost in flight and whether it committed could not be established.
+
+    Never a guess: the transaction may have committed. Running the work again could apply it
+    twice; not running it could lose it. ``reason`` says why the outcome is unknown,
+    ``record`` is what was recorded when the transaction began (xid, system identifier,
+    timeline, WAL position, server time; None if nothing could be recorded), and
+    ``__cause__`` is the driver's error that lost the COMMIT. Not a database error class:
+    generic retry predicates never retry it.
+    """
+
+    def __init__(self, reason: str, record: object | None = None) -> None:
+        self.reason = reason
+        self.record = record
+        xid = getattr(record, "xid", None)
+        super().__init__(
+            "the COMMIT was lost and its outcome is unknown"
+            + (f" (xid {xid})" if xid else "")
+            + f": {reason}"
+        )
+
+    def __reduce__(self) -> tuple[type[CommitOutcomeUnknown], tuple[str, object | None]]:
+        return (type(self), (self.reason, self.record))

@@ -92,10 +92,53 @@ class FailoverEvent:
         )
 
 
-class EventHook(Protocol):
-    """A subscriber: called once per event, in the thread (or task) that hit the failure."""
+@dataclass(frozen=True, slots=True)
+class RetryEvent:
+    """A unit of work failed and pgfailover decided what to do next.
 
-    def __call__(self, event: FailoverEvent, /) -> None: ...
+    ``attempt`` is the number of the attempt that failed (1 for the first); ``wait`` the
+    seconds slept before the next one (0 if none follows); ``action`` says what happens
+    next (``retry``, ``give up``, ``committed``: a lost COMMIT turned out to have
+    committed, ...); ``cause`` is the verdict of the failure; ``error_type`` its qualified
+    class name; ``elapsed`` the seconds since the first attempt began.
+    """
+
+    attempt: int
+    wait: float
+    action: str
+    cause: Verdict
+    error_type: str
+    elapsed: float
+    detail: str = ""
+    stack: str = ""
+    timestamp: float = field(default_factory=time.time)
+    monotonic: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        """One line: attempt, cause, action, wait."""
+        v = self.cause
+        wait = f" in {self.wait:.3f} s" if self.wait else ""
+        detail = f" | {self.detail}" if self.detail else ""
+        return (
+            f"attempt {self.attempt} failed after {self.elapsed:.3f} s: "
+            f"{v.sqlstate or '-----'} {self.error_type}: {v.message} | verdict "
+            f"{v.kind.value} (retry: {v.retry.value}) | action: {self.action}{wait}{detail}"
+        )
+
+
+#: Everything a hook can receive.
+Event = FailoverEvent | RetryEvent
+
+
+class EventHook(Protocol):
+    """A subscriber: called once per event, in the thread (or task) that hit the failure.
+
+    It receives a :class:`FailoverEvent` (a connection found its node unusable) or a
+    :class:`RetryEvent` (a unit of work failed; what happens next); tell them apart with
+    ``isinstance``.
+    """
+
+    def __call__(self, event: Event, /) -> None: ...
 
 
 _hooks: list[EventHook] = []  # replaced whole under the lock, read without it
@@ -148,14 +191,21 @@ def diagnostics_of(exc: BaseException) -> dict[str, str]:
     return found
 
 
-def emit(event: FailoverEvent) -> None:
-    """Log ``event`` once at WARNING and deliver it to every subscribed hook."""
-    logger.warning(
-        "%s\nStack (most recent call last):\n%s",
-        event.summary(),
-        event.stack.rstrip(),
-        extra={"pgfailover_event": event},
-    )
+def emit(event: Event) -> None:
+    """Log ``event`` once and deliver it to every subscribed hook.
+
+    Failover events are logged at WARNING with the caller's stack; retry events at INFO
+    when the work goes on, at WARNING when it gives up.
+    """
+    if isinstance(event, RetryEvent) and event.action == "retry":
+        logger.info("%s", event.summary(), extra={"pgfailover_event": event})
+    else:
+        logger.warning(
+            "%s\nStack (most recent call last):\n%s",
+            event.summary(),
+            event.stack.rstrip(),
+            extra={"pgfailover_event": event},
+        )
     for hook in tuple(_hooks):
         try:
             hook(event)

@@ -22,7 +22,12 @@ from pgfailover.testing.simulate import araise_recovery_error, raise_recovery_er
 def events() -> Iterator[list[FailoverEvent]]:
     """Every FailoverEvent emitted during the test."""
     seen: list[FailoverEvent] = []
-    unsubscribe = pgfailover.subscribe(seen.append)
+
+    def hook(event: pgfailover.Event) -> None:
+        if isinstance(event, FailoverEvent):
+            seen.append(event)
+
+    unsubscribe = pgfailover.subscribe(hook)
     yield seen
     unsubscribe()
 

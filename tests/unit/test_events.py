@@ -37,7 +37,7 @@ def test_emit_logs_once_at_warning_with_the_facts(caplog: pytest.LogCaptureFixtu
 
 def test_hooks_receive_events_and_can_unsubscribe() -> None:
     """A subscribed hook gets each event once (even if subscribed twice) until unsubscribed."""
-    seen: list[FailoverEvent] = []
+    seen: list[events.Event] = []
     unsubscribe = events.subscribe(seen.append)
     events.subscribe(seen.append)
     events.emit(_event())
@@ -50,9 +50,9 @@ def test_a_failing_hook_is_logged_and_does_not_stop_others(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A hook that raises is logged with its traceback; later hooks still run."""
-    seen: list[FailoverEvent] = []
+    seen: list[events.Event] = []
 
-    def broken(event: FailoverEvent) -> None:
+    def broken(event: events.Event) -> None:
         raise RuntimeError("hook bug")
 
     undo_broken = events.subscribe(broken)

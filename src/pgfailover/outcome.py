@@ -1,0 +1,208 @@
+"""Did a transaction whose COMMIT was lost commit? Pure decisions, no I/O.
+
+When the connection dies while COMMIT is in flight, the transaction may or may not have
+committed. PostgreSQL can say, given the transaction's id: ``pg_xact_status(xid)`` is
+``committed``, ``aborted`` or ``in progress``. But after a failover the answer comes from
+another server, and with asynchronous replication the new primary may never have seen
+that xid and may since have given the same number to another transaction: its
+"committed" would then be somebody else's. So the runner records, at the start of the
+transaction, where and when it runs (:class:`CommitRecord`: xid, system identifier,
+timeline, WAL insert position, server time), observes the current primary after
+reconnecting (:class:`Observation`), and :func:`resolve` decides:
+
+1. Another system identifier: a different cluster: UNKNOWN.
+2. The same timeline and the server has run without restarting since the transaction
+   began (or restarted cleanly, or its crash recovery replayed past the transaction's
+   start): the xid means the same transaction, and ``pg_xact_status`` is the answer.
+3. The next timeline (one failover) on a server that was already running when the
+   transaction began: ``pg_last_wal_replay_lsn()`` on it is where its recovery ended, the
+   point where the new timeline forked. If that is before the transaction's start
+   position, nothing the transaction wrote is in the new history: NOT_COMMITTED. Else an
+   ``aborted``, ``in progress`` or not-yet-assigned xid means our commit is not in the new
+   history (had it been replicated, the xid would read ``committed``): NOT_COMMITTED. A
+   ``committed`` may be ours or a later transaction's that reused the number: UNKNOWN,
+   unless the caller can check for the work's own effect (an idempotency key).
+4. Anything else (several timelines later, a server restarted since): UNKNOWN.
+
+``in progress`` on the same timeline is PENDING: ask again a little later.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+#: Sent instead of a bare BEGIN (one round trip either way): opens the transaction and
+#: records where it runs. ``pg_current_xact_id()`` assigns the xid now.
+BEGIN_SQL = (
+    "BEGIN; SELECT pg_catalog.pg_current_xact_id()::text, "
+    "(SELECT system_identifier FROM pg_catalog.pg_control_system())::text, "
+    "pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), "
+    "pg_catalog.pg_current_wal_insert_lsn()::text, pg_catalog.clock_timestamp()"
+)
+#: The same record, for a transaction psycopg (or a driver) already began.
+RECORD_SQL = BEGIN_SQL.removeprefix("BEGIN; ")
+
+#: What the current primary says, in one round trip (parameter: the xid as text).
+OBSERVE_SQL = (
+    "SELECT (SELECT system_identifier FROM pg_catalog.pg_control_system())::text, "
+    "pg_catalog.pg_is_in_recovery(), "
+    "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL "
+    "ELSE pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()) END, "
+    "pg_catalog.pg_last_wal_replay_lsn()::text, pg_catalog.pg_postmaster_start_time(), "
+    "CASE WHEN %(xid)s::text::xid8 < pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) "
+    "THEN pg_catalog.pg_xact_status(%(xid)s::text::xid8) ELSE 'future' END"
+)
+
+
+class Outcome(enum.Enum):
+    """What :func:`resolve` concluded about a transaction whose COMMIT was lost."""
+
+    COMMITTED = "committed"  #: it committed: report success, never run it again
+    NOT_COMMITTED = "not committed"  #: it did not: running it again is safe
+    PENDING = "pending"  #: still in progress on the same server: ask again shortly
+    UNKNOWN = "unknown"  #: cannot tell: raise CommitOutcomeUnknown, never guess
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRecord:
+    """Where and when a transaction ran, recorded when it began.
+
+    ``xid`` is the full (epoch-extended) transaction id as text; ``timeline`` is parsed
+    from the WAL file name of ``start_lsn``, the WAL insert position when it began;
+    ``server_time`` is the server's clock then; ``endpoint`` is ``host:port`` as the client
+    saw it (for messages).
+    """
+
+    xid: str
+    system_id: str
+    timeline: int
+    start_lsn: str
+    server_time: datetime
+    endpoint: str = ""
+
+    @classmethod
+    def from_row(cls, row: tuple[object, ...], endpoint: str = "") -> CommitRecord:
+        """Build from a :data:`RECORD_SQL` row."""
+        xid, system_id, walfile, lsn, when = row
+        assert isinstance(when, datetime)
+        return cls(str(xid), str(system_id), timeline_of(str(walfile)), str(lsn), when, endpoint)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What the server believed to be the primary said, from :data:`OBSERVE_SQL`.
+
+    ``timeline`` is None on a standby; ``replay_end_lsn`` is ``pg_last_wal_replay_lsn()``:
+    where the recovery the server ran since it started ended (None after a clean start);
+    ``status`` is ``pg_xact_status`` of the xid (``committed``, ``aborted``,
+    ``in progress``), ``future`` if the xid is not assigned yet there, or None if it is too
+    old to know.
+    """
+
+    system_id: str
+    in_recovery: bool
+    timeline: int | None
+    replay_end_lsn: str | None
+    started_at: datetime
+    status: str | None
+
+    @classmethod
+    def from_row(cls, row: tuple[object, ...]) -> Observation:
+        """Build from an :data:`OBSERVE_SQL` row."""
+        system_id, in_recovery, walfile, replay, started, status = row
+        assert isinstance(started, datetime)
+        return cls(
+            str(system_id),
+            bool(in_recovery),
+            timeline_of(str(walfile)) if walfile else None,
+            str(replay) if replay is not None else None,
+            started,
+            str(status) if status is not None else None,
+        )
+
+
+def timeline_of(walfile: str) -> int:
+    """The timeline in a WAL file name (its first 8 hex digits)."""
+    return int(walfile[:8], 16)
+
+
+def lsn_value(lsn: str) -> int:
+    """``'16/B374D848'`` as a number, for comparisons."""
+    high, _, low = lsn.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def resolve(record: CommitRecord, seen: Observation) -> tuple[Outcome, str]:
+    """Decide what became of the transaction ``record`` describes (see the module doc).
+
+    Returns the outcome and one sentence saying why (for logs and errors).
+    """
+    if seen.in_recovery or seen.timeline is None:
+        return Outcome.UNKNOWN, "the server asked is a standby: ask the primary"
+    if seen.system_id != record.system_id:
+        return Outcome.UNKNOWN, (
+            f"the primary belongs to another system ({seen.system_id}, the transaction ran "
+            f"on {record.system_id})"
+        )
+    status = seen.status
+    up_since_begin = seen.started_at < record.server_time
+    if seen.timeline == record.timeline:
+        if up_since_begin or seen.replay_end_lsn is None:
+            # Running since, or restarted cleanly (a shutdown checkpoint keeps the next xid
+            # past every assigned one): the number was never given to anybody else.
+            return _by_status(status, "on the same timeline")
+        # A crash restart: pg_current_xact_id() writes no WAL, so the xid is reusable unless
+        # a record of the transaction was replayed, which nothing here can prove.
+        return _after_a_loss(record, seen, "after a crash restart on the same timeline")
+    if seen.timeline == record.timeline + 1 and up_since_begin:
+        return _after_a_loss(record, seen, "on the new timeline")
+    return Outcome.UNKNOWN, (
+        f"the primary is on timeline {seen.timeline} (the transaction ran on "
+        f"{record.timeline}) and "
+        + ("has restarted since" if not up_since_begin else "several failovers happened")
+    )
+
+
+def _after_a_loss(record: CommitRecord, seen: Observation, where: str) -> tuple[Outcome, str]:
+    """History may have been cut (a failover, a crash): the xid may have been reused.
+
+    If the history kept on the server ends before the transaction began, nothing of it
+    survived. Otherwise an aborted, in-progress or unassigned xid means our commit is not
+    there (had it survived, the xid would read committed and could not have been reused);
+    a committed one may be somebody else's.
+    """
+    status = seen.status
+    if seen.replay_end_lsn is None:
+        return Outcome.NOT_COMMITTED, (
+            f"{where}: the server ran no recovery since it started, before the transaction "
+            "began: it never had the transaction's WAL"
+        )
+    if lsn_value(seen.replay_end_lsn) < lsn_value(record.start_lsn):
+        return Outcome.NOT_COMMITTED, (
+            f"{where}: the kept history ends at {seen.replay_end_lsn}, before the transaction "
+            f"began at {record.start_lsn}: nothing of it survived"
+        )
+    if status in ("aborted", "in progress", "future"):
+        return Outcome.NOT_COMMITTED, (
+            f"xid {record.xid} is {status} {where}: the commit did not survive"
+        )
+    if status == "committed":
+        return Outcome.UNKNOWN, (
+            f"xid {record.xid} is committed {where}, but the number may belong to a later "
+            "transaction (the history was cut after the transaction began)"
+        )
+    return Outcome.UNKNOWN, f"xid {record.xid} is too old for its status to be known"
+
+
+def _by_status(status: str | None, where: str) -> tuple[Outcome, str]:
+    if status == "committed":
+        return Outcome.COMMITTED, f"the transaction is committed {where}"
+    if status == "aborted":
+        return Outcome.NOT_COMMITTED, f"the transaction is aborted {where}"
+    if status == "in progress":
+        return Outcome.PENDING, f"the transaction is still in progress {where}"
+    if status == "future":
+        return Outcome.UNKNOWN, f"the xid is not assigned yet {where}: an inconsistent answer"
+    return Outcome.UNKNOWN, f"the transaction is too old for its status to be known {where}"

@@ -1,0 +1,423 @@
+"""The retry runner on a real cluster: lost COMMITs resolved, never duplicated, never lost."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import sessionmaker
+
+import pgfailover
+import pgfailover.sqlalchemy as pgsa
+from pgfailover.events import RetryEvent
+from pgfailover.pool import AsyncConnectionPool, ConnectionPool
+from pgfailover.retry import arun_transaction, run_transaction, transaction
+from pgfailover.testing import LocalCluster
+from pgfailover.testing.proxy import FaultProxy
+
+WHEN_COMMITTED = ("after_forward", "after_reply")  # the COMMIT reached the server
+
+
+@pytest.fixture
+def keys_table(pgfailover_cluster: LocalCluster) -> str:
+    """A table of unique keys on the primary."""
+    name = f"k_{uuid.uuid4().hex[:10]}"
+    with pgfailover_cluster.primary.connect(superuser=False) as conn:
+        conn.execute(f"CREATE TABLE {name} (k text PRIMARY KEY)")
+    return name
+
+
+@pytest.fixture
+def proxy(pgfailover_cluster: LocalCluster) -> Iterator[FaultProxy]:
+    """A fault-injection proxy in front of the primary."""
+    with FaultProxy(pgfailover_cluster.primary) as p:
+        yield p
+
+
+@pytest.fixture
+def events() -> Iterator[list[RetryEvent]]:
+    """Retry events delivered to a subscribed hook during the test."""
+    seen: list[RetryEvent] = []
+
+    def hook(event: Any) -> None:
+        if isinstance(event, RetryEvent):
+            seen.append(event)
+
+    unsubscribe = pgfailover.subscribe(hook)
+    yield seen
+    unsubscribe()
+
+
+def _count(cluster: LocalCluster, table: str, key: str) -> int:
+    with cluster.primary.connect(superuser=False) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table} WHERE k = %s", [key]).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def _insert(table: str) -> Any:
+    def work(conn: psycopg.Connection[Any], key: str) -> str:
+        conn.execute(f"INSERT INTO {table} (k) VALUES (%s)", [key])
+        return key
+
+    return work
+
+
+def _ainsert(table: str) -> Any:
+    async def work(conn: psycopg.AsyncConnection[Any], key: str) -> str:
+        await conn.execute(f"INSERT INTO {table} (k) VALUES (%s)", [key])
+        return key
+
+    return work
+
+
+# ------------------------------------------------------------------ psycopg pools
+
+
+@pytest.mark.parametrize("when", [*WHEN_COMMITTED, "before"])
+def test_lost_commit_is_resolved_and_the_row_exists_once(
+    pgfailover_cluster: LocalCluster,
+    proxy: FaultProxy,
+    keys_table: str,
+    events: list[RetryEvent],
+    when: str,
+) -> None:
+    """The connection dies around COMMIT: if the COMMIT reached the server the runner
+    reports success once (the outcome is looked up, not guessed); if it did not, the work is
+    retried. Either way the row exists exactly once."""
+    key = uuid.uuid4().hex
+    proxy.drop_on(when)  # type: ignore[arg-type]
+    with ConnectionPool[Any](proxy.dsn_for(pgfailover_cluster.primary), min_size=1) as pool:
+        assert run_transaction(pool, _insert(keys_table), key, timeout=10) == key
+    assert proxy.faults, "the fault never fired"
+    assert _count(pgfailover_cluster, keys_table, key) == 1
+    actions = [e.action for e in events]
+    assert actions == (["committed"] if when in WHEN_COMMITTED else ["retry"])
+    assert events[0].cause.retry is pgfailover.Retry.OUTCOME_UNKNOWN
+
+
+@pytest.mark.parametrize("when", [*WHEN_COMMITTED, "before"])
+async def test_async_lost_commit_is_resolved_and_the_row_exists_once(
+    pgfailover_cluster: LocalCluster,
+    proxy: FaultProxy,
+    keys_table: str,
+    events: list[RetryEvent],
+    when: str,
+) -> None:
+    """Async twin: success exactly once, the row exactly once."""
+    key = uuid.uuid4().hex
+    proxy.drop_on(when)  # type: ignore[arg-type]
+    dsn = proxy.dsn_for(pgfailover_cluster.primary)
+    async with AsyncConnectionPool[Any](dsn, min_size=1) as pool:
+        assert await arun_transaction(pool, _ainsert(keys_table), key, timeout=10) == key
+    assert proxy.faults, "the fault never fired"
+    assert _count(pgfailover_cluster, keys_table, key) == 1
+    actions = [e.action for e in events]
+    assert actions == (["committed"] if when in WHEN_COMMITTED else ["retry"])
+
+
+def test_application_error_propagates_unchanged_and_is_not_retried(
+    pgfailover_cluster: LocalCluster, keys_table: str, events: list[RetryEvent]
+) -> None:
+    """A unique violation is the program's business: raised as is, after one attempt."""
+    key = uuid.uuid4().hex
+    with ConnectionPool[Any](pgfailover_cluster.primary.dsn(), min_size=1) as pool:
+        run_transaction(pool, _insert(keys_table), key)
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            run_transaction(pool, _insert(keys_table), key)
+    assert [e.action for e in events] == ["give up"]
+
+
+def test_decorator_retries_a_standby_error_until_the_deadline_then_raises_it(
+    pgfailover_cluster: LocalCluster, keys_table: str, events: list[RetryEvent]
+) -> None:
+    """On a node that stays a standby, the decorated function retries with backoff until its
+    timeout, then raises the driver's own 25006 with a note of the attempts made."""
+    cluster = pgfailover_cluster
+    old = cluster.primary
+    cluster.failover()
+    dsn = old.dsn()  # now a standby
+
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a plain pool would hand this out
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+    with psycopg_pool.ConnectionPool(dsn, min_size=1) as pool:
+
+        @transaction(pool, timeout=1.0, wait_max=0.2)
+        def write(conn: psycopg.Connection[Any], key: str) -> None:
+            conn.execute(f"INSERT INTO {keys_table} (k) VALUES (%s)", [key])
+
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as info:
+            write("k1")
+    assert len(events) >= 3
+    assert events[-1].action == "give up"
+    assert all(e.action == "retry" for e in events[:-1])
+    assert any("gave up after" in note for note in getattr(info.value, "__notes__", []))
+
+
+# ------------------------------------------------------------------ SQLAlchemy
+
+
+def _url(cluster: LocalCluster, proxy: FaultProxy, driver: str) -> sa.URL:
+    return sa.URL.create(
+        f"postgresql+{driver}",
+        username=cluster.user,
+        password=cluster.password,
+        host=proxy.host,
+        port=proxy.port,
+        database=cluster.dbname,
+        query={"sslmode": "disable"} if driver != "asyncpg" else {},
+    )
+
+
+@pytest.mark.parametrize("when", ["after_reply", "before"])
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_engine_and_session_lost_commit_is_resolved(
+    pgfailover_cluster: LocalCluster,
+    proxy: FaultProxy,
+    keys_table: str,
+    driver: str,
+    when: str,
+) -> None:
+    """SQLAlchemy Engine and sessionmaker targets: a COMMIT lost after reaching the server is
+    reported committed, one lost before is retried; the rows exist once each."""
+    engine = sa.create_engine(_url(pgfailover_cluster, proxy, driver))
+    pgsa.instrument(engine)
+    keys = [uuid.uuid4().hex, uuid.uuid4().hex]
+
+    def by_connection(conn: sa.Connection, key: str) -> str:
+        conn.execute(sa.text(f"INSERT INTO {keys_table} (k) VALUES (:k)"), {"k": key})
+        return key
+
+    def by_session(session: Any, key: str) -> str:
+        session.execute(sa.text(f"INSERT INTO {keys_table} (k) VALUES (:k)"), {"k": key})
+        return key
+
+    try:
+        proxy.drop_on(when)  # type: ignore[arg-type]
+        assert run_transaction(engine, by_connection, keys[0], timeout=10) == keys[0]
+        proxy.drop_on(when)  # type: ignore[arg-type]
+        assert run_transaction(sessionmaker(engine), by_session, keys[1], timeout=10) == keys[1]
+    finally:
+        engine.dispose()
+    assert len(proxy.faults) == 2
+    assert [_count(pgfailover_cluster, keys_table, k) for k in keys] == [1, 1]
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_async_engine_lost_commit_is_resolved(
+    pgfailover_cluster: LocalCluster, proxy: FaultProxy, keys_table: str, driver: str
+) -> None:
+    """AsyncEngine target: a COMMIT lost after reaching the server is reported committed."""
+    engine = create_async_engine(_url(pgfailover_cluster, proxy, driver))
+    key = uuid.uuid4().hex
+
+    async def work(conn: Any, key: str) -> str:
+        await conn.execute(sa.text(f"INSERT INTO {keys_table} (k) VALUES (:k)"), {"k": key})
+        return key
+
+    try:
+        proxy.drop_on("after_reply")
+        assert await arun_transaction(engine, work, key, timeout=10) == key
+    finally:
+        await engine.dispose()
+    assert proxy.faults
+    assert _count(pgfailover_cluster, keys_table, key) == 1
+
+
+def test_wrong_target_type_is_a_clear_type_error() -> None:
+    """Anything but a pool, engine or sessionmaker is refused with what to pass instead."""
+    with pytest.raises(TypeError, match="psycopg_pool pool"):
+        run_transaction("postgresql://", lambda conn: None)
+
+
+# ------------------------------------------------------------------ the checker workload
+
+
+@pytest.fixture(scope="module")
+def sync_cluster(pgfailover_cluster_factory: Any) -> LocalCluster:
+    """Primary + standby with synchronous replication: an acknowledged commit survives any
+    failover (with asynchronous replication an immediate stop may lose acknowledged ones)."""
+    cluster: LocalCluster = pgfailover_cluster_factory(standbys=1, pgbouncer=None, synchronous=True)
+    return cluster
+
+
+class Checker:
+    """Workers inserting unique keys through the runner, and what each was told."""
+
+    def __init__(self, pool: ConnectionPool[Any], table: str, workers: int = 4) -> None:
+        self.pool = pool
+        self.table = table
+        self.acked: set[str] = set()
+        self.unknown: set[str] = set()
+        self.failed: dict[str, str] = {}
+        self.committed_after_loss = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._work, args=(w,)) for w in range(workers)]
+
+    def _work(self, worker: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            key = f"{worker}-{i}"
+            try:
+                run_transaction(
+                    self.pool,
+                    self._insert,
+                    key,
+                    timeout=30,
+                    check_committed=functools.partial(self._exists, key=key),
+                )
+                self.acked.add(key)
+            except pgfailover.CommitOutcomeUnknown:
+                self.unknown.add(key)
+            except Exception as ex:
+                self.failed[key] = f"{type(ex).__name__}: {ex}"
+
+    def _insert(self, conn: psycopg.Connection[Any], key: str) -> None:
+        conn.execute(f"INSERT INTO {self.table} (k) VALUES (%s)", [key])
+
+    def _exists(self, conn: psycopg.Connection[Any], key: str) -> bool:
+        row = conn.execute(f"SELECT count(*) FROM {self.table} WHERE k = %s", [key]).fetchone()
+        return row is not None and row[0] > 0
+
+    def __enter__(self) -> Checker:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def verify(self, cluster: LocalCluster) -> dict[str, int]:
+        """Every acknowledged key exists exactly once; no key reported failed exists."""
+        with cluster.primary.connect(superuser=False) as conn:
+            rows = conn.execute(f"SELECT k, count(*) FROM {self.table} GROUP BY k").fetchall()
+        counts: dict[str, int] = dict(rows)
+        duplicated = {k: n for k, n in counts.items() if n > 1}
+        assert not duplicated, f"keys written twice: {duplicated}"
+        lost = self.acked - counts.keys()
+        assert not lost, f"acknowledged keys missing: {sorted(lost)[:10]}"
+        phantom = self.failed.keys() & counts.keys()
+        assert not phantom, f"keys reported failed (not unknown) that exist: {sorted(phantom)}"
+        return {"acked": len(self.acked), "rows": len(counts), "unknown": len(self.unknown)}
+
+
+def _eventually_more(checker: Checker, n: int, timeout: float = 20.0) -> None:
+    target = len(checker.acked) + n
+    deadline = time.monotonic() + timeout
+    while len(checker.acked) < target:
+        assert time.monotonic() < deadline, f"no progress: {checker.failed or checker.unknown}"
+        time.sleep(0.02)
+
+
+def test_checker_workload_survives_fast_failovers_with_no_failure(
+    sync_cluster: LocalCluster, events: list[RetryEvent]
+) -> None:
+    """4 workers insert unique keys through the runner across three fast failovers: no worker
+    sees a failure, every acknowledged key exists exactly once, and no key is duplicated."""
+    cluster = sync_cluster
+    cluster.reset()
+    name = f"c_{uuid.uuid4().hex[:10]}"
+    with cluster.primary.connect(superuser=False) as conn:
+        conn.execute(f"CREATE TABLE {name} (id serial PRIMARY KEY, k text NOT NULL)")
+    dsn = cluster.multihost_dsn(connect_timeout=2)
+    with (
+        ConnectionPool[Any](dsn, min_size=4, max_size=8, timeout=30) as pool,
+        Checker(pool, name) as checker,
+    ):
+        for _ in range(3):
+            _eventually_more(checker, 30)
+            cluster.failover("fast")
+        _eventually_more(checker, 30)
+    summary = checker.verify(cluster)
+    assert not checker.failed, checker.failed
+    assert not checker.unknown, checker.unknown
+    assert summary["acked"] == summary["rows"] >= 120
+    assert any(e.action == "retry" for e in events), "no failover reached a worker"
+    print(f"fast failovers: {summary}, events: {Counter(e.action for e in events)}")
+
+
+def test_checker_workload_never_loses_or_duplicates_across_crashes(
+    sync_cluster: LocalCluster, events: list[RetryEvent]
+) -> None:
+    """The same workload across an immediate-stop failover and a kill + promote: every
+    acknowledged key exists exactly once, and a key reported failed without
+    CommitOutcomeUnknown never exists."""
+    cluster = sync_cluster
+    cluster.reset()
+    name = f"c_{uuid.uuid4().hex[:10]}"
+    with cluster.primary.connect(superuser=False) as conn:
+        conn.execute(f"CREATE TABLE {name} (id serial PRIMARY KEY, k text NOT NULL)")
+    dsn = cluster.multihost_dsn(connect_timeout=2)
+    with (
+        ConnectionPool[Any](dsn, min_size=4, max_size=8, timeout=30) as pool,
+        Checker(pool, name) as checker,
+    ):
+        _eventually_more(checker, 30)
+        cluster.failover("immediate")
+        _eventually_more(checker, 30)
+        old, new = cluster.primary, cluster.standbys[0]
+        cluster.kill(old)
+        cluster.promote(new)
+        cluster.rejoin(old, new)
+        _eventually_more(checker, 30)
+    summary = checker.verify(cluster)
+    assert summary["acked"] >= 90
+    assert any(e.action == "retry" for e in events), "no crash reached a worker"
+    failed = Counter(v.split(":")[0] for v in checker.failed.values())
+    print(f"crashes: {summary}, events: {Counter(e.action for e in events)}, failed: {failed}")
+
+
+# ------------------------------------------------------------------ happy-path cost
+
+
+def _round_trips(trace: str) -> int:
+    """Client-to-server turns in a libpq trace: each run of F lines followed by a B line."""
+    turns, sending = 0, False
+    for line in trace.splitlines():
+        direction = line.split("\t")[1] if line.count("\t") >= 2 else ""
+        if direction == "F":
+            sending = True
+        elif direction == "B" and sending:
+            turns += 1
+            sending = False
+    return turns
+
+
+def test_outcome_tracking_adds_no_round_trip_per_transaction(
+    pgfailover_cluster: LocalCluster, keys_table: str, tmp_path: Any
+) -> None:
+    """Per transaction, the runner with commit-outcome tracking makes as many round trips as
+    a bare transaction (BEGIN, INSERT, COMMIT): the record rides in BEGIN's round trip."""
+    work = _insert(keys_table)
+    counts = {}
+    with ConnectionPool[Any](pgfailover_cluster.primary.dsn(), min_size=1, max_size=1) as pool:
+        for name in ("bare", "runner"):
+            path = tmp_path / f"{name}.trace"
+            with path.open("w") as f:
+                with pool.connection() as conn:
+                    conn.pgconn.trace(f.fileno())
+                for _ in range(20):
+                    key = uuid.uuid4().hex
+                    if name == "bare":
+                        with pool.connection() as conn:
+                            work(conn, key)
+                    else:
+                        run_transaction(pool, work, key)
+                with pool.connection() as conn:
+                    conn.pgconn.untrace()
+            counts[name] = _round_trips(path.read_text())
+    assert counts["bare"] >= 60  # BEGIN, INSERT, COMMIT for each of 20
+    assert 60 <= counts["runner"] <= counts["bare"], counts  # 3 per transaction each
