@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -57,6 +58,8 @@ from .outcome import BEGIN_SQL, OBSERVE_SQL, RECORD_SQL, CommitRecord, Observati
 from .policy import Decision, RetryPolicy
 
 __all__ = ["arun_transaction", "run_transaction", "transaction"]
+
+logger = logging.getLogger("pgfailover.retry")
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -138,10 +141,12 @@ def _transactional(conn: psycopg.Connection[Any]) -> Iterator[None]:
         yield
     finally:
         if not conn.closed:
-            with contextlib.suppress(psycopg.Error):
+            try:
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     conn.rollback()
                 conn.autocommit = was
+            except psycopg.Error:  # the connection broke: the pool discards it
+                logger.debug("cannot restore the connection after an attempt", exc_info=True)
 
 
 @contextlib.asynccontextmanager
@@ -152,10 +157,12 @@ async def _atransactional(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[N
         yield
     finally:
         if not conn.closed:
-            with contextlib.suppress(psycopg.Error):
+            try:
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     await conn.rollback()
                 await conn.set_autocommit(was)
+            except psycopg.Error:  # the connection broke: the pool discards it
+                logger.debug("cannot restore the connection after an attempt", exc_info=True)
 
 
 class _PoolShell:
@@ -168,7 +175,7 @@ class _PoolShell:
     def attempt(
         self, work: Callable[..., Any], args: Any, kwargs: Any, timeout: float | None
     ) -> Any:
-        phase, record = Phase.CONNECT, None
+        phase, record, result = Phase.CONNECT, None, None
         try:
             with self.pool.connection(timeout=timeout) as conn:
                 phase = Phase.TRANSACTION
@@ -179,7 +186,7 @@ class _PoolShell:
                     conn.commit()
                     return result
         except Exception as ex:
-            raise _Failed(ex, phase, record, locals().get("result")) from ex
+            raise _Failed(ex, phase, record, result) from ex
 
     def observe(
         self, record: CommitRecord, timeout: float | None, check: Any
@@ -202,7 +209,7 @@ class _AsyncPoolShell:
     async def attempt(
         self, work: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, timeout: float | None
     ) -> Any:
-        phase, record = Phase.CONNECT, None
+        phase, record, result = Phase.CONNECT, None, None
         try:
             async with self.pool.connection(timeout=timeout) as conn:
                 phase = Phase.TRANSACTION
@@ -213,7 +220,7 @@ class _AsyncPoolShell:
                     await conn.commit()
                     return result
         except Exception as ex:
-            raise _Failed(ex, phase, record, locals().get("result")) from ex
+            raise _Failed(ex, phase, record, result) from ex
 
     async def observe(
         self, record: CommitRecord, timeout: float | None, check: Any
@@ -250,7 +257,7 @@ class _EngineShell:
     def attempt(
         self, work: Callable[..., Any], args: Any, kwargs: Any, timeout: float | None
     ) -> Any:
-        phase, record = Phase.CONNECT, None
+        phase, record, result = Phase.CONNECT, None, None
         try:
             with self._unit() as (handle, conn):
                 phase = Phase.TRANSACTION
@@ -262,7 +269,7 @@ class _EngineShell:
                 handle.commit()
                 return result
         except Exception as ex:
-            raise _Failed(ex, phase, record, locals().get("result")) from ex
+            raise _Failed(ex, phase, record, result) from ex
 
     def observe(
         self, record: CommitRecord, timeout: float | None, check: Any
@@ -298,7 +305,7 @@ class _AsyncEngineShell:
     async def attempt(
         self, work: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, timeout: float | None
     ) -> Any:
-        phase, record = Phase.CONNECT, None
+        phase, record, result = Phase.CONNECT, None, None
         try:
             async with self._unit() as (handle, conn):
                 phase = Phase.TRANSACTION
@@ -310,7 +317,7 @@ class _AsyncEngineShell:
                 await handle.commit()
                 return result
         except Exception as ex:
-            raise _Failed(ex, phase, record, locals().get("result")) from ex
+            raise _Failed(ex, phase, record, result) from ex
 
     async def observe(
         self, record: CommitRecord, timeout: float | None, check: Any

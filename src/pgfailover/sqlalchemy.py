@@ -45,6 +45,7 @@ See ``docs/sqlalchemy.md`` for the ORM pattern and the retry recipe.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import threading
 import time
@@ -75,6 +76,8 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0 names it await_only
     from sqlalchemy.util.concurrency import await_only as _await
 
 __all__ = ["Instrumentation", "instrument", "uninstrument"]
+
+logger = logging.getLogger("pgfailover.sqlalchemy")
 
 #: Reconnection backoff while no primary is reachable: first wait, growth, cap (seconds).
 INITIAL_DELAY = 0.05
@@ -538,4 +541,4 @@ def _close_quietly(dbapi_conn: Any) -> None:
     try:
         dbapi_conn.close()
     except Exception:  # already broken: nothing to free
-        return
+        logger.debug("closing a rejected connection failed", exc_info=True)
