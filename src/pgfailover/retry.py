@@ -20,9 +20,10 @@ unchanged.
 
 **A lost COMMIT is never run again without checking.** When the transaction begins, the
 runner records its xid, the system identifier, the timeline, the WAL position and the
-server's time (:data:`~pgfailover.outcome.BEGIN_SQL`; with psycopg this rides in the same
-round trip as BEGIN, so it costs no extra round trip; with psycopg2 and asyncpg it is one
-more statement). If the connection is lost while COMMIT is in flight, the runner asks the
+server's time (:func:`~pgfailover.outcome.record_sql`; with psycopg pools this rides in
+the same round trip as BEGIN, so it costs no extra round trip; on SQLAlchemy targets it is
+one more statement). The system identifier is read from the control file once per
+connection and server, not per transaction. If the connection is lost while COMMIT is in flight, the runner asks the
 current primary (:func:`~pgfailover.outcome.resolve`): committed -> the work's result is
 returned, as if nothing happened; not committed -> retried; cannot tell ->
 :class:`~pgfailover.errors.CommitOutcomeUnknown`, never a guess. After an asynchronous
@@ -44,7 +45,8 @@ import inspect
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -54,7 +56,16 @@ from psycopg.rows import tuple_row
 from .classify import Phase, Verdict, classify
 from .errors import CommitOutcomeUnknown
 from .events import RetryEvent, caller_stack, emit
-from .outcome import BEGIN_SQL, OBSERVE_SQL, RECORD_SQL, CommitRecord, Observation, Outcome, resolve
+from .outcome import (
+    OBSERVE_SQL,
+    CommitRecord,
+    Observation,
+    Outcome,
+    ServerIdentity,
+    parse_record,
+    record_sql,
+    resolve,
+)
 from .policy import Decision, RetryPolicy
 
 __all__ = ["arun_transaction", "run_transaction", "transaction"]
@@ -84,8 +95,8 @@ class _Failed(Exception):
 # ------------------------------------------------------------------ the target shells
 
 
-def _record_from(cursor_rows: list[tuple[Any, ...]], endpoint: str) -> CommitRecord:
-    return CommitRecord.from_row(cursor_rows[0], endpoint)
+#: The server each psycopg connection last recorded on (see outcome.record_sql).
+_identities: weakref.WeakKeyDictionary[Any, ServerIdentity] = weakref.WeakKeyDictionary()
 
 
 def _endpoint(conn: Any) -> str:
@@ -95,24 +106,52 @@ def _endpoint(conn: Any) -> str:
         return ""
 
 
+@functools.lru_cache(maxsize=64)
+def _begin_sql(known: ServerIdentity | None) -> bytes:
+    return ("BEGIN; " + record_sql(known)).encode()
+
+
+def _first_value(cursor: Any) -> Callable[[Sequence[Any]], str]:
+    """Row factory: the record's one text column."""
+    return _text_of_first
+
+
+def _text_of_first(values: Sequence[Any]) -> str:
+    return str(values[0])
+
+
+def _record_text(row: str | None) -> str:
+    if row is None:
+        raise psycopg.InterfaceError("the commit record query returned no row")
+    return row
+
+
 def _record_psycopg(conn: psycopg.Connection[Any]) -> CommitRecord:
     """BEGIN and the record in one round trip: one simple-protocol message, sent with
     autocommit on so that psycopg does not send a BEGIN of its own first. The connection
     stays in autocommit mode (inside the server-side transaction) until
     :func:`_transactional` restores it."""
+    known = _identities.get(conn)
     conn.autocommit = True
-    with conn.cursor(row_factory=tuple_row) as cur:
-        cur.execute(BEGIN_SQL, prepare=False)
+    with conn.cursor(row_factory=_first_value) as cur:
+        cur.execute(_begin_sql(known), prepare=False)
         cur.nextset()
-        return _record_from(cur.fetchall(), _endpoint(conn))
+        record, _identities[conn] = parse_record(
+            _record_text(cur.fetchone()), known, _endpoint(conn)
+        )
+        return record
 
 
 async def _arecord_psycopg(conn: psycopg.AsyncConnection[Any]) -> CommitRecord:
+    known = _identities.get(conn)
     await conn.set_autocommit(True)
-    async with conn.cursor(row_factory=tuple_row) as cur:
-        await cur.execute(BEGIN_SQL, prepare=False)
+    async with conn.cursor(row_factory=_first_value) as cur:
+        await cur.execute(_begin_sql(known), prepare=False)
         cur.nextset()
-        return _record_from(await cur.fetchall(), _endpoint(conn))
+        record, _identities[conn] = parse_record(
+            _record_text(await cur.fetchone()), known, _endpoint(conn)
+        )
+        return record
 
 
 def _observe_psycopg(conn: psycopg.Connection[Any], xid: str) -> Observation:
@@ -337,9 +376,16 @@ class _AsyncEngineShell:
 def _record_sqlalchemy(conn: Any) -> CommitRecord:
     """The record on a SQLAlchemy Connection whose transaction has begun, as one more
     statement (psycopg sends BEGIN with it; the drivers differ in how a BEGIN could be
-    shared, so SQLAlchemy targets pay one round trip per transaction for the record)."""
-    row = conn.exec_driver_sql(RECORD_SQL).one()
-    return CommitRecord.from_row(tuple(row), "")
+    shared, so SQLAlchemy targets pay one round trip per transaction for the record).
+    The server's identity is kept in the pooled connection's ``info``."""
+    info = conn.connection.info
+    known = info.get(_IDENTITY_KEY)
+    text = conn.exec_driver_sql(record_sql(known)).scalar_one()
+    record, info[_IDENTITY_KEY] = parse_record(str(text), known)
+    return record
+
+
+_IDENTITY_KEY = "pgfailover.server_identity"
 
 
 def _pyformat(conn: Any, sql: str) -> str:
@@ -388,19 +434,44 @@ def _shell(target: Any) -> tuple[Any, bool]:
 def _policy(policy: RetryPolicy | None, options: dict[str, Any]) -> RetryPolicy:
     if policy is not None and options:
         raise TypeError(f"pass either policy= or policy options ({', '.join(options)}), not both")
-    return policy if policy is not None else RetryPolicy(**options)
+    if policy is not None:
+        return policy
+    return RetryPolicy(**options) if options else _DEFAULT_POLICY
+
+
+_DEFAULT_POLICY = RetryPolicy()
 
 
 class _Run:
-    """The state of one run_transaction() call, shared by the sync and async loops."""
+    """The state of one run_transaction() call, shared by the sync and async loops.
+
+    The policy is started (a copy with the start time) at the first failure only: the
+    happy path builds no policy object.
+    """
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.started = time.monotonic()
-        self.policy = policy.start(self.started)
+        self._policy = policy
+        self._started_policy: RetryPolicy | None = None
+        self.deadline = None if policy.timeout is None else self.started + policy.timeout
         self.attempt = 0
 
+    @property
+    def policy(self) -> RetryPolicy:
+        """The policy with this run's start time and history."""
+        if self._started_policy is None:
+            self._started_policy = self._policy.start(self.started)
+        return self._started_policy
+
+    @policy.setter
+    def policy(self, policy: RetryPolicy) -> None:
+        self._started_policy = policy
+
     def remaining(self) -> float | None:
-        return self.policy.remaining(time.monotonic())
+        """Seconds left before the deadline (at least 0), None without one."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
 
     def no_time_after(self, wait: float) -> bool:
         """Whether waiting ``wait`` would leave no time for another attempt."""

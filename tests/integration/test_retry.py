@@ -18,8 +18,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import sessionmaker
 
 import pgfailover
+import pgfailover.retry as retry_module
 import pgfailover.sqlalchemy as pgsa
 from pgfailover.events import RetryEvent
+from pgfailover.outcome import ServerIdentity, parse_record, record_sql
 from pgfailover.pool import AsyncConnectionPool, ConnectionPool
 from pgfailover.retry import arun_transaction, run_transaction, transaction
 from pgfailover.testing import LocalCluster
@@ -421,3 +423,57 @@ def test_outcome_tracking_adds_no_round_trip_per_transaction(
             counts[name] = _round_trips(path.read_text())
     assert counts["bare"] >= 60  # BEGIN, INSERT, COMMIT for each of 20
     assert 60 <= counts["runner"] <= counts["bare"], counts  # 3 per transaction each
+
+
+def test_record_reads_the_control_file_only_when_the_server_is_new(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """The record reads pg_control_system() for an unknown server only: with the identity
+    of the server it runs on, the plan shows the read never executed; with another, it runs."""
+    with pgfailover_cluster.primary.connect(superuser=False) as conn:
+        row = conn.execute(record_sql()).fetchone()
+        assert row is not None
+        _, identity = parse_record(row[0])
+        conn.rollback()
+        stranger = ServerIdentity("1.5@127.0.0.1:1", identity.system_id)
+        plans = {}
+        for name, known in (("same", identity), ("other", stranger)):
+            explain = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) " + record_sql(known)
+            plans[name] = "\n".join(r[0] for r in conn.execute(explain))
+            conn.rollback()
+    assert "Function Scan on pg_control_system (never executed)" in plans["same"], plans
+    assert "Function Scan on pg_control_system (actual rows=1" in plans["other"], plans
+
+
+def test_record_follows_the_server_behind_pgbouncer_after_a_repoint(
+    pgfailover_cluster: LocalCluster, keys_table: str
+) -> None:
+    """Through PgBouncer the same client connection reaches another server after a
+    failover and repoint: the record notices the new postmaster and reads its identity
+    again, and the runner keeps writing."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    work = _insert(keys_table)
+    seen: list[str] = []
+
+    def record_and_insert(conn: psycopg.Connection[Any], key: str) -> str:
+        row = conn.execute("SELECT extract(epoch FROM pg_postmaster_start_time())::text").fetchone()
+        assert row is not None
+        seen.append(str(row[0]))
+        return str(work(conn, key))
+
+    dsn = cluster.pgbouncer.dsn(prepare_threshold=None)
+    with ConnectionPool[Any](dsn, min_size=1, max_size=1) as pool:
+        run_transaction(pool, record_and_insert, "before")
+        with pool.connection() as conn:
+            first = retry_module._identities[conn]
+        cluster.failover("fast")
+        cluster.repoint_pgbouncer(cluster.primary)
+        run_transaction(pool, record_and_insert, "after", timeout=10)
+        with pool.connection() as conn:
+            second = retry_module._identities.get(conn)
+    assert second is not None
+    assert first.fingerprint.split("@")[0] == seen[0]
+    assert second.fingerprint.split("@")[0] == seen[-1] != seen[0]
+    assert second.system_id == first.system_id  # a standby promoted: the same system
+    assert _count(cluster, keys_table, "before") == _count(cluster, keys_table, "after") == 1

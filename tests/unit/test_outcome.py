@@ -10,10 +10,15 @@ from typing import Any
 import pytest
 
 from pgfailover.outcome import (
+    BEGIN_SQL,
+    RECORD_SQL,
     CommitRecord,
     Observation,
     Outcome,
+    ServerIdentity,
     lsn_value,
+    parse_record,
+    record_sql,
     resolve,
     timeline_of,
 )
@@ -327,7 +332,7 @@ def test_a_reason_only_quotes_what_was_given(observed: Observation) -> None:
     assert given.endpoint not in reason
 
 
-# --- helpers: lsn_value, timeline_of, from_row ----------------------------------------------
+# --- helpers: lsn_value, timeline_of, parse_record ----------------------------------------------
 
 
 def test_lsn_value_orders_by_high_then_low_word() -> None:
@@ -352,36 +357,75 @@ def test_timeline_of_reads_the_first_eight_hex_digits() -> None:
     assert timeline_of("000001FF00000000000000FF") == 511
 
 
-def test_commit_record_from_row() -> None:
-    """A RECORD_SQL row becomes a CommitRecord with the timeline parsed from the WAL file."""
-    when = datetime(2024, 5, 1, 14, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
-    row: tuple[object, ...] = (
-        XID,
-        SYSTEM,
-        "000000030000001600000083",
-        "16/B374D848",
-        when,
-    )
-    got = CommitRecord.from_row(row, endpoint="db1.example:5432")
-    assert got == CommitRecord(XID, SYSTEM, 3, "16/B374D848", when, "db1.example:5432")
+FINGERPRINT = "1714564800.123456@127.0.0.1/32:5432"
+
+
+def test_parse_record_reads_every_field_and_the_identity() -> None:
+    """A record text gives the xid, system id, timeline, position, exact server time."""
+    text = f"{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16/B374D848 1714564800.123456"
+    got, identity = parse_record(text, endpoint="db1.example:5432")
+    assert got == CommitRecord(XID, SYSTEM, 3, "16/B374D848", BEGAN, "db1.example:5432")
     assert got.server_time.tzinfo is not None
-    assert got.server_time == BEGAN
+    assert identity == ServerIdentity(FINGERPRINT, SYSTEM)
 
 
-def test_commit_record_from_row_defaults_the_endpoint_and_stringifies() -> None:
-    """Non-text xid and system id are turned into text; the endpoint defaults to ''."""
-    row: tuple[object, ...] = (
-        7214836501,
-        7361840593284412345,
-        "0000000A0000000000000003",
-        "0/3000028",
-        BEGAN,
-    )
-    got = CommitRecord.from_row(row)
-    assert got.xid == XID
+def test_parse_record_keeps_microseconds_and_short_fractions_exact() -> None:
+    """Epoch fractions of any length up to 6 digits are read exactly, without a float."""
+    base = f"{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16/B374D848"
+    assert parse_record(f"{base} 1714564800.5")[0].server_time == BEGAN.replace(microsecond=500000)
+    assert parse_record(f"{base} 1714564800")[0].server_time == BEGAN.replace(microsecond=0)
+    got = parse_record(f"{base} 1714564800.000001")[0].server_time
+    assert got == BEGAN.replace(microsecond=1)
+
+
+def test_parse_record_reuses_the_known_system_id_for_a_matching_fingerprint() -> None:
+    """'-' in the system id column means: the server ``known`` describes."""
+    known = ServerIdentity(FINGERPRINT, SYSTEM)
+    text = f"{XID} {FINGERPRINT} - 000000030000001600000083 16/B374D848 1714564800.123456"
+    got, identity = parse_record(text, known)
     assert got.system_id == SYSTEM
-    assert got.timeline == 10
-    assert got.endpoint == ""
+    assert identity is known
+
+
+@pytest.mark.parametrize(
+    ("text", "known"),
+    [
+        (f"{XID} {FINGERPRINT} - 000000030000001600000083 16/B374D848 1.5", None),
+        (
+            f"{XID} other@x:1 - 000000030000001600000083 16/B374D848 1.5",
+            ServerIdentity(FINGERPRINT, SYSTEM),
+        ),
+        (f"{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16/B374D848", None),
+        (f"{XID} {FINGERPRINT} {SYSTEM} 00000003 16/B374D848 1.5 extra", None),
+        (f"x{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16/B374D848 1.5", None),
+        (f"{XID} {FINGERPRINT} sys 000000030000001600000083 16/B374D848 1.5", None),
+        (f"{XID} {FINGERPRINT} {SYSTEM} zz000003 16/B374D848 1.5", None),
+        (f"{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16-B374D848 1.5", None),
+        (f"{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16/B374D848 1.x", None),
+        ("", None),
+    ],
+)
+def test_parse_record_rejects_malformed_text(text: str, known: ServerIdentity | None) -> None:
+    """A malformed record, or '-' without a matching known server, is a ValueError."""
+    with pytest.raises(ValueError, match="not a commit record"):
+        parse_record(text, known)
+
+
+def test_record_sql_reads_the_control_file_only_for_an_unknown_server() -> None:
+    """Without a known server the system id is always read; with one, only on a mismatch."""
+    plain = record_sql()
+    assert "pg_control_system" in plain
+    assert "CASE" not in plain
+    cached = record_sql(ServerIdentity(FINGERPRINT, SYSTEM))
+    assert f"CASE WHEN s.fp = '{FINGERPRINT}' THEN '-' ELSE" in cached
+    assert cached.index("pg_current_xact_id") < cached.index("pg_current_wal_insert_lsn")
+    assert BEGIN_SQL == "BEGIN; " + RECORD_SQL == "BEGIN; " + plain
+
+
+def test_record_sql_never_embeds_a_fingerprint_that_is_not_one() -> None:
+    """A fingerprint with a quote (or anything unexpected) is not put into SQL text."""
+    sql = record_sql(ServerIdentity("1.5@x' OR '1'='1:5", SYSTEM))
+    assert sql == record_sql()
 
 
 def test_observation_from_row_on_a_primary() -> None:
