@@ -23,13 +23,13 @@ runner records its xid, the system identifier, the timeline, the WAL position an
 server's time (:func:`~pgfailover.outcome.record_sql`; with psycopg pools this rides in
 the same round trip as BEGIN, so it costs no extra round trip; on SQLAlchemy targets it is
 one more statement). The system identifier is read from the control file once per
-connection and server, not per transaction. If the connection is lost while COMMIT is in flight, the runner asks the
-current primary (:func:`~pgfailover.outcome.resolve`): committed -> the work's result is
-returned, as if nothing happened; not committed -> retried; cannot tell ->
-:class:`~pgfailover.errors.CommitOutcomeUnknown`, never a guess. After an asynchronous
-failover "committed" can be ambiguous (the xid may have been reused): pass
-``check_committed=``, a function that looks for the work's own effect (an idempotency key,
-a row it inserted) on a connection to the new primary, to settle it.
+connection and server, not per transaction. If the connection is lost while COMMIT is in
+flight, the runner asks the current primary (:func:`~pgfailover.outcome.resolve`):
+committed -> the work's result is returned, as if nothing happened; not committed ->
+retried; cannot tell -> :class:`~pgfailover.errors.CommitOutcomeUnknown`, never a guess.
+After an asynchronous failover "committed" can be ambiguous (the xid may have been
+reused): pass ``check_committed=``, a function that looks for the work's own effect (an
+idempotency key, a row it inserted) on a connection to the new primary, to settle it.
 
 Every failure produces a :class:`~pgfailover.events.RetryEvent` (logged, and delivered to
 :func:`~pgfailover.events.subscribe` hooks). When the runner gives up, the last driver
