@@ -372,6 +372,9 @@ _CONNINFO: Final = _config("invalid connection parameters: fix the configuration
 _CLIENT_CONFIG: Final = _config("asyncpg ClientConfigurationError: invalid connection parameters")
 _PGCONN_BAD: Final = _lost("psycopg error without SQLSTATE on a BAD pgconn: the connection is gone")
 _CONN_BROKEN: Final = _lost("error without SQLSTATE on a connection that reports it is broken")
+_WRAPPER_DISCONNECT: Final = _lost(
+    "error without SQLSTATE that the wrapper judged a disconnect (connection_invalidated)"
+)
 _ASYNCPG_CLOSED: Final = _lost("asyncpg InterfaceError: the connection is closed")
 _USED_CLOSED: Final = _application("the program used a connection it had closed")
 _PIPELINE_ABORTED: Final = _application(
@@ -835,7 +838,13 @@ def _classify(
         message = _primary_message(node, info)
         return _verdict(_rule_for_sqlstate(code, message, read_only, conn), code, message, phase)
     text = _text(node)
-    return _verdict(_rule_without_sqlstate(node, info, text, conn), None, _first_line(text), phase)
+    rule = _rule_without_sqlstate(node, info, text, conn)
+    if rule is info.plain and node is not exc and _attr(exc, "connection_invalidated") is True:
+        # SQLAlchemy invalidated the connection: its dialect, or a handle_error listener
+        # that saw the connection, judged it a disconnect (e.g. psycopg's "received 2
+        # results" when a pooler delivered a dead server's FATAL with the next reply).
+        rule = _WRAPPER_DISCONNECT
+    return _verdict(rule, None, _first_line(text), phase)
 
 
 # ----------------------------------------------------------------------- public

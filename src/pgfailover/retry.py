@@ -90,6 +90,7 @@ class _Failed(Exception):
     phase: Phase
     record: CommitRecord | None
     result: object = None  # the work's result, when only the COMMIT failed
+    conn: object = None  # the driver connection it failed on, if any (broken or not)
 
 
 # ------------------------------------------------------------------ the target shells
@@ -214,10 +215,10 @@ class _PoolShell:
     def attempt(
         self, work: Callable[..., Any], args: Any, kwargs: Any, timeout: float | None
     ) -> Any:
-        phase, record, result = Phase.CONNECT, None, None
+        phase, record, result, used = Phase.CONNECT, None, None, None
         try:
             with self.pool.connection(timeout=timeout) as conn:
-                phase = Phase.TRANSACTION
+                phase, used = Phase.TRANSACTION, conn
                 with _transactional(conn):
                     record = _record_psycopg(conn)
                     result = work(conn, *args, **kwargs)
@@ -225,7 +226,7 @@ class _PoolShell:
                     conn.commit()
                     return result
         except Exception as ex:
-            raise _Failed(ex, phase, record, result) from ex
+            raise _Failed(ex, phase, record, result, used) from ex
 
     def observe(
         self, record: CommitRecord, timeout: float | None, check: Any
@@ -248,10 +249,10 @@ class _AsyncPoolShell:
     async def attempt(
         self, work: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, timeout: float | None
     ) -> Any:
-        phase, record, result = Phase.CONNECT, None, None
+        phase, record, result, used = Phase.CONNECT, None, None, None
         try:
             async with self.pool.connection(timeout=timeout) as conn:
-                phase = Phase.TRANSACTION
+                phase, used = Phase.TRANSACTION, conn
                 async with _atransactional(conn):
                     record = await _arecord_psycopg(conn)
                     result = await work(conn, *args, **kwargs)
@@ -259,7 +260,7 @@ class _AsyncPoolShell:
                     await conn.commit()
                     return result
         except Exception as ex:
-            raise _Failed(ex, phase, record, result) from ex
+            raise _Failed(ex, phase, record, result, used) from ex
 
     async def observe(
         self, record: CommitRecord, timeout: float | None, check: Any
@@ -480,7 +481,9 @@ class _Run:
 
     def decide(self, failed: _Failed) -> Decision:
         self.attempt += 1
-        return self.policy.after(failed.error, time.monotonic(), phase=failed.phase)
+        return self.policy.after(
+            failed.error, time.monotonic(), phase=failed.phase, conn=failed.conn
+        )
 
     def report(self, decision: Decision, failed: _Failed, action: str, detail: str = "") -> None:
         verdict: Verdict = decision.verdict

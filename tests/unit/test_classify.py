@@ -886,3 +886,30 @@ def test_stamina_retries_a_40001_and_stops_on_an_application_error() -> None:
             stamina.retry(on=is_retryable, attempts=2)(work)()
         assert len(calls) == 2
     assert not stamina.is_testing()
+
+
+def test_wrapper_that_invalidated_the_connection_makes_an_error_without_sqlstate_a_loss() -> None:
+    """A SQLSTATE-less driver error that SQLAlchemy wrapped with connection_invalidated=True
+    (its dialect or a listener judged a disconnect) is a lost connection, retried by phase;
+    the same error not invalidated stays what its type says."""
+    inner = psycopg.InternalError("received 2 results from command 'BEGIN'")
+    invalidated = sqlalchemy.exc.DBAPIError.instance(
+        "BEGIN", None, inner, psycopg.Error, connection_invalidated=True
+    )
+    kept = sqlalchemy.exc.DBAPIError.instance("BEGIN", None, inner, psycopg.Error)
+    lost = classify(invalidated, phase=Phase.TRANSACTION)
+    assert lost.kind is Kind.CONNECTION_LOST
+    assert lost.retry is Retry.ROLLED_BACK
+    assert lost.discard_connection
+    assert "connection_invalidated" in lost.reason
+    assert classify(invalidated, phase=Phase.COMMIT).retry is Retry.OUTCOME_UNKNOWN
+    assert classify(kept, phase=Phase.TRANSACTION).kind is Kind.APPLICATION
+
+
+def test_wrapper_invalidation_does_not_override_a_sqlstate() -> None:
+    """With a SQLSTATE the code decides, whatever the wrapper says about the connection."""
+    inner = psycopg3_error("23505", "duplicate key")
+    wrapped = sqlalchemy.exc.DBAPIError.instance(
+        "INSERT", None, inner, psycopg.Error, connection_invalidated=True
+    )
+    assert classify(wrapped).kind is Kind.APPLICATION
