@@ -1,0 +1,290 @@
+"""Run a drill: start a local cluster, write through every stack, fail over, verify.
+
+The sequence (times are seconds since the workload started):
+
+1. a :class:`~pgfailover.testing.LocalCluster` (primary, streaming standby and, unless the
+   target is ``direct``, PgBouncer in front of the primary) and a table of writes;
+2. ``workers`` threads per stack, each writing one unique key every ``1 / rate`` seconds
+   and recording what the application saw (:class:`~pgfailover.drill.report.Op`);
+3. after ``before`` seconds, a failover (``stop`` mode): the primary stops, the standby is
+   promoted until it accepts writes, the old primary rejoins as a standby;
+4. behind PgBouncer, ``repoint_delay`` seconds after the promotion, PgBouncer is repointed
+   to the new primary: that is when the primary becomes reachable for the stacks. With a
+   direct multi-host DSN it is reachable as soon as the promotion ends;
+5. ``after`` seconds later the workers stop (an operation in progress, e.g. a runner
+   still retrying, is waited for), and every key is looked up on the final primary.
+
+Everything started is torn down at the end, on error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import psycopg
+
+from ..testing import LocalCluster
+from ..testing.cluster import StopMode
+from .report import DrillReport, Mark, Op, build_report
+from .stacks import (
+    POOL_TIMEOUT,
+    RUNNER_TIMEOUT,
+    SHORT_NAMES,
+    STACKS,
+    Endpoint,
+    Stack,
+    close_quietly,
+    error_code,
+)
+
+Target = Literal["transaction", "session", "direct"]
+
+#: The table every stack writes to. No unique constraint: a duplicate must be countable.
+TABLE = "drill_writes"
+
+
+@dataclass(frozen=True)
+class DrillOptions:
+    """What the drill does. Times are in seconds.
+
+    ``target``: ``session`` or ``transaction`` (PgBouncer pool mode in front of the
+    primary) or ``direct`` (a multi-host DSN listing both servers). ``stop``: how the
+    primary is stopped (``fast`` or ``immediate``). ``repoint_delay``: behind PgBouncer,
+    how long after the promotion PgBouncer is repointed (the outage an operator or a
+    Patroni callback would take); ignored for ``direct``. ``before`` / ``after``: writing
+    time before the failover and after the primary is reachable again. ``rate``: writes
+    per second per worker; ``workers``: threads per stack. ``synchronous``: synchronous
+    replication (else asynchronous, PostgreSQL's default: an ``immediate`` stop may then
+    lose acknowledged commits whatever the client does).
+    """
+
+    target: Target = "session"
+    stop: StopMode = "fast"
+    repoint_delay: float = 2.0
+    before: float = 3.0
+    after: float = 5.0
+    rate: float = 20.0
+    workers: int = 2
+    stacks: tuple[type[Stack], ...] = STACKS
+    synchronous: bool = False
+
+    def __post_init__(self) -> None:
+        if self.target not in ("transaction", "session", "direct"):
+            raise ValueError(
+                f"target must be 'transaction', 'session' or 'direct', got {self.target!r}"
+            )
+        if self.stop not in ("fast", "immediate"):
+            raise ValueError(f"stop must be 'fast' or 'immediate', got {self.stop!r}")
+        for name in ("repoint_delay", "before", "after"):
+            value = getattr(self, name)
+            if not 0 <= value <= 600:
+                raise ValueError(f"{name} must be between 0 and 600 seconds, got {value!r}")
+        if not 0 < self.rate <= 1000:
+            raise ValueError(f"rate must be > 0 and <= 1000 writes per second, got {self.rate!r}")
+        if not 1 <= self.workers <= 16:
+            raise ValueError(f"workers must be between 1 and 16, got {self.workers!r}")
+        if not self.stacks:
+            raise ValueError("choose at least one stack")
+
+
+@dataclass
+class _Recorder:
+    """The ops of every worker (list.append is atomic) and the drill's clock."""
+
+    t0: float
+    ops: list[Op] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+
+def _worker(stack: Stack, keys: Callable[[], int], rec: _Recorder, interval: float) -> None:
+    next_at = rec.now()
+    while not rec.stop.is_set():
+        key = keys()
+        start = rec.now()
+        try:
+            stack.write(key)
+        except Exception as ex:  # what the application sees: recorded, not raised
+            code, unknown = error_code(ex)
+            rec.ops.append(Op(stack.name, start, rec.now(), key, False, code, unknown))
+        else:
+            rec.ops.append(Op(stack.name, start, rec.now(), key, True))
+        next_at = max(next_at + interval, rec.now())
+        rec.stop.wait(max(0.0, next_at - rec.now()))
+
+
+def _progress_line(rec: _Recorder, phase: str) -> str:
+    ops = list(rec.ops)
+    ok = sum(op.ok for op in ops)
+    return f"[{rec.now():6.1f}s] {phase:<34} writes ok {ok:6d}  failed {len(ops) - ok:6d}"
+
+
+def _ticker(rec: _Recorder, phase: list[str], progress: Callable[[str], None]) -> None:
+    while not rec.stop.wait(1.0):
+        progress(_progress_line(rec, phase[0]))
+
+
+def _sleep_until(rec: _Recorder, at: float) -> None:
+    delay = at - rec.now()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def run_drill(
+    options: DrillOptions | None = None,
+    *,
+    progress: Callable[[str], None] = lambda line: None,
+) -> DrillReport:
+    """Run the drill described by ``options`` (defaults when None) and return its report.
+
+    ``progress`` receives one line per step and one per second while writing. Raises
+    :class:`~pgfailover.testing.HarnessError` if the cluster cannot be started or failed
+    over, and ``KeyboardInterrupt`` after tearing everything down.
+    """
+    options = options or DrillOptions()
+    pool_mode = None if options.target == "direct" else options.target
+    progress(
+        "starting a local cluster: primary + streaming standby"
+        + (f" + PgBouncer ({pool_mode} mode)" if pool_mode else " (direct multi-host DSN)")
+    )
+    with LocalCluster(
+        standbys=1,
+        pgbouncer=pool_mode,
+        server_login_retry=0.1,
+        synchronous=options.synchronous,
+    ) as cluster:
+        with cluster.primary.connect(superuser=False) as conn:
+            conn.execute(
+                f"CREATE TABLE {TABLE} (k bigint NOT NULL, stack text NOT NULL);"
+                f"CREATE INDEX ON {TABLE} (k)"
+            )
+            server_version = conn.info.server_version
+        if cluster.pgbouncer is not None:
+            hosts = [(cluster.pgbouncer.host, cluster.pgbouncer.port)]
+        else:
+            hosts = [(node.host, node.port) for node in cluster.nodes]
+        endpoint = Endpoint(hosts, cluster.dbname, cluster.user, cluster.password)
+        progress(f"  up: {cluster!r}")
+        stacks: list[Stack] = []
+        rec = _Recorder(t0=time.monotonic())
+        threads: list[threading.Thread] = []
+        try:
+            for kind in options.stacks:
+                stacks.append(kind(endpoint, TABLE, options.workers))
+            progress(f"writing through {len(stacks)} stacks, {options.workers} workers each")
+            counter = itertools.count(1)
+            rec.t0 = time.monotonic()
+            phase = ["steady state"]
+            for stack in stacks:
+                for i in range(options.workers):
+                    thread = threading.Thread(
+                        target=_worker,
+                        args=(stack, counter.__next__, rec, 1.0 / options.rate),
+                        name=f"drill {stack.name} #{i}",
+                        daemon=True,
+                    )
+                    thread.start()
+                    threads.append(thread)
+            ticker = threading.Thread(target=_ticker, args=(rec, phase, progress), daemon=True)
+            ticker.start()
+            marks, reachable_at = _fail_over(cluster, options, rec, phase, progress)
+            phase[0] = "primary reachable: writing"
+            _sleep_until(rec, reachable_at + options.after)
+            window_end = rec.now()
+            progress(f"[{window_end:6.1f}s] stopping the workers")
+        finally:
+            rec.stop.set()
+            deadline = time.monotonic() + RUNNER_TIMEOUT + POOL_TIMEOUT + 5
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            for stack in stacks:
+                close_quietly(stack)
+        stuck = [t.name for t in threads if t.is_alive()]
+        if stuck:
+            progress(f"  workers still blocked after the deadline: {', '.join(stuck)}")
+        ops = list(rec.ops)
+        progress(f"verifying {len(ops)} writes on the final primary ({cluster.primary.name})")
+        found = _found(cluster)
+    config: dict[str, object] = {
+        "target": options.target,
+        "stop": options.stop,
+        "repoint_delay": options.repoint_delay if pool_mode else None,
+        "before": options.before,
+        "after": options.after,
+        "rate": options.rate,
+        "workers": options.workers,
+        "replication": "synchronous" if options.synchronous else "asynchronous",
+        "postgresql": _version(server_version),
+        "psycopg": psycopg.__version__,
+        "python": platform.python_version(),
+    }
+    return build_report(
+        config,
+        marks,
+        reachable_at,
+        (0.0, window_end),
+        [(kind.name, kind.protected) for kind in options.stacks],
+        ops,
+        found,
+    )
+
+
+def _fail_over(
+    cluster: LocalCluster,
+    options: DrillOptions,
+    rec: _Recorder,
+    phase: list[str],
+    progress: Callable[[str], None],
+) -> tuple[list[Mark], float]:
+    """Fail over (and repoint PgBouncer); the marks and when the primary became reachable."""
+    _sleep_until(rec, options.before)
+    old = cluster.primary
+    progress(f"[{rec.now():6.1f}s] failover: {options.stop} stop of {old.name}, promote")
+    phase[0] = "failing over"
+    marks = [Mark("failover started", rec.now())]
+    timings = cluster.failover(options.stop)
+    stopped, promoted = (timings.ended_at[p] - rec.t0 for p in ("stop", "promote"))
+    rejoined = timings.ended_at["rejoin"] - rec.t0
+    marks += [
+        Mark(f"{old.name} stopped", stopped),
+        Mark(f"{cluster.primary.name} promoted", promoted),
+        Mark(f"{old.name} rejoined as standby", rejoined),
+    ]
+    progress(f"[{rec.now():6.1f}s] new primary {cluster.primary.name}: {timings}")
+    if cluster.pgbouncer is None:
+        return marks, promoted
+    phase[0] = "PgBouncer still on the old primary"
+    _sleep_until(rec, promoted + options.repoint_delay)
+    repoint = cluster.repoint_pgbouncer(cluster.primary)
+    reachable_at = repoint.ended_at["reload"] - rec.t0
+    marks.append(Mark("PgBouncer repointed", reachable_at))
+    progress(f"[{rec.now():6.1f}s] PgBouncer repointed to {cluster.primary.name}")
+    return marks, reachable_at
+
+
+def _found(cluster: LocalCluster) -> dict[int, int]:
+    with cluster.primary.connect(superuser=False) as conn:
+        rows = conn.execute(f"SELECT k, count(*) FROM {TABLE} GROUP BY k").fetchall()
+    return {int(k): int(n) for k, n in rows}
+
+
+def _version(number: int) -> str:
+    return f"{number // 10000}.{number % 10000}"
+
+
+def stacks_by_name(names: Sequence[str]) -> tuple[type[Stack], ...]:
+    """The stack classes for ``--stacks`` short names; ValueError naming the valid ones."""
+    unknown = [name for name in names if name not in SHORT_NAMES]
+    if unknown:
+        raise ValueError(
+            f"unknown stack(s) {', '.join(unknown)}: choose from {', '.join(SHORT_NAMES)}"
+        )
+    return tuple(dict.fromkeys(SHORT_NAMES[name] for name in names))

@@ -1,0 +1,253 @@
+"""The application stacks the drill writes through: naive ones and pgfailover's.
+
+Every stack is built the way an application would build it, from the same endpoint, and
+writes one row per operation (``INSERT INTO <table> (k, stack) VALUES (key, name)``): a
+plain ``psycopg_pool`` pool, a SQLAlchemy engine with ``pool_pre_ping``, pgfailover's pool,
+an instrumented engine, and both of those under the retry runner. The drill's workers call
+:meth:`Stack.write` and record what the application saw; nothing here hides an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import sqlalchemy as sa
+
+from ..errors import CommitOutcomeUnknown
+from ..pool import ConnectionPool
+from ..retry import run_transaction
+from ..sqlalchemy import instrument
+
+#: How long a stack waits for a pooled connection before the operation fails (seconds):
+#: short, so that a stuck pool shows up as failures instead of one endless operation.
+POOL_TIMEOUT = 2.0
+#: The retry runner's deadline per operation (seconds).
+RUNNER_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the stacks connect: a libpq conninfo and the same as a SQLAlchemy URL.
+
+    ``hosts`` is a list of ``(host, port)``: one for PgBouncer, several for a direct
+    multi-host DSN (libpq tries them in order).
+    """
+
+    hosts: Sequence[tuple[str, int]]
+    dbname: str
+    user: str
+    password: str
+
+    def conninfo(self) -> str:
+        """The libpq conninfo (contains the password: never log it)."""
+        return psycopg.conninfo.make_conninfo(
+            host=",".join(h for h, _ in self.hosts),
+            port=",".join(str(p) for _, p in self.hosts),
+            dbname=self.dbname,
+            user=self.user,
+            password=self.password,
+            connect_timeout=2,
+        )
+
+    def url(self) -> sa.URL:
+        """The SQLAlchemy URL (psycopg dialect; multi-host in the query as SQLAlchemy wants)."""
+        hosts = [f"{h}:{p}" for h, p in self.hosts]
+        host, port = self.hosts[0] if len(self.hosts) == 1 else (None, None)
+        return sa.URL.create(
+            "postgresql+psycopg",
+            username=self.user,
+            password=self.password,
+            host=host,
+            port=port,
+            database=self.dbname,
+            query={"connect_timeout": "2", **({"host": hosts} if len(hosts) > 1 else {})},
+        )
+
+
+class Stack:
+    """One application stack: :meth:`write` one key or raise what the application sees."""
+
+    name: str
+    protected: bool
+    description: str
+
+    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
+        """Open the stack's pool (``size`` connections) on ``endpoint``, writing to ``table``."""
+
+    def write(self, key: int) -> None:
+        """Insert ``key``; raises the application's exception on failure."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the stack's connections."""
+        raise NotImplementedError
+
+
+def _insert(table: str, stack: str) -> Callable[[psycopg.Connection[Any], int], None]:
+    sql = f"INSERT INTO {table} (k, stack) VALUES (%s, %s)"
+
+    def work(conn: psycopg.Connection[Any], key: int) -> None:
+        conn.execute(sql, (key, stack))
+
+    return work
+
+
+def _insert_sa(table: str, stack: str) -> Callable[[Any, int], None]:
+    statement = sa.text(f"INSERT INTO {table} (k, stack) VALUES (:k, :stack)")
+
+    def work(conn: Any, key: int) -> None:
+        conn.execute(statement, {"k": key, "stack": stack})
+
+    return work
+
+
+class _PoolStack(Stack):
+    def __init__(self, pool: psycopg_pool.ConnectionPool[Any], table: str, *, runner: bool) -> None:
+        self.pool = pool
+        self.work = _insert(table, self.name)
+        self.runner = runner
+
+    def write(self, key: int) -> None:
+        if self.runner:
+            run_transaction(self.pool, self.work, key, timeout=RUNNER_TIMEOUT)
+        else:
+            with self.pool.connection() as conn:
+                self.work(conn, key)
+
+    def close(self) -> None:
+        self.pool.close(timeout=1.0)
+
+
+class NaivePool(_PoolStack):
+    name = "psycopg_pool"
+    protected = False
+    description = "plain psycopg_pool.ConnectionPool"
+
+    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
+        pool = psycopg_pool.ConnectionPool[Any](
+            endpoint.conninfo(), min_size=size, max_size=size, timeout=POOL_TIMEOUT, open=True
+        )
+        super().__init__(pool, table, runner=False)
+
+
+class ProtectedPool(_PoolStack):
+    name = "pgfailover pool"
+    protected = True
+    description = "pgfailover.ConnectionPool"
+
+    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
+        pool = ConnectionPool[Any](
+            endpoint.conninfo(), min_size=size, max_size=size, timeout=POOL_TIMEOUT, open=True
+        )
+        super().__init__(pool, table, runner=False)
+
+
+class ProtectedPoolRunner(_PoolStack):
+    name = "pgfailover pool + runner"
+    protected = True
+    description = "pgfailover.ConnectionPool under pgfailover.run_transaction"
+
+    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
+        pool = ConnectionPool[Any](
+            endpoint.conninfo(), min_size=size, max_size=size, timeout=POOL_TIMEOUT, open=True
+        )
+        super().__init__(pool, table, runner=True)
+
+
+class _EngineStack(Stack):
+    def __init__(self, endpoint: Endpoint, table: str, size: int, *, instrumented: bool) -> None:
+        self.engine = sa.create_engine(
+            endpoint.url(),
+            pool_size=size,
+            max_overflow=0,
+            pool_timeout=POOL_TIMEOUT,
+            pool_pre_ping=not instrumented,
+        )
+        if instrumented:
+            instrument(self.engine)
+        self.work = _insert_sa(table, self.name)
+
+    def write(self, key: int) -> None:
+        with self.engine.begin() as conn:
+            self.work(conn, key)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class NaiveEngine(_EngineStack):
+    name = "SQLAlchemy pre_ping"
+    protected = False
+    description = "SQLAlchemy engine with pool_pre_ping=True"
+
+    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
+        super().__init__(endpoint, table, size, instrumented=False)
+
+
+class ProtectedEngine(_EngineStack):
+    name = "SQLAlchemy instrumented"
+    protected = True
+    description = "SQLAlchemy engine + pgfailover.sqlalchemy.instrument()"
+
+    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
+        super().__init__(endpoint, table, size, instrumented=True)
+
+
+class ProtectedEngineRunner(_EngineStack):
+    name = "SQLAlchemy instrumented + runner"
+    protected = True
+    description = "instrumented SQLAlchemy engine under pgfailover.run_transaction"
+
+    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
+        super().__init__(endpoint, table, size, instrumented=True)
+
+    def write(self, key: int) -> None:
+        run_transaction(self.engine, self.work, key, timeout=RUNNER_TIMEOUT)
+
+
+#: Every stack, in display order: naive ones first.
+STACKS: tuple[type[Stack], ...] = (
+    NaivePool,
+    NaiveEngine,
+    ProtectedPool,
+    ProtectedEngine,
+    ProtectedPoolRunner,
+    ProtectedEngineRunner,
+)
+
+#: Short names accepted by ``--stacks``.
+SHORT_NAMES: dict[str, type[Stack]] = {
+    "pool": NaivePool,
+    "sqlalchemy": NaiveEngine,
+    "pgfailover-pool": ProtectedPool,
+    "pgfailover-sqlalchemy": ProtectedEngine,
+    "pgfailover-pool-runner": ProtectedPoolRunner,
+    "pgfailover-sqlalchemy-runner": ProtectedEngineRunner,
+}
+
+
+def error_code(ex: BaseException) -> tuple[str, bool]:
+    """What a failed write is filed under, and whether its outcome is unknown.
+
+    The driver error's own SQLSTATE (looking through SQLAlchemy's wrapper), else the class
+    name of the error (``PoolTimeout``, ``NoPrimaryAvailable``, ``OperationalError`` for a
+    lost connection...). Causes are not looked into: a pool timeout is filed as one even
+    when the connection attempts behind it failed with a SQLSTATE.
+    :class:`~pgfailover.errors.CommitOutcomeUnknown` is filed under its name, unknown=True.
+    """
+    if isinstance(ex, CommitOutcomeUnknown):
+        return type(ex).__name__, True
+    inner = getattr(ex, "orig", None) or ex
+    sqlstate = getattr(inner, "sqlstate", None)
+    return (sqlstate if isinstance(sqlstate, str) and sqlstate else type(inner).__name__), False
+
+
+def close_quietly(stack: Stack) -> None:
+    """Close ``stack``, ignoring errors of connections to servers that are gone."""
+    with contextlib.suppress(Exception):
+        stack.close()
