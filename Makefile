@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test unit lint bench bootstrap system-deps clean
 
 demo: bootstrap
-	$(BIN)/pgfailover demo
+	$(BIN)/pgfailover drill
 
 test: bootstrap
 	$(BIN)/python -m pytest

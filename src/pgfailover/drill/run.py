@@ -172,7 +172,7 @@ def run_drill(
         else:
             hosts = [(node.host, node.port) for node in cluster.nodes]
         endpoint = Endpoint(hosts, cluster.dbname, cluster.user, cluster.password)
-        progress(f"  up: {cluster!r}")
+        progress(f"  up: {cluster!r}, files in {cluster.root}")
         stacks: list[Stack] = []
         rec = _Recorder(t0=time.monotonic())
         threads: list[threading.Thread] = []
