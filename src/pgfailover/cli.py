@@ -150,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log harness steps")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_drill(commands)
+    from .survey import add_command as add_probe
+
+    add_probe(commands)
     commands.add_parser(
         "demo", help="start a local cluster, fail over behind PgBouncer, show the write failure"
     )
@@ -166,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "drill":
             return _run_drill(args)
+        if args.command == "probe":
+            from .survey import run_command as run_probe
+
+            return run_probe(args)
         if args.command == "demo":
             from .testing.demo import run
 
