@@ -30,53 +30,57 @@ reconnecting (:class:`Observation`), and :func:`resolve` decides:
 from __future__ import annotations
 
 import enum
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-#: Identifies the running postmaster: its start time (epoch, to the microsecond) and the
-#: address and port it answered on. A server's system identifier cannot change while its
-#: postmaster runs, so a record whose fingerprint matches one already seen reuses that
-#: system identifier instead of reading the control file again (``pg_control_system()``
-#: opens and reads it on every call: about a tenth of a bare transaction's time).
-FINGERPRINT_SQL = (
-    "extract(epoch FROM pg_catalog.pg_postmaster_start_time())::text || '@' || "
-    "coalesce(pg_catalog.inet_server_addr()::text, '') || ':' || "
-    "coalesce(pg_catalog.inet_server_port()::text, '')"
+#: A postmaster's identity column when it is not known yet: its start time (epoch, to the
+#: microsecond) and the system identifier. ``pg_control_system()`` opens and reads the
+#: control file on every call, so it is read once per connection and server.
+_IDENTITY_SQL = (
+    "extract(epoch FROM pg_catalog.pg_postmaster_start_time())::text || ' ' || "
+    "(pg_catalog.pg_control_system()).system_identifier::text"
 )
-_FINGERPRINT_RE = re.compile(r"[0-9.]+@[0-9A-Fa-f:./]*:[0-9]*")
-_SYSTEM_ID_SQL = "(SELECT system_identifier FROM pg_catalog.pg_control_system())::text"
 
 
 @dataclass(frozen=True, slots=True)
 class ServerIdentity:
-    """A postmaster's fingerprint (:data:`FINGERPRINT_SQL`) and its system identifier."""
+    """A running postmaster: when it started, and its cluster's system identifier.
 
-    fingerprint: str
+    A system identifier cannot change while a postmaster runs, and two postmasters do not
+    start in the same microsecond, so a server whose start time matches ``started_at`` has
+    this ``system_id``.
+    """
+
+    started_at: datetime
     system_id: str
 
 
 def record_sql(known: ServerIdentity | None = None) -> str:
-    """The statement recording where a transaction runs: one text column (see
-    :func:`parse_record`), for a transaction already begun.
+    """The statement recording where a transaction runs, for a transaction already begun.
 
-    It assigns the xid (``pg_current_xact_id()``) and reads the WAL insert position, the
-    server's clock and the postmaster's fingerprint. The system identifier is read only
-    when the fingerprint differs from ``known``'s (the server is not the one ``known``
-    describes); otherwise the column says ``-`` and ``known.system_id`` applies. CASE
-    evaluates that branch lazily, so a matching fingerprint costs no control-file read.
+    Five text columns (see :func:`parse_record`): the xid (``pg_current_xact_id()``
+    assigns it, and goes first: on a standby it fails with the standby's own 25006, which
+    the classifier knows, before the WAL functions would fail with 55000), the WAL file
+    and the WAL insert position (the timeline is in the file name), the server's clock
+    (epoch), and the server's identity: NULL when the postmaster is the one ``known``
+    describes (CASE evaluates the other branch lazily: no control-file read), else its
+    start time and system identifier. Plain columns, no subquery: planning is part of the
+    cost of every transaction.
     """
-    if known is not None and _FINGERPRINT_RE.fullmatch(known.fingerprint):
-        system_id = f"CASE WHEN s.fp = '{known.fingerprint}' THEN '-' ELSE {_SYSTEM_ID_SQL} END"
+    if known is None:
+        identity = _IDENTITY_SQL
     else:
-        system_id = _SYSTEM_ID_SQL
-    # pg_current_xact_id() first: on a standby it fails with the standby's own error
-    # (25006), which the classifier knows, before the WAL functions fail with 55000.
+        started = known.started_at.isoformat()  # ISO 8601: parsed alike in any DateStyle
+        identity = (
+            f"CASE WHEN pg_catalog.pg_postmaster_start_time() = '{started}' "
+            f"THEN NULL ELSE {_IDENTITY_SQL} END"
+        )
     return (
-        f"SELECT concat_ws(' ', s.xid, s.fp, {system_id}, pg_catalog.pg_walfile_name(s.lsn), "
-        "s.lsn, extract(epoch FROM pg_catalog.clock_timestamp())) "
-        "FROM (SELECT pg_catalog.pg_current_xact_id() AS xid, "
-        f"{FINGERPRINT_SQL} AS fp, pg_catalog.pg_current_wal_insert_lsn() AS lsn) s"
+        "SELECT pg_catalog.pg_current_xact_id()::text, "
+        "pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), "
+        "pg_catalog.pg_current_wal_insert_lsn()::text, "
+        f"extract(epoch FROM pg_catalog.clock_timestamp())::text, {identity}"
     )
 
 
@@ -88,16 +92,17 @@ BEGIN_SQL = "BEGIN; " + RECORD_SQL
 
 
 def parse_record(
-    text: str, known: ServerIdentity | None = None, endpoint: str = ""
+    values: Sequence[str | None], known: ServerIdentity | None = None, endpoint: str = ""
 ) -> tuple[CommitRecord, ServerIdentity]:
-    """The :class:`CommitRecord` in a :func:`record_sql` result, and the server's identity
+    """The :class:`CommitRecord` in a :func:`record_sql` row, and the server's identity
     (to pass to the next :func:`record_sql` on the same connection).
 
-    Raises ValueError for a malformed text, or ``-`` without a matching ``known``.
+    Raises ValueError for a malformed row, or a NULL identity without ``known``.
     """
     try:
-        xid, fingerprint, system_id, walfile, lsn, epoch = text.split(" ")
-        identity = _identity(fingerprint, system_id, known)
+        *required, identity_text = values
+        xid, walfile, lsn, epoch = map(_not_null, required)
+        identity = _identity(identity_text, known)
         record = CommitRecord(
             xid=str(int(xid)),
             system_id=identity.system_id,
@@ -107,18 +112,25 @@ def parse_record(
             endpoint=endpoint,
         )
         lsn_value(lsn)
-    except ValueError as ex:
-        raise ValueError(f"not a commit record: {text!r} ({ex})") from None
+    except (ValueError, TypeError) as ex:
+        raise ValueError(f"not a commit record: {values!r} ({ex})") from None
     return record, identity
 
 
-def _identity(fingerprint: str, system_id: str, known: ServerIdentity | None) -> ServerIdentity:
-    if system_id != "-":
-        int(system_id)
-        return ServerIdentity(fingerprint, system_id)
-    if known is None or known.fingerprint != fingerprint:
-        raise ValueError("the record reuses a system identifier nobody knows")
-    return known
+def _not_null(value: str | None) -> str:
+    if value is None:
+        raise ValueError("a NULL where the record has none")
+    return value
+
+
+def _identity(text: str | None, known: ServerIdentity | None) -> ServerIdentity:
+    if text is None:
+        if known is None:
+            raise ValueError("the record reuses a server identity nobody knows")
+        return known
+    started, system_id = text.split(" ")
+    int(system_id)
+    return ServerIdentity(_from_epoch(started), system_id)
 
 
 def _from_epoch(epoch: str) -> datetime:

@@ -46,11 +46,15 @@ import logging
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
 import psycopg
+from psycopg.abc import PQGen
+from psycopg.generators import execute
+from psycopg.pq import ExecStatus, TransactionStatus
+from psycopg.pq.abc import PGconn
 from psycopg.rows import tuple_row
 
 from .classify import Phase, Verdict, classify
@@ -112,47 +116,48 @@ def _begin_sql(known: ServerIdentity | None) -> bytes:
     return ("BEGIN; " + record_sql(known)).encode()
 
 
-def _first_value(cursor: Any) -> Callable[[Sequence[Any]], str]:
-    """Row factory: the record's one text column."""
-    return _text_of_first
+def _begin_and_record(pgconn: PGconn, sql: bytes, encoding: str) -> PQGen[list[str | None]]:
+    """Send BEGIN and the record as one simple-protocol message; return the record's row.
 
-
-def _text_of_first(values: Sequence[Any]) -> str:
-    return str(values[0])
-
-
-def _record_text(row: str | None) -> str:
-    if row is None:
-        raise psycopg.InterfaceError("the commit record query returned no row")
-    return row
+    Driven by the connection's own ``wait()``, so a pgfailover connection classifies a
+    failure here like any other (a server error is raised inside the generator, as
+    psycopg's cursors do). The record's columns are read as the text the server sent: no
+    cursor, no loaders.
+    """
+    pgconn.send_query(sql)
+    results = yield from execute(pgconn)
+    for result in results:
+        if result.status == ExecStatus.FATAL_ERROR:
+            raise psycopg.errors.error_from_result(result, encoding=encoding)
+        if result.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
+            raise psycopg.InternalError(f"unexpected result for the record: {result.status!r}")
+    if len(results) != 2 or results[1].ntuples != 1:
+        raise psycopg.InternalError("BEGIN and the record did not return one row")
+    row = results[1]
+    return [
+        None if (value := row.get_value(0, i)) is None else bytes(value).decode(encoding)
+        for i in range(row.nfields)
+    ]
 
 
 def _record_psycopg(conn: psycopg.Connection[Any]) -> CommitRecord:
-    """BEGIN and the record in one round trip: one simple-protocol message, sent with
-    autocommit on so that psycopg does not send a BEGIN of its own first. The connection
-    stays in autocommit mode (inside the server-side transaction) until
-    :func:`_transactional` restores it."""
+    """BEGIN and the record in one round trip (see :func:`_begin_and_record`). psycopg
+    reads the transaction status from the server's replies, so it sends no BEGIN of its
+    own afterwards, whatever the connection's autocommit setting, and ``commit()`` sends
+    COMMIT."""
     known = _identities.get(conn)
-    conn.autocommit = True
-    with conn.cursor(row_factory=_first_value) as cur:
-        cur.execute(_begin_sql(known), prepare=False)
-        cur.nextset()
-        record, _identities[conn] = parse_record(
-            _record_text(cur.fetchone()), known, _endpoint(conn)
-        )
-        return record
+    with conn.lock:
+        row = conn.wait(_begin_and_record(conn.pgconn, _begin_sql(known), conn.info.encoding))
+    record, _identities[conn] = parse_record(row, known, _endpoint(conn))
+    return record
 
 
 async def _arecord_psycopg(conn: psycopg.AsyncConnection[Any]) -> CommitRecord:
     known = _identities.get(conn)
-    await conn.set_autocommit(True)
-    async with conn.cursor(row_factory=_first_value) as cur:
-        await cur.execute(_begin_sql(known), prepare=False)
-        cur.nextset()
-        record, _identities[conn] = parse_record(
-            _record_text(await cur.fetchone()), known, _endpoint(conn)
-        )
-        return record
+    async with conn.lock:
+        row = await conn.wait(_begin_and_record(conn.pgconn, _begin_sql(known), conn.info.encoding))
+    record, _identities[conn] = parse_record(row, known, _endpoint(conn))
+    return record
 
 
 def _observe_psycopg(conn: psycopg.Connection[Any], xid: str) -> Observation:
@@ -174,35 +179,28 @@ async def _aobserve_psycopg(conn: psycopg.AsyncConnection[Any], xid: str) -> Obs
 
 @contextlib.contextmanager
 def _transactional(conn: psycopg.Connection[Any]) -> Iterator[None]:
-    """On the way out of an attempt, a transaction left open is rolled back and the
-    connection's autocommit setting restored (the record turns it on)."""
-    was = conn.autocommit
+    """On the way out of an attempt, a transaction left open is rolled back."""
     try:
         yield
     finally:
-        if not conn.closed:
+        if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
             try:
-                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    conn.rollback()
-                conn.autocommit = was
+                conn.rollback()
             except psycopg.Error:  # the connection broke: the pool discards it
-                logger.debug("cannot restore the connection after an attempt", exc_info=True)
+                logger.debug("cannot roll back after an attempt", exc_info=True)
 
 
 @contextlib.asynccontextmanager
 async def _atransactional(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
     """Async twin of :func:`_transactional`."""
-    was = conn.autocommit
     try:
         yield
     finally:
-        if not conn.closed:
+        if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
             try:
-                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    await conn.rollback()
-                await conn.set_autocommit(was)
+                await conn.rollback()
             except psycopg.Error:  # the connection broke: the pool discards it
-                logger.debug("cannot restore the connection after an attempt", exc_info=True)
+                logger.debug("cannot roll back after an attempt", exc_info=True)
 
 
 class _PoolShell:
@@ -381,8 +379,9 @@ def _record_sqlalchemy(conn: Any) -> CommitRecord:
     The server's identity is kept in the pooled connection's ``info``."""
     info = conn.connection.info
     known = info.get(_IDENTITY_KEY)
-    text = conn.exec_driver_sql(record_sql(known)).scalar_one()
-    record, info[_IDENTITY_KEY] = parse_record(str(text), known)
+    row = conn.exec_driver_sql(record_sql(known)).one()
+    values = [None if value is None else str(value) for value in row]
+    record, info[_IDENTITY_KEY] = parse_record(values, known)
     return record
 
 

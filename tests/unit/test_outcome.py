@@ -357,75 +357,91 @@ def test_timeline_of_reads_the_first_eight_hex_digits() -> None:
     assert timeline_of("000001FF00000000000000FF") == 511
 
 
-FINGERPRINT = "1714564800.123456@127.0.0.1/32:5432"
+STARTED = "1714000000.5"  # the postmaster's start, epoch
+IDENTITY = f"{STARTED} {SYSTEM}"
+WALFILE = "000000030000001600000083"
+
+
+def row(*, identity: str | None = IDENTITY, epoch: str = "1714564800.123456") -> list[str | None]:
+    """A record row as the server sends it: five text columns."""
+    return [XID, WALFILE, "16/B374D848", epoch, identity]
 
 
 def test_parse_record_reads_every_field_and_the_identity() -> None:
-    """A record text gives the xid, system id, timeline, position, exact server time."""
-    text = f"{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16/B374D848 1714564800.123456"
-    got, identity = parse_record(text, endpoint="db1.example:5432")
+    """A record row gives the xid, system id, timeline, position, exact server time, and
+    the postmaster's identity (start time, system id)."""
+    got, identity = parse_record(row(), endpoint="db1.example:5432")
     assert got == CommitRecord(XID, SYSTEM, 3, "16/B374D848", BEGAN, "db1.example:5432")
     assert got.server_time.tzinfo is not None
-    assert identity == ServerIdentity(FINGERPRINT, SYSTEM)
+    started = datetime(2024, 4, 24, 23, 6, 40, 500000, tzinfo=timezone.utc)
+    assert identity == ServerIdentity(started, SYSTEM)
 
 
 def test_parse_record_keeps_microseconds_and_short_fractions_exact() -> None:
     """Epoch fractions of any length up to 6 digits are read exactly, without a float."""
-    base = f"{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16/B374D848"
-    assert parse_record(f"{base} 1714564800.5")[0].server_time == BEGAN.replace(microsecond=500000)
-    assert parse_record(f"{base} 1714564800")[0].server_time == BEGAN.replace(microsecond=0)
-    got = parse_record(f"{base} 1714564800.000001")[0].server_time
+    assert parse_record(row(epoch="1714564800.5"))[0].server_time == BEGAN.replace(
+        microsecond=500000
+    )
+    assert parse_record(row(epoch="1714564800"))[0].server_time == BEGAN.replace(microsecond=0)
+    got = parse_record(row(epoch="1714564800.000001"))[0].server_time
     assert got == BEGAN.replace(microsecond=1)
 
 
-def test_parse_record_reuses_the_known_system_id_for_a_matching_fingerprint() -> None:
-    """'-' in the system id column means: the server ``known`` describes."""
-    known = ServerIdentity(FINGERPRINT, SYSTEM)
-    text = f"{XID} {FINGERPRINT} - 000000030000001600000083 16/B374D848 1714564800.123456"
-    got, identity = parse_record(text, known)
+def test_parse_record_reuses_the_known_identity_when_the_column_is_null() -> None:
+    """A NULL identity means: the postmaster ``known`` describes (same start time)."""
+    known = ServerIdentity(BEGAN, SYSTEM)
+    got, identity = parse_record(row(identity=None), known)
     assert got.system_id == SYSTEM
     assert identity is known
 
 
+def test_parse_record_replaces_the_known_identity_when_the_server_changed() -> None:
+    """A non-NULL identity (another postmaster) wins over the known one."""
+    known = ServerIdentity(BEGAN, OTHER_SYSTEM)
+    got, identity = parse_record(row(), known)
+    assert got.system_id == SYSTEM
+    assert identity.system_id == SYSTEM
+
+
 @pytest.mark.parametrize(
-    ("text", "known"),
+    ("values", "known"),
     [
-        (f"{XID} {FINGERPRINT} - 000000030000001600000083 16/B374D848 1.5", None),
-        (
-            f"{XID} other@x:1 - 000000030000001600000083 16/B374D848 1.5",
-            ServerIdentity(FINGERPRINT, SYSTEM),
-        ),
-        (f"{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16/B374D848", None),
-        (f"{XID} {FINGERPRINT} {SYSTEM} 00000003 16/B374D848 1.5 extra", None),
-        (f"x{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16/B374D848 1.5", None),
-        (f"{XID} {FINGERPRINT} sys 000000030000001600000083 16/B374D848 1.5", None),
-        (f"{XID} {FINGERPRINT} {SYSTEM} zz000003 16/B374D848 1.5", None),
-        (f"{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16-B374D848 1.5", None),
-        (f"{XID} {FINGERPRINT} {SYSTEM} 000000030000001600000083 16/B374D848 1.x", None),
-        ("", None),
+        (row(identity=None), None),
+        (row()[:4], None),
+        ([*row(), "extra"], None),
+        ([], None),
+        (["x1", *row()[1:]], None),
+        ([None, *row()[1:]], None),
+        ([XID, "zz000003", *row()[2:]], None),
+        ([XID, WALFILE, "16-B374D848", *row()[3:]], None),
+        (row(epoch="1.x"), None),
+        (row(identity="1.5"), None),
+        (row(identity=f"{STARTED} sys"), None),
+        (row(identity=f"x {SYSTEM}"), None),
     ],
 )
-def test_parse_record_rejects_malformed_text(text: str, known: ServerIdentity | None) -> None:
-    """A malformed record, or '-' without a matching known server, is a ValueError."""
+def test_parse_record_rejects_malformed_rows(
+    values: list[str | None], known: ServerIdentity | None
+) -> None:
+    """A malformed row, or a NULL identity without a known server, is a ValueError."""
     with pytest.raises(ValueError, match="not a commit record"):
-        parse_record(text, known)
+        parse_record(values, known)
 
 
 def test_record_sql_reads_the_control_file_only_for_an_unknown_server() -> None:
-    """Without a known server the system id is always read; with one, only on a mismatch."""
+    """Without a known server the identity is always read; with one, only if the
+    postmaster's start time differs (an ISO 8601 literal, parsed alike in any DateStyle)."""
     plain = record_sql()
     assert "pg_control_system" in plain
     assert "CASE" not in plain
-    cached = record_sql(ServerIdentity(FINGERPRINT, SYSTEM))
-    assert f"CASE WHEN s.fp = '{FINGERPRINT}' THEN '-' ELSE" in cached
+    cached = record_sql(ServerIdentity(BEGAN, SYSTEM))
+    expected = (
+        "CASE WHEN pg_catalog.pg_postmaster_start_time() = '2024-05-01T12:00:00.123456+00:00'"
+    )
+    assert expected in cached
     assert cached.index("pg_current_xact_id") < cached.index("pg_current_wal_insert_lsn")
-    assert BEGIN_SQL == "BEGIN; " + RECORD_SQL == "BEGIN; " + plain
-
-
-def test_record_sql_never_embeds_a_fingerprint_that_is_not_one() -> None:
-    """A fingerprint with a quote (or anything unexpected) is not put into SQL text."""
-    sql = record_sql(ServerIdentity("1.5@x' OR '1'='1:5", SYSTEM))
-    assert sql == record_sql()
+    assert BEGIN_SQL == "BEGIN; " + RECORD_SQL
+    assert plain == RECORD_SQL
 
 
 def test_observation_from_row_on_a_primary() -> None:
