@@ -15,6 +15,7 @@ import pytest
 
 from pgfailover.cli import main
 from pgfailover.drill.report import DrillReport
+from pgfailover.drill.run import DrillOptions, run_drill
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -121,3 +122,18 @@ def test_ctrl_c_during_a_drill_tears_everything_down(tmp_path: Path) -> None:
     assert "interrupted" in proc.stderr.read()
     assert _processes_under(root) == []
     assert not Path(root).exists()
+
+
+def test_drill_in_transaction_mode_heals_every_stack_after_the_repoint() -> None:
+    """Behind PgBouncer in transaction mode every stack writes again once PgBouncer is
+    repointed (server connections are reassigned per transaction), nothing started after
+    that fails (no prepared-statement errors: the stacks disable them, as PgBouncer < 1.21
+    requires), and the runner stacks see no failure at all."""
+    options = DrillOptions(target="transaction", before=1.5, repoint_delay=1.0, after=2.5)
+    report = run_drill(options)
+    for stack in report.stacks:
+        assert stack.result in ("recovered", "wrote through"), stack
+        assert (stack.lost, stack.duplicated, stack.phantom) == (0, 0, 0), stack
+        assert not {"26000", "42P05"} & set(stack.errors), stack
+        if "runner" in stack.name:
+            assert stack.failed == 0, stack

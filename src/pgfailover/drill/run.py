@@ -124,7 +124,7 @@ def _worker(stack: Stack, keys: Callable[[], int], rec: _Recorder, interval: flo
 def _progress_line(rec: _Recorder, phase: str) -> str:
     ops = list(rec.ops)
     ok = sum(op.ok for op in ops)
-    return f"[{rec.now():6.1f}s] {phase:<34} writes ok {ok:6d}  failed {len(ops) - ok:6d}"
+    return f"[{rec.now():6.1f}s] {phase:<36} writes ok {ok:6d}  failed {len(ops) - ok:6d}"
 
 
 def _ticker(rec: _Recorder, phase: list[str], progress: Callable[[str], None]) -> None:
@@ -171,7 +171,13 @@ def run_drill(
             hosts = [(cluster.pgbouncer.host, cluster.pgbouncer.port)]
         else:
             hosts = [(node.host, node.port) for node in cluster.nodes]
-        endpoint = Endpoint(hosts, cluster.dbname, cluster.user, cluster.password)
+        endpoint = Endpoint(
+            hosts,
+            cluster.dbname,
+            cluster.user,
+            cluster.password,
+            prepare=pool_mode != "transaction",
+        )
         progress(f"  up: {cluster!r}, files in {cluster.root}")
         stacks: list[Stack] = []
         rec = _Recorder(t0=time.monotonic())

@@ -42,6 +42,13 @@ class Endpoint:
     dbname: str
     user: str
     password: str
+    #: False behind PgBouncer in transaction mode (before 1.21 it cannot keep prepared
+    #: statements: a client meets another server connection each transaction).
+    prepare: bool = True
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """psycopg connection arguments every stack uses."""
+        return {} if self.prepare else {"prepare_threshold": None}
 
     def conninfo(self) -> str:
         """The libpq conninfo (contains the password: never log it)."""
@@ -130,7 +137,12 @@ class NaivePool(_PoolStack):
 
     def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
         pool = psycopg_pool.ConnectionPool[Any](
-            endpoint.conninfo(), min_size=size, max_size=size, timeout=POOL_TIMEOUT, open=True
+            endpoint.conninfo(),
+            kwargs=endpoint.connect_kwargs(),
+            min_size=size,
+            max_size=size,
+            timeout=POOL_TIMEOUT,
+            open=True,
         )
         super().__init__(pool, table, runner=False)
 
@@ -142,7 +154,12 @@ class ProtectedPool(_PoolStack):
 
     def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
         pool = ConnectionPool[Any](
-            endpoint.conninfo(), min_size=size, max_size=size, timeout=POOL_TIMEOUT, open=True
+            endpoint.conninfo(),
+            kwargs=endpoint.connect_kwargs(),
+            min_size=size,
+            max_size=size,
+            timeout=POOL_TIMEOUT,
+            open=True,
         )
         super().__init__(pool, table, runner=False)
 
@@ -154,7 +171,12 @@ class ProtectedPoolRunner(_PoolStack):
 
     def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
         pool = ConnectionPool[Any](
-            endpoint.conninfo(), min_size=size, max_size=size, timeout=POOL_TIMEOUT, open=True
+            endpoint.conninfo(),
+            kwargs=endpoint.connect_kwargs(),
+            min_size=size,
+            max_size=size,
+            timeout=POOL_TIMEOUT,
+            open=True,
         )
         super().__init__(pool, table, runner=True)
 
@@ -167,6 +189,7 @@ class _EngineStack(Stack):
             max_overflow=0,
             pool_timeout=POOL_TIMEOUT,
             pool_pre_ping=not instrumented,
+            connect_args=endpoint.connect_kwargs(),
         )
         if instrumented:
             instrument(self.engine)
