@@ -56,7 +56,7 @@ class ServerIdentity:
     system_id: str
 
 
-def record_sql(known: ServerIdentity | None = None) -> str:
+def record_sql(known: ServerIdentity | None = None, *, same_server: bool = False) -> str:
     """The statement recording where a transaction runs, for a transaction already begun.
 
     Five text columns (see :func:`parse_record`): the xid (``pg_current_xact_id()``
@@ -67,9 +67,16 @@ def record_sql(known: ServerIdentity | None = None) -> str:
     describes (CASE evaluates the other branch lazily: no control-file read), else its
     start time and system identifier. Plain columns, no subquery: planning is part of the
     cost of every transaction.
+
+    ``same_server=True`` says the connection cannot have changed servers since ``known``
+    was read (a direct connection: a server restart ends it; only a pooler can hand a
+    client connection another server): the identity column is then a plain NULL, which
+    spares the comparison (a third of the record's server time, measured).
     """
     if known is None:
         identity = _IDENTITY_SQL
+    elif same_server:
+        identity = "NULL"
     else:
         started = known.started_at.isoformat()  # ISO 8601: parsed alike in any DateStyle
         identity = (

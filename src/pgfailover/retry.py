@@ -112,52 +112,83 @@ def _endpoint(conn: Any) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _begin_sql(known: ServerIdentity | None) -> bytes:
-    return ("BEGIN; " + record_sql(known)).encode()
+def _begin_sql(known: ServerIdentity | None, same_server: bool) -> bytes:
+    return ("BEGIN; " + record_sql(known, same_server=same_server)).encode()
 
 
-def _begin_and_record(pgconn: PGconn, sql: bytes, encoding: str) -> PQGen[list[str | None]]:
+def _direct(conn: Any) -> bool:
+    """Whether ``conn`` is known to reach its server without a pooler (a pgfailover
+    connection whose probe said so): then its server cannot change under it."""
+    return getattr(conn, "via_pooler", None) is False
+
+
+def _begin_and_record(conn: Any, sql: bytes) -> PQGen[_Row]:
     """Send BEGIN and the record as one simple-protocol message; return the record's row.
 
     Driven by the connection's own ``wait()``, so a pgfailover connection classifies a
     failure here like any other (a server error is raised inside the generator, as
-    psycopg's cursors do). The record's columns are read as the text the server sent: no
-    cursor, no loaders.
+    psycopg's cursors do). The row is the bytes the server sent: no cursor, no loaders;
+    it is parsed only if the COMMIT is lost (:func:`_parse_recorded`).
     """
+    pgconn: PGconn = conn.pgconn
     pgconn.send_query(sql)
     results = yield from execute(pgconn)
     for result in results:
         if result.status == ExecStatus.FATAL_ERROR:
-            raise psycopg.errors.error_from_result(result, encoding=encoding)
+            raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
         if result.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
             raise psycopg.InternalError(f"unexpected result for the record: {result.status!r}")
     if len(results) != 2 or results[1].ntuples != 1:
         raise psycopg.InternalError("BEGIN and the record did not return one row")
     row = results[1]
-    return [
-        None if (value := row.get_value(0, i)) is None else bytes(value).decode(encoding)
-        for i in range(row.nfields)
-    ]
+    return [row.get_value(0, i) for i in range(row.nfields)]
 
 
-def _record_psycopg(conn: psycopg.Connection[Any]) -> CommitRecord:
+_Row = list[Any]  # the record's columns as bytes (or None), straight from the result
+_Recorded = tuple[_Row, "ServerIdentity | None"]
+
+
+def _remember(conn: Any, row: _Row, known: ServerIdentity | None) -> _Recorded:
+    """Keep a new server identity (the record read one: the server changed) for the next
+    record on ``conn``; the happy path parses nothing."""
+    if row[-1] is not None:
+        _, _identities[conn] = _parse(row, None, "")
+    return row, known
+
+
+def _parse(row: _Row, known: ServerIdentity | None, endpoint: str) -> tuple[CommitRecord, Any]:
+    values = [None if value is None else bytes(value).decode("ascii") for value in row]
+    return parse_record(values, known, endpoint)
+
+
+def _parse_recorded(recorded: _Recorded | None, conn: Any) -> CommitRecord | None:
+    """The :class:`CommitRecord` of an attempt that failed, None if nothing was recorded
+    (or the server sent something that is not a record: then the outcome cannot be told)."""
+    if recorded is None:
+        return None
+    try:
+        return _parse(recorded[0], recorded[1], _endpoint(conn))[0]
+    except (ValueError, UnicodeDecodeError):
+        logger.warning("the commit record cannot be read: %r", recorded[0], exc_info=True)
+        return None
+
+
+def _record_psycopg(conn: psycopg.Connection[Any]) -> _Recorded:
     """BEGIN and the record in one round trip (see :func:`_begin_and_record`). psycopg
     reads the transaction status from the server's replies, so it sends no BEGIN of its
     own afterwards, whatever the connection's autocommit setting, and ``commit()`` sends
     COMMIT."""
     known = _identities.get(conn)
     with conn.lock:
-        row = conn.wait(_begin_and_record(conn.pgconn, _begin_sql(known), conn.info.encoding))
-    record, _identities[conn] = parse_record(row, known, _endpoint(conn))
-    return record
+        row = conn.wait(_begin_and_record(conn, _begin_sql(known, _direct(conn))))
+    return _remember(conn, row, known)
 
 
-async def _arecord_psycopg(conn: psycopg.AsyncConnection[Any]) -> CommitRecord:
+async def _arecord_psycopg(conn: psycopg.AsyncConnection[Any]) -> _Recorded:
     known = _identities.get(conn)
     async with conn.lock:
-        row = await conn.wait(_begin_and_record(conn.pgconn, _begin_sql(known), conn.info.encoding))
-    record, _identities[conn] = parse_record(row, known, _endpoint(conn))
-    return record
+        row = await conn.wait(_begin_and_record(conn, _begin_sql(known, _direct(conn))))
+    return _remember(conn, row, known)
 
 
 def _observe_psycopg(conn: psycopg.Connection[Any], xid: str) -> Observation:
@@ -213,17 +244,18 @@ class _PoolShell:
     def attempt(
         self, work: Callable[..., Any], args: Any, kwargs: Any, timeout: float | None
     ) -> Any:
-        phase, record, result, used = Phase.CONNECT, None, None, None
+        phase, recorded, result, used = Phase.CONNECT, None, None, None
         try:
             with self.pool.connection(timeout=timeout) as conn:
                 phase, used = Phase.TRANSACTION, conn
                 with _transactional(conn):
-                    record = _record_psycopg(conn)
+                    recorded = _record_psycopg(conn)
                     result = work(conn, *args, **kwargs)
                     phase = Phase.COMMIT
                     conn.commit()
                     return result
         except Exception as ex:
+            record = _parse_recorded(recorded, used)
             raise _Failed(ex, phase, record, result, used) from ex
 
     def observe(
@@ -247,17 +279,18 @@ class _AsyncPoolShell:
     async def attempt(
         self, work: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, timeout: float | None
     ) -> Any:
-        phase, record, result, used = Phase.CONNECT, None, None, None
+        phase, recorded, result, used = Phase.CONNECT, None, None, None
         try:
             async with self.pool.connection(timeout=timeout) as conn:
                 phase, used = Phase.TRANSACTION, conn
                 async with _atransactional(conn):
-                    record = await _arecord_psycopg(conn)
+                    recorded = await _arecord_psycopg(conn)
                     result = await work(conn, *args, **kwargs)
                     phase = Phase.COMMIT
                     await conn.commit()
                     return result
         except Exception as ex:
+            record = _parse_recorded(recorded, used)
             raise _Failed(ex, phase, record, result, used) from ex
 
     async def observe(

@@ -28,6 +28,8 @@ from pgfailover.retry import arun_transaction, run_transaction, transaction
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.proxy import FaultProxy
 
+from .support import reset_statements
+
 WHEN_COMMITTED = ("after_forward", "after_reply")  # the COMMIT reached the server
 
 
@@ -485,3 +487,39 @@ def test_record_follows_the_server_behind_pgbouncer_after_a_repoint(
     assert second.started_at == seen[-1] != seen[0]
     assert second.system_id == first.system_id  # a standby promoted: the same system
     assert _count(cluster, keys_table, "before") == _count(cluster, keys_table, "after") == 1
+
+
+def _record_statements(cluster: LocalCluster) -> dict[str, int]:
+    """The record statements run on the primary since the last reset: text -> calls."""
+    with psycopg.connect(cluster.primary.dsn(user="postgres"), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT query, calls FROM pg_stat_statements WHERE query LIKE %s",
+            ["%pg_current_xact_id()::text%"],
+        ).fetchall()
+    return {str(query): int(calls) for query, calls in rows}
+
+
+@pytest.mark.parametrize("route", ["direct", "pgbouncer"])
+def test_record_compares_the_server_only_where_a_pooler_can_change_it(
+    pgfailover_cluster: LocalCluster, keys_table: str, route: str
+) -> None:
+    """On a direct pgfailover connection the server cannot change, so after the first
+    record the identity column is a plain NULL; through PgBouncer every record compares
+    the postmaster's start time."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    dsn = cluster.primary.dsn() if route == "direct" else cluster.pgbouncer.dsn()
+    work = _insert(keys_table)
+    with ConnectionPool[Any](
+        dsn, min_size=1, max_size=1, kwargs={"prepare_threshold": None}
+    ) as pool:
+        run_transaction(pool, work, uuid.uuid4().hex)  # the first record reads the identity
+        reset_statements(cluster)
+        for _ in range(5):
+            run_transaction(pool, work, uuid.uuid4().hex)
+    seen = _record_statements(cluster)
+    assert sum(seen.values()) == 5, seen
+    compared = sum(
+        calls for query, calls in seen.items() if "pg_postmaster_start_time() =" in query
+    )
+    assert compared == (0 if route == "direct" else 5), seen

@@ -475,3 +475,12 @@ def test_observation_from_row_keeps_future() -> None:
     assert got.status == "future"
     assert got.timeline == 3
     assert got.replay_end_lsn is None
+
+
+def test_record_sql_for_the_same_server_has_no_identity_to_compare() -> None:
+    """same_server=True (a direct connection) sends a plain NULL identity; without a
+    known identity it still reads it (the first record on a connection)."""
+    same = record_sql(ServerIdentity(BEGAN, SYSTEM), same_server=True)
+    assert same.endswith(", NULL")
+    assert "pg_postmaster_start_time" not in same
+    assert record_sql(None, same_server=True) == RECORD_SQL
