@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -142,6 +143,21 @@ def drill_passed(report: object) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _log_level(names: Sequence[str], level: int) -> Iterator[None]:
+    """Set these loggers' level for the duration, then restore it (``main`` may run
+    inside another program, e.g. a test)."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, before, strict=True):
+            logger.setLevel(old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = argparse.ArgumentParser(
@@ -161,14 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    if args.command == "drill" and not args.verbose:
-        # Every failover event is logged at WARNING: hundreds during a drill. The report
-        # tells the story; -v shows the log too.
-        for name in ("pgfailover", "psycopg", "sqlalchemy"):
-            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         if args.command == "drill":
-            return _run_drill(args)
+            # Every failover event is logged at WARNING: hundreds during a drill. The
+            # report tells the story; -v shows the log too.
+            quiet = () if args.verbose else ("pgfailover", "psycopg", "sqlalchemy")
+            with _log_level(quiet, logging.ERROR):
+                return _run_drill(args)
         if args.command == "probe":
             from .survey import run_command as run_probe
 
