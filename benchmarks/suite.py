@@ -1,0 +1,231 @@
+"""The benchmark suite of the issue's targets: one command, fresh local clusters, markdown out.
+
+    .venv/bin/python benchmarks/suite.py --json benchmarks/results/suite.json
+    .venv/bin/python benchmarks/suite.py --quick                  # smaller, < 2 minutes
+    .venv/bin/python benchmarks/suite.py --only happy,resources   # some sections only
+
+Starts its own ``LocalCluster``s (loopback only) and tears them down on exit, on error, on
+Ctrl-C and on SIGTERM. Prints to stdout a header (machine, versions, the exact command) and
+one markdown section per part, ready to paste into benchmarks/RESULTS.md; progress goes to
+stderr. ``--json`` writes every raw figure too. On 2 cores a full run takes about 2.5
+minutes, ``--quick`` about 35 seconds.
+
+(a) happy path (``happy``): on one primary, one thread, three components, each as naive,
+    pgfailover and naive twin (the A/A control); rounds of the pair (naive, pgfailover)
+    and of the pair (naive, twin) alternate two by two, each pair swapping which goes
+    first every round (see ``_suite_happy``):
+    - pool: ``psycopg_pool.ConnectionPool`` vs ``pgfailover.ConnectionPool``, one insert
+      transaction per checkout;
+    - SQLAlchemy: plain vs ``pgfailover.sqlalchemy.instrument``-ed engine (psycopg
+      dialect), one insert per ``engine.begin()``;
+    - retry runner: a bare ``with pool.connection()`` transaction vs
+      ``run_transaction(pool, work)``, both on the same ``pgfailover.ConnectionPool``.
+    Figures: tx/s (transactions per second of summed latency), p50 and p99 latency (ms) of
+    one transaction, the throughput ratio pgfailover/naive (A/A: twin/naive) with a 95 %
+    bootstrap interval over rounds; per transaction, the server-side statements
+    (pg_stat_statements calls / transactions, naming the statements) and the client-side
+    round trips (libpq trace). Targets: ratio >= 0.98, 0 extra round trips.
+(b) recovery (``recovery``): PgBouncer transaction mode, PgBouncer session mode, direct
+    multi-host conninfo; per run a fresh ``pgfailover.ConnectionPool`` (max_size 4), one
+    writer every ~2 ms, ``failover('fast')`` (+ PgBouncer repoint); seconds from "primary
+    reachable" (end of repoint / end of promote-until-writable) to the first acknowledged
+    commit, p50 and max, next to the harness's promote-until-writable p50 (the physical
+    limit). Targets: p50 <= 0.1 s, max <= 0.5 s (see ``_suite_recovery``).
+(c) resources (``resources``): per open pool (min = max = 4, warmed up), psycopg_pool vs
+    pgfailover, sync and async: threads (or asyncio tasks) added, Python heap KiB
+    (tracemalloc) and RSS KiB added (see ``_suite_resources``).
+
+Each table says "met" or "MISSED" against the issue's targets from the figures as measured;
+nothing is tuned towards a target. Timing figures depend on the machine's load: the header
+gives the load average at the start and the footer at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import _suite_happy
+import _suite_recovery
+import _suite_resources
+from _suite_common import load_average, log, machine
+
+from pgfailover.testing import LocalCluster
+
+SECTIONS = ("happy", "recovery", "resources")
+#: Settings of a full run and of --quick.
+FULL = {"rounds": 100, "transactions": 200, "count": 500, "runs": 10}
+QUICK = {"rounds": 10, "transactions": 100, "count": 200, "runs": 3}
+
+
+def _command() -> str:
+    python = os.path.relpath(sys.executable)
+    if python.startswith(".."):
+        python = sys.executable
+    return shlex.join([python, *sys.argv])
+
+
+def _header(info: dict[str, Any], command: str, started: str, load: list[float]) -> str:
+    return "\n".join(
+        [
+            "## Benchmark suite",
+            "",
+            f"Machine: {info['cores']} cores, {info['ram_gib']} GiB RAM, {info['os']}, kernel "
+            f"{info['kernel']} ({info['arch']}); Python {info['python']}; "
+            f"{info['postgresql']}; {info['pgbouncer']}; psycopg {info['psycopg']}, "
+            f"psycopg_pool {info['psycopg_pool']}, SQLAlchemy {info['sqlalchemy']}.",
+            f"Started {started}, load average (1/5/15 min) {load}. Command, from the "
+            "repository root:",
+            "",
+            "```",
+            command,
+            "```",
+        ]
+    )
+
+
+def _finite(value: Any) -> Any:
+    """JSON without NaN/Infinity: non-finite floats become null (inf: "inf")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value == math.inf else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+_interrupted = False
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C or SIGTERM: unwind every with-block (pools closed, clusters torn down)."""
+    global _interrupted  # noqa: PLW0603 - one flag, set from the signal handler
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help=f"smaller run: {QUICK}")
+    parser.add_argument("--json", type=Path, help="write every raw figure to this file")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
+    )
+    parser.add_argument("--rounds", type=int, help=f"happy path rounds (full {FULL['rounds']})")
+    parser.add_argument(
+        "--transactions",
+        type=int,
+        help=f"transactions per variant and round (full {FULL['transactions']})",
+    )
+    parser.add_argument(
+        "--count", type=int, help=f"transactions for statement counts (full {FULL['count']})"
+    )
+    parser.add_argument("--runs", type=int, help=f"failovers per scenario (full {FULL['runs']})")
+    parser.add_argument(
+        "--repoint-delay",
+        type=float,
+        default=0.3,
+        help="seconds between the failover and the PgBouncer repoint (default 0.3)",
+    )
+    args = parser.parse_args()
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown or not only:
+        parser.error(f"--only: unknown sections {unknown}; choose from {SECTIONS}")
+    args.only = only
+    defaults = QUICK if args.quick else FULL
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.rounds < 2 or args.rounds % 2:
+        parser.error("--rounds must be even (the order swaps every round, in blocks of two)")
+    return args
+
+
+def main() -> int:
+    args = _parse()
+    # Ctrl-C and SIGTERM raise KeyboardInterrupt, even when started with SIGINT ignored
+    # (a background job of a non-interactive shell): teardown then runs.
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    # Failovers are logged at WARNING by pgfailover and psycopg_pool; the tables count them.
+    for name in ("pgfailover", "psycopg"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
+    t0 = time.monotonic()
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info = machine()
+    command = _command()
+    load_start = load_average()
+    print(_header(info, command, started, load_start), flush=True)
+    result: dict[str, Any] = {
+        "command": command,
+        "started": started,
+        "machine": info,
+        "settings": {k: getattr(args, k) for k in (*FULL, "quick", "repoint_delay", "only")},
+        "load_average": {"start": load_start},
+        "seconds": {},
+    }
+    try:
+        if "happy" in args.only:
+            t = time.monotonic()
+            with LocalCluster(standbys=0, pgbouncer=None) as cluster:
+                happy = _suite_happy.run(cluster, args.rounds, args.transactions, args.count)
+            result["happy"] = happy
+            result["seconds"]["happy"] = time.monotonic() - t
+            print("\n" + _suite_happy.render(happy, args.rounds, args.transactions), flush=True)
+        if "recovery" in args.only:
+            t = time.monotonic()
+            recovery = _suite_recovery.run(args.runs, args.repoint_delay)
+            result["recovery"] = recovery
+            result["seconds"]["recovery"] = time.monotonic() - t
+            print("\n" + _suite_recovery.render(recovery, args.runs, args.repoint_delay))
+        if "resources" in args.only:
+            t = time.monotonic()
+            with LocalCluster(standbys=0, pgbouncer=None) as cluster:
+                resources = _suite_resources.run(cluster)
+            result["resources"] = resources
+            result["seconds"]["resources"] = time.monotonic() - t
+            print("\n" + _suite_resources.render(resources), flush=True)
+    except Exception:
+        if not _interrupted:
+            raise
+        # A driver may turn the interrupt into its own error (e.g. a cancelled query).
+        log("interrupted: every cluster started has been torn down")
+        return 130
+    except KeyboardInterrupt:
+        log("interrupted: every cluster started has been torn down")
+        return 130
+    total = time.monotonic() - t0
+    result["seconds"]["total"] = total
+    result["load_average"]["end"] = load_average()
+    sections = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items() if k != "total")
+    print(
+        f"\nRun took {total:.0f} s ({sections}); load average at the end "
+        f"{result['load_average']['end']}."
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_finite(result), indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
