@@ -21,7 +21,16 @@ from .classify import (
 )
 from .connection import AsyncConnection, Connection
 from .errors import CommitOutcomeUnknown
-from .events import Event, EventHook, FailoverEvent, NodeInfo, RetryEvent, subscribe, unsubscribe
+from .events import (
+    Event,
+    EventHook,
+    FailoverEvent,
+    NodeInfo,
+    PoolEvent,
+    RetryEvent,
+    subscribe,
+    unsubscribe,
+)
 from .outcome import Outcome
 from .policy import Decision, RetryPolicy
 from .probe import Role, RoleReport, aprobe, probe
@@ -64,6 +73,7 @@ __all__ = [  # includes the lazily imported pool names
     "NodeInfo",
     "Outcome",
     "Phase",
+    "PoolEvent",
     "Retry",
     "RetryEvent",
     "RetryPolicy",

@@ -126,15 +126,44 @@ class RetryEvent:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PoolEvent:
+    """A pool (or an instrumented SQLAlchemy engine) acted on a failover.
+
+    ``action`` is ``generation purged`` (every connection opened before now is closed when
+    idle or returned; ``reason`` says why) or ``primary reached again`` (the first new
+    connection to a writable primary after an outage; ``recovery`` is the seconds since
+    the outage was noticed, None for other actions). ``pool`` names the pool (its
+    ``name``, or the engine's URL without password); ``generation`` is the pool's
+    generation after the action.
+    """
+
+    action: str
+    pool: str
+    generation: int
+    reason: str = ""
+    recovery: float | None = None
+    stack: str = ""
+    timestamp: float = field(default_factory=time.time)
+    monotonic: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        """One line: pool, action, why or how long."""
+        how = f" after {self.recovery:.3f} s" if self.recovery is not None else ""
+        why = f": {self.reason}" if self.reason else ""
+        return f"pool {self.pool}: {self.action}{how} (generation {self.generation}){why}"
+
+
 #: Everything a hook can receive.
-Event = FailoverEvent | RetryEvent
+Event = FailoverEvent | RetryEvent | PoolEvent
 
 
 class EventHook(Protocol):
     """A subscriber: called once per event, in the thread (or task) that hit the failure.
 
-    It receives a :class:`FailoverEvent` (a connection found its node unusable) or a
-    :class:`RetryEvent` (a unit of work failed; what happens next); tell them apart with
+    It receives a :class:`FailoverEvent` (a connection found its node unusable), a
+    :class:`RetryEvent` (a unit of work failed; what happens next) or a :class:`PoolEvent`
+    (a pool purged a generation, or reached a primary again); tell them apart with
     ``isinstance``.
     """
 
@@ -195,10 +224,13 @@ def emit(event: Event) -> None:
     """Log ``event`` once and deliver it to every subscribed hook.
 
     Failover events are logged at WARNING with the caller's stack; retry events at INFO
-    when the work goes on, at WARNING when it gives up.
+    when the work goes on, at WARNING when it gives up; pool events at WARNING, without a
+    stack (they are the pool's, not a caller's).
     """
     if isinstance(event, RetryEvent) and event.action == "retry":
         logger.info("%s", event.summary(), extra={"pgfailover_event": event})
+    elif isinstance(event, PoolEvent):
+        logger.warning("%s", event.summary(), extra={"pgfailover_event": event})
     else:
         logger.warning(
             "%s\nStack (most recent call last):\n%s",

@@ -28,7 +28,7 @@ Decisions live in :class:`FailoverState` (no I/O); the two pool classes are thin
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 from collections.abc import Callable
 from time import monotonic
 from typing import Any, TypeVar
@@ -44,10 +44,9 @@ from psycopg_pool.pool_async import AddConnection as AsyncAddConnection
 
 from .classify import Kind, Phase, classify
 from .connection import AsyncConnection, Connection
+from .events import PoolEvent, emit
 from .probe import RoleReport, aprobe, probe
 from .state import FailoverState, finding
-
-logger = logging.getLogger("pgfailover.pool")
 
 CT = TypeVar("CT", bound=Connection[Any])
 ACT = TypeVar("ACT", bound=AsyncConnection[Any])
@@ -145,7 +144,7 @@ class ConnectionPool(_Pool[CT]):
         **kwargs: Any,
     ) -> None:
         _check_options(connection_class, Connection, recheck_interval)
-        self._pgf = FailoverState(pooler=pooler)
+        self._pgf = FailoverState(pooler=pooler, on_event=self._pgf_event)
         self._pgf_configure_user = configure
         self.recheck_interval = recheck_interval
         super().__init__(
@@ -258,13 +257,15 @@ class ConnectionPool(_Pool[CT]):
                 conn.close()
             super().putconn(conn)
             if purge:
-                logger.warning("%s: purging every connection opened before now", verdict.reason)
                 self.drain()
             return
         super().putconn(conn)
 
     def get_stats(self) -> dict[str, int]:
         return {**super().get_stats(), **self._pgf.stats()}
+
+    def _pgf_event(self, event: PoolEvent) -> None:
+        emit(dataclasses.replace(event, pool=getattr(self, "name", "")))
 
 
 class AsyncConnectionPool(_AsyncPool[ACT]):
@@ -281,7 +282,7 @@ class AsyncConnectionPool(_AsyncPool[ACT]):
         **kwargs: Any,
     ) -> None:
         _check_options(connection_class, AsyncConnection, recheck_interval)
-        self._pgf = FailoverState(pooler=pooler)
+        self._pgf = FailoverState(pooler=pooler, on_event=self._pgf_event)
         self._pgf_configure_user = configure
         self.recheck_interval = recheck_interval
         super().__init__(
@@ -396,10 +397,12 @@ class AsyncConnectionPool(_AsyncPool[ACT]):
                 await conn.close()
             await super().putconn(conn)
             if purge:
-                logger.warning("%s: purging every connection opened before now", verdict.reason)
                 await self.drain()
             return
         await super().putconn(conn)
 
     def get_stats(self) -> dict[str, int]:
         return {**super().get_stats(), **self._pgf.stats()}
+
+    def _pgf_event(self, event: PoolEvent) -> None:
+        emit(dataclasses.replace(event, pool=getattr(self, "name", "")))

@@ -106,7 +106,11 @@ class Instrumentation:
     def __init__(self, engine: Engine, options: Options) -> None:
         self._engine = weakref.ref(engine)
         self.options = options
-        self.state = FailoverState(pooler=options.pooler)
+        self.state = FailoverState(
+            pooler=options.pooler,
+            name=engine.url.render_as_string(hide_password=True),
+            on_event=emit,
+        )
         self._async = bool(engine.dialect.is_async)
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
 

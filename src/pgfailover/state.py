@@ -7,14 +7,13 @@ single-flight gate for reconnecting, and the counters.
 
 from __future__ import annotations
 
-import logging
 import threading
+from collections.abc import Callable
 
 from .classify import Kind, Verdict
 from .errors import NoPrimaryAvailable
+from .events import PoolEvent
 from .probe import RoleReport
-
-logger = logging.getLogger("pgfailover.state")
 
 #: Smallest wait between two role probes of new connections while no primary is reachable.
 MIN_PROBE_INTERVAL = 0.05
@@ -31,10 +30,22 @@ class FailoverState:
 
     Thread-safe: every method takes a short internal lock (never held across I/O), so the
     same object serves threads and asyncio tasks.
+
+    ``on_event`` receives a :class:`~pgfailover.events.PoolEvent` for each purge and each
+    return of a primary after an outage, called after the lock is released (the shells
+    pass :func:`~pgfailover.events.emit`; None: no events). ``name`` names the pool in them.
     """
 
-    def __init__(self, *, pooler: bool | None) -> None:
+    def __init__(
+        self,
+        *,
+        pooler: bool | None,
+        name: str = "",
+        on_event: Callable[[PoolEvent], None] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
+        self.name = name
+        self._on_event = on_event
         #: Bumped at each purge; connections remember the generation they were made in.
         self.generation = 0
         #: Configured or detected: does a multiplexing pooler sit in front of the servers?
@@ -63,11 +74,13 @@ class FailoverState:
             self.counters["connections_poisoned"] += 1
             if verdict.is_failover:
                 self._outage(now)
-            if verdict.purge_generation and generation == self.generation:
+            purge = verdict.purge_generation and generation == self.generation
+            if purge:
                 self.generation += 1
                 self.counters["generations_purged"] += 1
-                return True
-            return False
+        if purge:
+            self._event("generation purged", reason=verdict.reason)
+        return purge
 
     def not_primary(self, endpoint: str, finding: str, now: float, generation: int) -> bool:
         """A probe found no writable primary at ``endpoint``. True if the caller must purge."""
@@ -75,11 +88,13 @@ class FailoverState:
             self.counters["connections_rejected"] += 1
             self.hosts[endpoint] = finding
             self._outage(now)
-            if generation == self.generation:
+            purge = generation == self.generation
+            if purge:
                 self.generation += 1
                 self.counters["generations_purged"] += 1
-                return True
-            return False
+        if purge:
+            self._event("generation purged", reason=f"{endpoint} leads to a {finding}")
+        return purge
 
     def connect_failed(self, endpoint: str, verdict: Verdict, now: float) -> None:
         """Opening a connection failed with ``verdict``."""
@@ -95,14 +110,14 @@ class FailoverState:
         """A new connection reached a writable primary: the outage, if any, is over."""
         with self._lock:
             self.fatal = None
+            recovery = None
             if self.outage_since is not None:
-                self.counters["recovery_ms_last"] = int((now - self.outage_since) * 1000)
-                logger.warning(
-                    "writable primary reached again %.3f s after the failover was noticed",
-                    now - self.outage_since,
-                )
+                recovery = now - self.outage_since
+                self.counters["recovery_ms_last"] = int(recovery * 1000)
                 self.outage_since = None
                 self.hosts.clear()
+        if recovery is not None:
+            self._event("primary reached again", recovery=recovery)
 
     def probed(self, report: RoleReport) -> None:
         """Record a probe's outcome: count queries, learn whether a pooler is in front."""
@@ -111,6 +126,10 @@ class FailoverState:
                 self.counters["probes_run"] += 1
             if self.pooler is None and report.via_pooler is not None:
                 self.pooler = report.via_pooler
+
+    def _event(self, action: str, *, reason: str = "", recovery: float | None = None) -> None:
+        if self._on_event is not None:
+            self._on_event(PoolEvent(action, self.name, self.generation, reason, recovery))
 
     def _outage(self, now: float) -> None:
         if self.outage_since is None:

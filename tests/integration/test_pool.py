@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -68,20 +69,49 @@ POOL_KWARGS: dict[str, Any] = {
 }
 
 
+@pytest.fixture
+def pool_events() -> Iterator[list[pgfailover.PoolEvent]]:
+    """PoolEvents delivered to a subscribed hook during the test."""
+    seen: list[pgfailover.PoolEvent] = []
+
+    def hook(event: pgfailover.Event) -> None:
+        if isinstance(event, pgfailover.PoolEvent):
+            seen.append(event)
+
+    unsubscribe = pgfailover.subscribe(hook)
+    yield seen
+    unsubscribe()
+
+
+def _check_pool_events(
+    events: list[pgfailover.PoolEvent], pool: str, stats: dict[str, int]
+) -> None:
+    mine = [e for e in events if e.pool == pool]
+    purged = [e for e in mine if e.action == "generation purged"]
+    recovered = [e for e in mine if e.action == "primary reached again"]
+    assert len(purged) == stats["generations_purged"], mine
+    assert all(e.reason for e in purged), purged
+    assert recovered, mine
+    assert recovered[-1].recovery is not None
+    assert int(recovered[-1].recovery * 1000) == stats["recovery_ms_last"]
+
+
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 def test_pool_recovers_through_pgbouncer_after_repoint(
     pgfailover_cluster_factory: ClusterFactory,
     mode: str,
+    pool_events: list[pgfailover.PoolEvent],
 ) -> None:
     """Concurrent writers through PgBouncer; failover; repoint 1 s later: the pool recovers
     without restart, the first write lands within 0.5 s of the repoint, no server connection
-    to the standby survives, and the probes are bounded."""
+    to the standby survives, the probes are bounded, and the pool's purge and recovery
+    reach event hooks as PoolEvents naming the pool."""
     cluster = bouncer_cluster(pgfailover_cluster_factory, mode)
     assert cluster.pgbouncer is not None
     name = table(cluster)
     old_primary = cluster.primary
     stop = threading.Event()
-    with ConnectionPool[Any](cluster.pgbouncer.dsn(), **POOL_KWARGS) as pool:
+    with ConnectionPool[Any](cluster.pgbouncer.dsn(), name="orders", **POOL_KWARGS) as pool:
         pool.wait()
         work = _run_writers(pool, name, stop)
         try:
@@ -100,6 +130,7 @@ def test_pool_recovers_through_pgbouncer_after_repoint(
     assert work.first_ok_after(repointed_at) < 0.5
     assert stats["generations_purged"] >= 1
     assert stats["probes_run"] < 60, stats  # bounded by time, not by failing requests
+    _check_pool_events(pool_events, "orders", stats)
     assert len(work.failed) <= 2 * WRITERS + stats["pool_max"], work.failed
     eventually(no_server_left_on(cluster, old_primary.port))
     with old_primary.connect() as conn:
@@ -113,15 +144,19 @@ def test_pool_recovers_through_pgbouncer_after_repoint(
 async def test_async_pool_recovers_through_pgbouncer_after_repoint(
     pgfailover_cluster_factory: ClusterFactory,
     mode: str,
+    pool_events: list[pgfailover.PoolEvent],
 ) -> None:
-    """Async twin: the pool recovers within 0.5 s of the repoint with bounded probes."""
+    """Async twin: the pool recovers within 0.5 s of the repoint with bounded probes, and
+    reports its purge and recovery as PoolEvents."""
     cluster = bouncer_cluster(pgfailover_cluster_factory, mode)
     assert cluster.pgbouncer is not None
     name = table(cluster)
     old_primary = cluster.primary
     stop = asyncio.Event()
     work = Workload()
-    async with AsyncConnectionPool[Any](cluster.pgbouncer.dsn(), **POOL_KWARGS) as pool:
+    async with AsyncConnectionPool[Any](
+        cluster.pgbouncer.dsn(), name="orders-async", **POOL_KWARGS
+    ) as pool:
         await pool.wait()
         tasks = [
             asyncio.create_task(_async_writer(pool, name, i, stop, work)) for i in range(WRITERS)
@@ -140,6 +175,7 @@ async def test_async_pool_recovers_through_pgbouncer_after_repoint(
         stats = pool.get_stats()
     assert work.first_ok_after(repointed_at) < 0.5
     assert stats["probes_run"] < 60, stats
+    _check_pool_events(pool_events, "orders-async", stats)
     eventually(no_server_left_on(cluster, old_primary.port))
 
 

@@ -237,12 +237,20 @@ async def test_engine_recovers_through_pgbouncer_after_repoint(
     """Writers on an instrumented engine through PgBouncer; failover; repoint 1 s later: the
     engine recovers without restart or dispose(), the first write lands within 0.5 s of the
     repoint, and no server connection to the standby survives. In transaction mode the
-    standby's own error shape (25006, or 0A000 once postgresql_readonly was used) is seen."""
+    standby's own error shape (25006, or 0A000 once postgresql_readonly was used) is seen.
+    Each purge is a PoolEvent naming the engine by its URL, without the password."""
     cluster = bouncer_cluster(pgfailover_cluster_factory, mode)
     name = table(cluster)
     old_primary = cluster.primary
     engine = _bouncer_engine(cluster, kind)
     instrumentation = pgsa.instrument(engine)
+    pool_events: list[pgfailover.PoolEvent] = []
+
+    def hook(event: pgfailover.Event) -> None:
+        if isinstance(event, pgfailover.PoolEvent):
+            pool_events.append(event)
+
+    unsubscribe = pgfailover.subscribe(hook)
     try:
         if isinstance(engine, AsyncEngine):
             work, repointed_at = await _async_scenario(engine, cluster, name, shape)
@@ -251,8 +259,13 @@ async def test_engine_recovers_through_pgbouncer_after_repoint(
                 _sync_scenario, engine, cluster, name, shape
             )
     finally:
+        unsubscribe()
         stats = instrumentation.stats()
         await _dispose(engine)
+    mine = [e for e in pool_events if e.pool == engine.url.render_as_string(hide_password=True)]
+    purged = [e for e in mine if e.action == "generation purged"]
+    assert len(purged) == stats["generations_purged"], pool_events
+    assert all(cluster.password not in e.summary() for e in pool_events)
     codes = Counter(code for _, code in work.failed)
     assert work.first_ok_after(repointed_at) < 0.5, codes
     assert stats["failovers_detected"] >= 1, stats

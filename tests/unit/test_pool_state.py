@@ -9,6 +9,7 @@ from psycopg_pool import PoolTimeout
 
 from pgfailover import classify
 from pgfailover.errors import NoPrimaryAvailable
+from pgfailover.events import PoolEvent
 from pgfailover.state import MIN_PROBE_INTERVAL, FailoverState
 
 READ_ONLY = classify(psycopg.errors.lookup("25006")("cannot execute INSERT"))
@@ -82,3 +83,36 @@ def test_needs_check_only_with_a_reason() -> None:
     state.poisoned(0, READ_ONLY, now=1.0)
     assert state.needs_check(1, returned_at=5.0, recheck_interval=None, now=6.0)
     assert state.needs_check(0, returned_at=5.0, recheck_interval=None, now=6.0)
+
+
+def test_each_purge_and_each_recovery_is_one_pool_event() -> None:
+    """A purge (from a poisoned connection or a probe) and the first writable connection
+    after an outage each produce one PoolEvent, with the generation after the action and
+    the recovery time; healthy connects produce none."""
+    events: list[PoolEvent] = []
+    state = FailoverState(pooler=None, name="orders", on_event=events.append)
+    state.connected(now=0.5)  # healthy: nothing to say
+    for _ in range(3):
+        state.poisoned(0, READ_ONLY, now=1.0)
+    state.not_primary("db1:5432", "standby", now=1.2, generation=1)
+    state.not_primary("db1:5432", "standby", now=1.3, generation=0)  # an older generation
+    state.connected(now=1.75)
+    state.connected(now=2.0)
+    assert [(e.action, e.pool, e.generation) for e in events] == [
+        ("generation purged", "orders", 1),
+        ("generation purged", "orders", 2),
+        ("primary reached again", "orders", 2),
+    ]
+    assert events[0].reason == READ_ONLY.reason
+    assert events[1].reason == "db1:5432 leads to a standby"
+    assert events[2].recovery == 0.75
+    assert "after 0.750 s" in events[2].summary()
+
+
+def test_pool_events_are_delivered_outside_the_state_lock() -> None:
+    """The event callback may call back into the state (e.g. read stats) without deadlock."""
+    seen: list[dict[str, int]] = []
+    state = FailoverState(pooler=None, on_event=lambda event: seen.append(state.stats()))
+    state.poisoned(0, READ_ONLY, now=1.0)
+    state.connected(now=2.0)
+    assert [s["generations_purged"] for s in seen] == [1, 1]
