@@ -95,6 +95,7 @@ class _Failed(Exception):
     record: CommitRecord | None
     result: object = None  # the work's result, when only the COMMIT failed
     conn: object = None  # the driver connection it failed on, if any (broken or not)
+    read_only: bool = False  # a read-only transaction: a lost COMMIT lost nothing
 
 
 # ------------------------------------------------------------------ the target shells
@@ -111,9 +112,26 @@ def _endpoint(conn: Any) -> str:
         return ""
 
 
-@functools.lru_cache(maxsize=64)
-def _begin_sql(known: ServerIdentity | None, same_server: bool) -> bytes:
-    return ("BEGIN; " + record_sql(known, same_server=same_server)).encode()
+@functools.lru_cache(maxsize=256)
+def _begin_sql(begin: bytes, known: ServerIdentity | None, same_server: bool) -> bytes:
+    return begin + b"; " + record_sql(known, same_server=same_server).encode()
+
+
+def _tx_start(conn: Any) -> bytes:
+    """The BEGIN psycopg itself would send on ``conn``: with its isolation level, read-only
+    and deferrable settings (psycopg caches it; the fallback builds it the same way)."""
+    get = getattr(conn, "_get_tx_start_command", None)
+    if get is not None:
+        return bytes(get())
+    parts = ["BEGIN"]
+    if conn.isolation_level is not None:
+        level = psycopg.IsolationLevel(conn.isolation_level).name.replace("_", " ")
+        parts.append(f"ISOLATION LEVEL {level}")
+    if conn.read_only is not None:
+        parts.append("READ ONLY" if conn.read_only else "READ WRITE")
+    if conn.deferrable is not None:
+        parts.append("DEFERRABLE" if conn.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts).encode()
 
 
 def _direct(conn: Any) -> bool:
@@ -122,8 +140,9 @@ def _direct(conn: Any) -> bool:
     return getattr(conn, "via_pooler", None) is False
 
 
-def _begin_and_record(conn: Any, sql: bytes) -> PQGen[_Row]:
-    """Send BEGIN and the record as one simple-protocol message; return the record's row.
+def _begin_and_record(conn: Any, sql: bytes) -> PQGen[_Row | None]:
+    """Send BEGIN and the record as one simple-protocol message; return the record's row
+    (None if ``sql`` is a BEGIN alone).
 
     Driven by the connection's own ``wait()``, so a pgfailover connection classifies a
     failure here like any other (a server error is raised inside the generator, as
@@ -138,6 +157,8 @@ def _begin_and_record(conn: Any, sql: bytes) -> PQGen[_Row]:
             raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
         if result.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
             raise psycopg.InternalError(f"unexpected result for the record: {result.status!r}")
+    if len(results) == 1:
+        return None
     if len(results) != 2 or results[1].ntuples != 1:
         raise psycopg.InternalError("BEGIN and the record did not return one row")
     row = results[1]
@@ -173,22 +194,33 @@ def _parse_recorded(recorded: _Recorded | None, conn: Any) -> CommitRecord | Non
         return None
 
 
-def _record_psycopg(conn: psycopg.Connection[Any]) -> _Recorded:
-    """BEGIN and the record in one round trip (see :func:`_begin_and_record`). psycopg
-    reads the transaction status from the server's replies, so it sends no BEGIN of its
-    own afterwards, whatever the connection's autocommit setting, and ``commit()`` sends
-    COMMIT."""
+def _begin_statement(conn: Any) -> tuple[bytes, ServerIdentity | None]:
+    """What to send to begin: psycopg's own BEGIN (isolation level, read-only, deferrable
+    kept) followed by the record, or alone in a read-only transaction (it cannot assign an
+    xid, and a lost COMMIT of it lost nothing)."""
+    begin = _tx_start(conn)
+    if conn.read_only:
+        return begin, None
     known = _identities.get(conn)
+    return _begin_sql(begin, known, _direct(conn)), known
+
+
+def _record_psycopg(conn: psycopg.Connection[Any]) -> _Recorded | None:
+    """BEGIN and the record in one round trip (see :func:`_begin_and_record`); None in a
+    read-only transaction. psycopg reads the transaction status from the server's replies,
+    so it sends no BEGIN of its own afterwards, whatever the connection's autocommit
+    setting, and ``commit()`` sends COMMIT."""
+    sql, known = _begin_statement(conn)
     with conn.lock:
-        row = conn.wait(_begin_and_record(conn, _begin_sql(known, _direct(conn))))
-    return _remember(conn, row, known)
+        row = conn.wait(_begin_and_record(conn, sql))
+    return None if row is None else _remember(conn, row, known)
 
 
-async def _arecord_psycopg(conn: psycopg.AsyncConnection[Any]) -> _Recorded:
-    known = _identities.get(conn)
+async def _arecord_psycopg(conn: psycopg.AsyncConnection[Any]) -> _Recorded | None:
+    sql, known = _begin_statement(conn)
     async with conn.lock:
-        row = await conn.wait(_begin_and_record(conn, _begin_sql(known, _direct(conn))))
-    return _remember(conn, row, known)
+        row = await conn.wait(_begin_and_record(conn, sql))
+    return None if row is None else _remember(conn, row, known)
 
 
 def _observe_psycopg(conn: psycopg.Connection[Any], xid: str) -> Observation:
@@ -256,7 +288,8 @@ class _PoolShell:
                     return result
         except Exception as ex:
             record = _parse_recorded(recorded, used)
-            raise _Failed(ex, phase, record, result, used) from ex
+            read_only = bool(getattr(used, "read_only", False))
+            raise _Failed(ex, phase, record, result, used, read_only) from ex
 
     def observe(
         self, record: CommitRecord, timeout: float | None, check: Any
@@ -291,7 +324,8 @@ class _AsyncPoolShell:
                     return result
         except Exception as ex:
             record = _parse_recorded(recorded, used)
-            raise _Failed(ex, phase, record, result, used) from ex
+            read_only = bool(getattr(used, "read_only", False))
+            raise _Failed(ex, phase, record, result, used, read_only) from ex
 
     async def observe(
         self, record: CommitRecord, timeout: float | None, check: Any
@@ -512,10 +546,14 @@ class _Run:
         return remaining is not None and remaining - wait <= MIN_ATTEMPT_TIME
 
     def decide(self, failed: _Failed) -> Decision:
+        """The policy's decision; a lost COMMIT of a read-only transaction needs no outcome
+        (nothing was written): it is judged as not committed."""
         self.attempt += 1
-        return self.policy.after(
-            failed.error, time.monotonic(), phase=failed.phase, conn=failed.conn
-        )
+        now = time.monotonic()
+        decision = self.policy.after(failed.error, now, phase=failed.phase, conn=failed.conn)
+        if decision.needs_outcome and failed.read_only:
+            decision = decision.not_committed(now)
+        return decision
 
     def report(self, decision: Decision, failed: _Failed, action: str, detail: str = "") -> None:
         verdict: Verdict = decision.verdict

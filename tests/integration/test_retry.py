@@ -523,3 +523,72 @@ def test_record_compares_the_server_only_where_a_pooler_can_change_it(
         calls for query, calls in seen.items() if "pg_postmaster_start_time() =" in query
     )
     assert compared == (0 if route == "direct" else 5), seen
+
+
+def _settings(conn: psycopg.Connection[Any]) -> tuple[str, str]:
+    row = conn.execute(
+        "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')"
+    ).fetchone()
+    assert row is not None
+    return str(row[0]), str(row[1])
+
+
+async def _asettings(conn: psycopg.AsyncConnection[Any]) -> tuple[str, str]:
+    cur = await conn.execute(
+        "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')"
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row[0]), str(row[1])
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+def test_the_runner_keeps_the_connections_transaction_settings(
+    pgfailover_cluster: LocalCluster, autocommit: bool
+) -> None:
+    """The BEGIN the runner sends with the record is psycopg's own: the pool's isolation
+    level survives (serializable stays serializable), autocommit connections too."""
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+
+    dsn = pgfailover_cluster.primary.dsn()
+    with ConnectionPool[Any](
+        dsn, min_size=1, max_size=1, kwargs={"autocommit": autocommit}, configure=configure
+    ) as pool:
+        assert run_transaction(pool, _settings) == ("serializable", "off")
+        with pool.connection() as conn:
+            assert conn.isolation_level is psycopg.IsolationLevel.SERIALIZABLE
+
+
+async def test_async_runner_keeps_the_connections_transaction_settings(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """Async twin: the isolation level survives the runner's BEGIN."""
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+
+    dsn = pgfailover_cluster.primary.dsn()
+    async with AsyncConnectionPool[Any](dsn, min_size=1, max_size=1, configure=configure) as pool:
+        assert await arun_transaction(pool, _asettings) == ("repeatable read", "off")
+
+
+def test_read_only_transactions_run_and_a_lost_commit_of_one_is_simply_retried(
+    pgfailover_cluster: LocalCluster, proxy: FaultProxy, events: list[RetryEvent]
+) -> None:
+    """On a read-only connection the runner records nothing (no xid can be assigned) and
+    the transaction is read-only; when its COMMIT is lost nothing was written, so it is run
+    again without looking up an outcome."""
+    dsn = proxy.dsn_for(pgfailover_cluster.primary)
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.read_only = True
+
+    with ConnectionPool[Any](dsn, min_size=1, max_size=1, configure=configure) as pool:
+        assert run_transaction(pool, _settings, timeout=10) == ("read committed", "on")
+        proxy.drop_on("after_reply")
+        assert run_transaction(pool, _settings, timeout=10) == ("read committed", "on")
+    assert proxy.faults, "the fault never fired"
+    assert [e.action for e in events] == ["retry"]
+    assert events[0].cause.retry is pgfailover.Retry.OUTCOME_UNKNOWN
