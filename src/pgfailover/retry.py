@@ -362,10 +362,10 @@ class _EngineShell:
     def attempt(
         self, work: Callable[..., Any], args: Any, kwargs: Any, timeout: float | None
     ) -> Any:
-        phase, record, result = Phase.CONNECT, None, None
+        phase, record, result, read_only = Phase.CONNECT, None, None, False
         try:
             with self._unit() as (handle, conn):
-                phase = Phase.TRANSACTION
+                phase, read_only = Phase.TRANSACTION, _read_only(conn)
                 record = _record_sqlalchemy(conn)
                 result = work(handle, *args, **kwargs)
                 if self.sessions:
@@ -374,7 +374,7 @@ class _EngineShell:
                 handle.commit()
                 return result
         except Exception as ex:
-            raise _Failed(ex, phase, record, result) from ex
+            raise _Failed(ex, phase, record, result, read_only=read_only) from ex
 
     def observe(
         self, record: CommitRecord, timeout: float | None, check: Any
@@ -410,10 +410,10 @@ class _AsyncEngineShell:
     async def attempt(
         self, work: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, timeout: float | None
     ) -> Any:
-        phase, record, result = Phase.CONNECT, None, None
+        phase, record, result, read_only = Phase.CONNECT, None, None, False
         try:
             async with self._unit() as (handle, conn):
-                phase = Phase.TRANSACTION
+                phase, read_only = Phase.TRANSACTION, _read_only(conn)
                 record = await conn.run_sync(_record_sqlalchemy)
                 result = await work(handle, *args, **kwargs)
                 if self.sessions:
@@ -422,7 +422,7 @@ class _AsyncEngineShell:
                 await handle.commit()
                 return result
         except Exception as ex:
-            raise _Failed(ex, phase, record, result) from ex
+            raise _Failed(ex, phase, record, result, read_only=read_only) from ex
 
     async def observe(
         self, record: CommitRecord, timeout: float | None, check: Any
@@ -439,11 +439,21 @@ class _AsyncEngineShell:
             return seen, verdict
 
 
-def _record_sqlalchemy(conn: Any) -> CommitRecord:
+def _read_only(conn: Any) -> bool:
+    """Whether a SQLAlchemy (async) Connection runs read-only transactions
+    (``postgresql_readonly``, on the engine or the connection)."""
+    sync = getattr(conn, "sync_connection", None) or conn  # an AsyncConnection's own
+    return bool(sync.get_execution_options().get("postgresql_readonly"))
+
+
+def _record_sqlalchemy(conn: Any) -> CommitRecord | None:
     """The record on a SQLAlchemy Connection whose transaction has begun, as one more
     statement (psycopg sends BEGIN with it; the drivers differ in how a BEGIN could be
     shared, so SQLAlchemy targets pay one round trip per transaction for the record).
+    None in a read-only transaction (no xid can be assigned; nothing can be lost).
     The server's identity is kept in the pooled connection's ``info``."""
+    if _read_only(conn):
+        return None
     info = conn.connection.info
     known = info.get(_IDENTITY_KEY)
     row = conn.exec_driver_sql(record_sql(known)).one()

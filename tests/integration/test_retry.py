@@ -592,3 +592,46 @@ def test_read_only_transactions_run_and_a_lost_commit_of_one_is_simply_retried(
     assert proxy.faults, "the fault never fired"
     assert [e.action for e in events] == ["retry"]
     assert events[0].cause.retry is pgfailover.Retry.OUTCOME_UNKNOWN
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_engine_read_only_transactions_record_nothing_and_retry_a_lost_commit(
+    pgfailover_cluster: LocalCluster, proxy: FaultProxy, events: list[RetryEvent], driver: str
+) -> None:
+    """An engine with postgresql_readonly runs read-only transactions through the runner
+    (no record: no xid can be assigned there); a lost COMMIT of one is run again."""
+    engine = sa.create_engine(
+        _url(pgfailover_cluster, proxy, driver),
+        execution_options={"postgresql_readonly": True},
+    )
+    pgsa.instrument(engine)
+
+    def read_only(conn: sa.Connection) -> str:
+        return str(conn.execute(sa.text("SHOW transaction_read_only")).scalar_one())
+
+    try:
+        assert run_transaction(engine, read_only, timeout=10) == "on"
+        proxy.drop_on("after_reply")
+        assert run_transaction(engine, read_only, timeout=10) == "on"
+    finally:
+        engine.dispose()
+    assert proxy.faults, "the fault never fired"
+    assert [e.action for e in events] == ["retry"]
+
+
+async def test_async_engine_read_only_transactions_record_nothing(
+    pgfailover_cluster: LocalCluster, proxy: FaultProxy
+) -> None:
+    """Async twin (psycopg): read-only work runs through the runner."""
+    engine = create_async_engine(
+        _url(pgfailover_cluster, proxy, "psycopg"),
+        execution_options={"postgresql_readonly": True},
+    )
+
+    async def read_only(conn: Any) -> str:
+        return str((await conn.execute(sa.text("SHOW transaction_read_only"))).scalar_one())
+
+    try:
+        assert await arun_transaction(engine, read_only, timeout=10) == "on"
+    finally:
+        await engine.dispose()
