@@ -114,10 +114,21 @@ def _insert_sa(table: str, stack: str) -> Callable[[Any, int], None]:
 
 
 class _PoolStack(Stack):
-    def __init__(self, pool: psycopg_pool.ConnectionPool[Any], table: str, *, runner: bool) -> None:
-        self.pool = pool
+    """A psycopg_pool pool of ``pool_class``; the work under the runner if ``runner``."""
+
+    pool_class: type[psycopg_pool.ConnectionPool[Any]]
+    runner: bool
+
+    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
+        self.pool = self.pool_class(
+            endpoint.conninfo(),
+            kwargs=endpoint.connect_kwargs(),
+            min_size=size,
+            max_size=size,
+            timeout=POOL_TIMEOUT,
+            open=True,
+        )
         self.work = _insert(table, self.name)
-        self.runner = runner
 
     def write(self, key: int) -> None:
         if self.runner:
@@ -134,70 +145,52 @@ class NaivePool(_PoolStack):
     name = "psycopg_pool"
     protected = False
     description = "plain psycopg_pool.ConnectionPool"
-
-    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
-        pool = psycopg_pool.ConnectionPool[Any](
-            endpoint.conninfo(),
-            kwargs=endpoint.connect_kwargs(),
-            min_size=size,
-            max_size=size,
-            timeout=POOL_TIMEOUT,
-            open=True,
-        )
-        super().__init__(pool, table, runner=False)
+    pool_class = psycopg_pool.ConnectionPool
+    runner = False
 
 
 class ProtectedPool(_PoolStack):
     name = "pgfailover pool"
     protected = True
     description = "pgfailover.ConnectionPool"
-
-    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
-        pool = ConnectionPool[Any](
-            endpoint.conninfo(),
-            kwargs=endpoint.connect_kwargs(),
-            min_size=size,
-            max_size=size,
-            timeout=POOL_TIMEOUT,
-            open=True,
-        )
-        super().__init__(pool, table, runner=False)
+    pool_class = ConnectionPool
+    runner = False
 
 
 class ProtectedPoolRunner(_PoolStack):
     name = "pgfailover pool + runner"
     protected = True
     description = "pgfailover.ConnectionPool under pgfailover.run_transaction"
-
-    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
-        pool = ConnectionPool[Any](
-            endpoint.conninfo(),
-            kwargs=endpoint.connect_kwargs(),
-            min_size=size,
-            max_size=size,
-            timeout=POOL_TIMEOUT,
-            open=True,
-        )
-        super().__init__(pool, table, runner=True)
+    pool_class = ConnectionPool
+    runner = True
 
 
 class _EngineStack(Stack):
-    def __init__(self, endpoint: Endpoint, table: str, size: int, *, instrumented: bool) -> None:
+    """A SQLAlchemy engine: with ``pool_pre_ping`` (naive) or instrumented; the work under
+    the runner if ``runner``."""
+
+    instrumented: bool
+    runner: bool
+
+    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
         self.engine = sa.create_engine(
             endpoint.url(),
             pool_size=size,
             max_overflow=0,
             pool_timeout=POOL_TIMEOUT,
-            pool_pre_ping=not instrumented,
+            pool_pre_ping=not self.instrumented,
             connect_args=endpoint.connect_kwargs(),
         )
-        if instrumented:
+        if self.instrumented:
             instrument(self.engine)
         self.work = _insert_sa(table, self.name)
 
     def write(self, key: int) -> None:
-        with self.engine.begin() as conn:
-            self.work(conn, key)
+        if self.runner:
+            run_transaction(self.engine, self.work, key, timeout=RUNNER_TIMEOUT)
+        else:
+            with self.engine.begin() as conn:
+                self.work(conn, key)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -207,30 +200,24 @@ class NaiveEngine(_EngineStack):
     name = "SQLAlchemy pre_ping"
     protected = False
     description = "SQLAlchemy engine with pool_pre_ping=True"
-
-    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
-        super().__init__(endpoint, table, size, instrumented=False)
+    instrumented = False
+    runner = False
 
 
 class ProtectedEngine(_EngineStack):
     name = "SQLAlchemy instrumented"
     protected = True
     description = "SQLAlchemy engine + pgfailover.sqlalchemy.instrument()"
-
-    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
-        super().__init__(endpoint, table, size, instrumented=True)
+    instrumented = True
+    runner = False
 
 
 class ProtectedEngineRunner(_EngineStack):
     name = "SQLAlchemy instrumented + runner"
     protected = True
     description = "instrumented SQLAlchemy engine under pgfailover.run_transaction"
-
-    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
-        super().__init__(endpoint, table, size, instrumented=True)
-
-    def write(self, key: int) -> None:
-        run_transaction(self.engine, self.work, key, timeout=RUNNER_TIMEOUT)
+    instrumented = True
+    runner = True
 
 
 #: Every stack, in display order: naive ones first.
