@@ -212,6 +212,15 @@ _READ_ONLY_RECOVERY: Final = _Rule(
     True,
     "0A000 with the recovery message: the node is a hot standby",
 )
+_RECOVERY_IN_PROGRESS: Final = _Rule(
+    Kind.READ_ONLY,
+    Retry.ROLLED_BACK,
+    True,
+    True,
+    True,
+    "55000 'recovery is in progress' (a WAL or xid function on a hot standby): the node is "
+    "a standby",
+)
 _FEATURE_NOT_SUPPORTED: Final = _application(
     "0A000 without the recovery message: a feature the server does not support"
 )
@@ -725,6 +734,8 @@ def _rule_for_sqlstate(
 ) -> _Rule:
     rule = _BY_SQLSTATE.get(code)
     if rule is None:
+        if code == "55000" and message.lower().startswith("recovery is in progress"):
+            return _RECOVERY_IN_PROGRESS
         return _rule_for_unlisted(code)
     if rule is _FEATURE_NOT_SUPPORTED:
         if _RECOVERY_LOWER in message.lower():

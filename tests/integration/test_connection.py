@@ -142,6 +142,20 @@ def test_direct_connection_event_names_the_node(
     assert events[0].node.backend_pid == pid
 
 
+def test_wal_function_on_a_standby_poisons_as_read_only(
+    pgfailover_cluster: LocalCluster, events: list[FailoverEvent]
+) -> None:
+    """The real server's 55000 'recovery is in progress' (a WAL function on a hot standby)
+    poisons the connection as a standby, like a failing write would."""
+    standby = pgfailover_cluster.standbys[0]
+    with Connection.connect(standby.dsn(), autocommit=True) as conn:
+        with pytest.raises(errors.ObjectNotInPrerequisiteState):
+            conn.execute("SELECT pg_current_wal_lsn()")
+        assert conn.poisoned is not None
+        assert conn.poisoned.kind is Kind.READ_ONLY
+    assert len(events) == 1
+
+
 # ---------------------------------------------------------------- simulation on a healthy primary
 def test_simulation_helper_poisons_like_the_real_error(
     pgfailover_cluster: LocalCluster, events: list[FailoverEvent]

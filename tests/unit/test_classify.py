@@ -913,3 +913,15 @@ def test_wrapper_invalidation_does_not_override_a_sqlstate() -> None:
         "INSERT", None, inner, psycopg.Error, connection_invalidated=True
     )
     assert classify(wrapped).kind is Kind.APPLICATION
+
+
+def test_recovery_in_progress_from_a_wal_function_is_a_standby() -> None:
+    """55000 'recovery is in progress' (pg_current_wal_lsn() and friends on a hot
+    standby) means the node is a standby, like 0A000 with the recovery message; other
+    55000 errors stay application errors."""
+    verdict = classify(psycopg3_error("55000", "recovery is in progress"))
+    assert verdict.kind is Kind.READ_ONLY
+    assert verdict.retry is Retry.ROLLED_BACK
+    assert verdict.purge_generation
+    other = classify(psycopg3_error("55000", "cannot drop the currently open database"))
+    assert other.kind is Kind.APPLICATION
