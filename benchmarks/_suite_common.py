@@ -153,22 +153,6 @@ def statement_label(query: str) -> str:
     return f"SELECT {call.group(1)}(...)" if call else "SELECT"
 
 
-def round_trips(trace: str) -> int:
-    """Client-to-server turns in a libpq trace: each run of F lines followed by a B line.
-
-    (Copied from tests/integration/test_retry.py, which counts the runner's round trips.)
-    """
-    turns, sending = 0, False
-    for line in trace.splitlines():
-        direction = line.split("\t")[1] if line.count("\t") >= 2 else ""
-        if direction == "F":
-            sending = True
-        elif direction == "B" and sending:
-            turns += 1
-            sending = False
-    return turns
-
-
 @dataclass
 class Timed:
     """Latencies (seconds) of one variant, and its per-round sums."""

@@ -39,7 +39,6 @@ from _suite_common import (
     fmt,
     log,
     reset_statements,
-    round_trips,
     statement_calls,
     statement_label,
     table,
@@ -51,6 +50,7 @@ import pgfailover.sqlalchemy as pgsa
 from pgfailover.pool import ConnectionPool
 from pgfailover.retry import run_transaction
 from pgfailover.testing import LocalCluster
+from pgfailover.testing.trace import round_trips
 
 TABLE = "bench"
 INSERT = f"INSERT INTO {TABLE} (v) VALUES (1)"

@@ -27,6 +27,7 @@ from pgfailover.pool import AsyncConnectionPool, ConnectionPool
 from pgfailover.retry import arun_transaction, run_transaction, transaction
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.proxy import FaultProxy
+from pgfailover.testing.trace import round_trips
 
 from .support import reset_statements
 
@@ -388,19 +389,6 @@ def test_checker_workload_never_loses_or_duplicates_across_crashes(
 # ------------------------------------------------------------------ happy-path cost
 
 
-def _round_trips(trace: str) -> int:
-    """Client-to-server turns in a libpq trace: each run of F lines followed by a B line."""
-    turns, sending = 0, False
-    for line in trace.splitlines():
-        direction = line.split("\t")[1] if line.count("\t") >= 2 else ""
-        if direction == "F":
-            sending = True
-        elif direction == "B" and sending:
-            turns += 1
-            sending = False
-    return turns
-
-
 def test_outcome_tracking_adds_no_round_trip_per_transaction(
     pgfailover_cluster: LocalCluster, keys_table: str, tmp_path: Any
 ) -> None:
@@ -423,7 +411,7 @@ def test_outcome_tracking_adds_no_round_trip_per_transaction(
                         run_transaction(pool, work, key)
                 with pool.connection() as conn:
                     conn.pgconn.untrace()
-            counts[name] = _round_trips(path.read_text())
+            counts[name] = round_trips(path.read_text())
     assert counts["bare"] >= 60  # BEGIN, INSERT, COMMIT for each of 20
     assert 60 <= counts["runner"] <= counts["bare"], counts  # 3 per transaction each
 

@@ -17,6 +17,7 @@ from .proxy import (
     ProxyError,
     ProxyStats,
 )
+from .trace import round_trips
 
 __all__ = [
     "BinariesNotFound",
@@ -33,4 +34,5 @@ __all__ = [
     "ProxyStats",
     "Timings",
     "live_pids",
+    "round_trips",
 ]
