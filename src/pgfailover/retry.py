@@ -119,18 +119,26 @@ def _begin_sql(begin: bytes, known: ServerIdentity | None, same_server: bool) ->
 
 def _tx_start(conn: Any) -> bytes:
     """The BEGIN psycopg itself would send on ``conn``: with its isolation level, read-only
-    and deferrable settings (psycopg caches it; the fallback builds it the same way)."""
+    and deferrable settings (psycopg's own, cached; :func:`_build_tx_start` if a psycopg
+    version lacks the private method)."""
     get = getattr(conn, "_get_tx_start_command", None)
     if get is not None:
         return bytes(get())
+    return _build_tx_start(conn.isolation_level, conn.read_only, conn.deferrable)
+
+
+def _build_tx_start(
+    isolation_level: int | None, read_only: bool | None, deferrable: bool | None
+) -> bytes:
+    """BEGIN with psycopg's words for these settings (None: the server's default)."""
     parts = ["BEGIN"]
-    if conn.isolation_level is not None:
-        level = psycopg.IsolationLevel(conn.isolation_level).name.replace("_", " ")
+    if isolation_level is not None:
+        level = psycopg.IsolationLevel(isolation_level).name.replace("_", " ")
         parts.append(f"ISOLATION LEVEL {level}")
-    if conn.read_only is not None:
-        parts.append("READ ONLY" if conn.read_only else "READ WRITE")
-    if conn.deferrable is not None:
-        parts.append("DEFERRABLE" if conn.deferrable else "NOT DEFERRABLE")
+    if read_only is not None:
+        parts.append("READ ONLY" if read_only else "READ WRITE")
+    if deferrable is not None:
+        parts.append("DEFERRABLE" if deferrable else "NOT DEFERRABLE")
     return " ".join(parts).encode()
 
 
@@ -366,7 +374,7 @@ class _EngineShell:
         try:
             with self._unit() as (handle, conn):
                 phase, read_only = Phase.TRANSACTION, _read_only(conn)
-                record = _record_sqlalchemy(conn)
+                record = None if read_only else _record_sqlalchemy(conn)
                 result = work(handle, *args, **kwargs)
                 if self.sessions:
                     handle.flush()
@@ -414,7 +422,7 @@ class _AsyncEngineShell:
         try:
             async with self._unit() as (handle, conn):
                 phase, read_only = Phase.TRANSACTION, _read_only(conn)
-                record = await conn.run_sync(_record_sqlalchemy)
+                record = None if read_only else await conn.run_sync(_record_sqlalchemy)
                 result = await work(handle, *args, **kwargs)
                 if self.sessions:
                     await handle.flush()
@@ -446,14 +454,11 @@ def _read_only(conn: Any) -> bool:
     return bool(sync.get_execution_options().get("postgresql_readonly"))
 
 
-def _record_sqlalchemy(conn: Any) -> CommitRecord | None:
-    """The record on a SQLAlchemy Connection whose transaction has begun, as one more
-    statement (psycopg sends BEGIN with it; the drivers differ in how a BEGIN could be
+def _record_sqlalchemy(conn: Any) -> CommitRecord:
+    """The record on a SQLAlchemy Connection whose read-write transaction has begun, as one
+    more statement (psycopg sends BEGIN with it; the drivers differ in how a BEGIN could be
     shared, so SQLAlchemy targets pay one round trip per transaction for the record).
-    None in a read-only transaction (no xid can be assigned; nothing can be lost).
     The server's identity is kept in the pooled connection's ``info``."""
-    if _read_only(conn):
-        return None
     info = conn.connection.info
     known = info.get(_IDENTITY_KEY)
     row = conn.exec_driver_sql(record_sql(known)).one()

@@ -547,6 +547,12 @@ def test_the_runner_keeps_the_connections_transaction_settings(
         assert run_transaction(pool, _settings) == ("serializable", "off")
         with pool.connection() as conn:
             assert conn.isolation_level is psycopg.IsolationLevel.SERIALIZABLE
+            for read_only, deferrable in ((None, None), (True, True), (False, False)):
+                conn.read_only, conn.deferrable = read_only, deferrable
+                # the fallback builds what psycopg itself would send
+                assert retry_module._build_tx_start(
+                    conn.isolation_level, read_only, deferrable
+                ) == retry_module._tx_start(conn)
 
 
 async def test_async_runner_keeps_the_connections_transaction_settings(

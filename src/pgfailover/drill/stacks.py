@@ -9,7 +9,7 @@ an instrumented engine, and both of those under the retry runner. The drill's wo
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,8 @@ from ..errors import CommitOutcomeUnknown
 from ..pool import ConnectionPool
 from ..retry import run_transaction
 from ..sqlalchemy import instrument
+
+logger = logging.getLogger("pgfailover.drill")
 
 #: How long a stack waits for a pooled connection before the operation fails (seconds):
 #: short, so that a stuck pool shows up as failures instead of one endless operation.
@@ -258,6 +260,9 @@ def error_code(ex: BaseException) -> tuple[str, bool]:
 
 
 def close_quietly(stack: Stack) -> None:
-    """Close ``stack``, ignoring errors of connections to servers that are gone."""
-    with contextlib.suppress(Exception):
+    """Close ``stack``; an error (a connection to a server that is gone) is logged at
+    debug level with its traceback, not raised: the drill's report comes first."""
+    try:
         stack.close()
+    except Exception:
+        logger.debug("closing the %s stack failed", stack.name, exc_info=True)
