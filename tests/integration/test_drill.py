@@ -116,7 +116,12 @@ def test_ctrl_c_during_a_drill_tears_everything_down(tmp_path: Path) -> None:
             break
     assert root is not None, "the drill did not start its cluster"
     assert len(_processes_under(root)) >= 3  # two postmasters and PgBouncer, at least
-    time.sleep(0.5)  # let the workers write
+    match = None
+    for line in proc.stderr:  # a progress line (one per second) with acknowledged writes
+        match = re.search(r"writes ok\s+(\d+)", line)
+        if (match and int(match.group(1)) > 0) or time.monotonic() > deadline:
+            break
+    assert match is not None, "no progress line before the deadline"
     os.kill(proc.pid, signal.SIGINT)
     assert proc.wait(60) == 130
     assert "interrupted" in proc.stderr.read()

@@ -513,6 +513,31 @@ def test_record_compares_the_server_only_where_a_pooler_can_change_it(
     assert compared == (0 if route == "direct" else 5), seen
 
 
+@pytest.mark.parametrize("route", ["direct", "pgbouncer"])
+async def test_async_record_compares_the_server_only_where_a_pooler_can_change_it(
+    pgfailover_cluster: LocalCluster, keys_table: str, route: str
+) -> None:
+    """Async twin: no comparison on a direct connection after the first record, one per
+    record through PgBouncer."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    dsn = cluster.primary.dsn() if route == "direct" else cluster.pgbouncer.dsn()
+    work = _ainsert(keys_table)
+    async with AsyncConnectionPool[Any](
+        dsn, min_size=1, max_size=1, kwargs={"prepare_threshold": None}
+    ) as pool:
+        await arun_transaction(pool, work, uuid.uuid4().hex)
+        reset_statements(cluster)
+        for _ in range(5):
+            await arun_transaction(pool, work, uuid.uuid4().hex)
+    seen = _record_statements(cluster)
+    assert sum(seen.values()) == 5, seen
+    compared = sum(
+        calls for query, calls in seen.items() if "pg_postmaster_start_time() =" in query
+    )
+    assert compared == (0 if route == "direct" else 5), seen
+
+
 def _settings(conn: psycopg.Connection[Any]) -> tuple[str, str]:
     row = conn.execute(
         "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')"
@@ -629,3 +654,22 @@ async def test_async_engine_read_only_transactions_record_nothing(
         assert await arun_transaction(engine, read_only, timeout=10) == "on"
     finally:
         await engine.dispose()
+
+
+async def test_async_read_only_lost_commit_is_simply_retried(
+    pgfailover_cluster: LocalCluster, proxy: FaultProxy, events: list[RetryEvent]
+) -> None:
+    """Async twin: a read-only connection records nothing, and its lost COMMIT is run
+    again without looking up an outcome."""
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.set_read_only(True)
+
+    dsn = proxy.dsn_for(pgfailover_cluster.primary)
+    async with AsyncConnectionPool[Any](dsn, min_size=1, max_size=1, configure=configure) as pool:
+        assert await arun_transaction(pool, _asettings, timeout=10) == ("read committed", "on")
+        proxy.drop_on("after_reply")
+        assert await arun_transaction(pool, _asettings, timeout=10) == ("read committed", "on")
+    assert proxy.faults, "the fault never fired"
+    assert [e.action for e in events] == ["retry"]
+    assert events[0].cause.retry is pgfailover.Retry.OUTCOME_UNKNOWN

@@ -1,10 +1,10 @@
-"""pgfailover.drill.plot: the timeline PNG (skipped when matplotlib is not installed)."""
+"""pgfailover.drill.plot: the timeline PNG. matplotlib comes with the dev install: a
+missing one fails these tests rather than skipping them."""
 
 from __future__ import annotations
 
 import struct
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +66,6 @@ def drill(per_stack: int, duration: float = 30.0) -> DrillReport:
 
 def test_render_writes_a_png_of_the_documented_size(tmp_path: Path) -> None:
     """3 stacks and a few thousand ops: a PNG over 20 kB of 1200 x 380 pixels at the path."""
-    pytest.importorskip("matplotlib")
     target = tmp_path / "timeline.png"
     written = render(drill(1000), target)
     assert written == target
@@ -78,7 +77,6 @@ def test_render_writes_a_png_of_the_documented_size(tmp_path: Path) -> None:
 
 def test_render_accepts_a_str_path_and_returns_a_path(tmp_path: Path) -> None:
     """A str path works too; the returned value is a pathlib.Path."""
-    pytest.importorskip("matplotlib")
     written = render(drill(50), str(tmp_path / "small.png"))
     assert isinstance(written, Path)
     assert written.read_bytes().startswith(PNG_SIGNATURE)
@@ -86,7 +84,6 @@ def test_render_accepts_a_str_path_and_returns_a_path(tmp_path: Path) -> None:
 
 def test_render_an_empty_report(tmp_path: Path) -> None:
     """No ops, no marks, never reachable, a zero-length window: still a valid PNG."""
-    pytest.importorskip("matplotlib")
     report = build_report({}, (), None, (0.0, 0.0), STACKS[:2], [], {})
     data = render(report, tmp_path / "empty.png").read_bytes()
     assert png_size(data) == expected_size(2)
@@ -94,19 +91,16 @@ def test_render_an_empty_report(tmp_path: Path) -> None:
 
 def test_render_a_report_without_stacks(tmp_path: Path) -> None:
     """Zero stacks: the base 12 x 2 inch picture."""
-    pytest.importorskip("matplotlib")
     report = DrillReport({}, (Mark("primary stopped", 1.0),), None, (0.0, 5.0), (), ())
     assert png_size(render(report, tmp_path / "none.png").read_bytes()) == expected_size(0)
 
 
-def test_render_many_ops_is_fast(tmp_path: Path) -> None:
-    """50,000 ops (drawn as per-100 ms counts) render in well under 2 s."""
-    pytest.importorskip("matplotlib")
+def test_render_many_ops_draws_counts(tmp_path: Path) -> None:
+    """50,000 ops (drawn as per-100 ms counts instead of one marker each) still give a
+    PNG of the documented size."""
     report = drill(50_000 // len(STACKS) + 1)
-    render(drill(10), tmp_path / "warm.png")  # imports and font cache outside the timing
-    began = time.perf_counter()
     data = render(report, tmp_path / "many.png").read_bytes()
-    assert time.perf_counter() - began < 2.0
+    assert data.startswith(PNG_SIGNATURE)
     assert png_size(data) == expected_size(3)
 
 
