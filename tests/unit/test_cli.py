@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from pgfailover.cli import main
+from pgfailover.drill.stacks import Endpoint
 
 
 def test_cli_restores_the_log_levels_it_quietens() -> None:
@@ -42,3 +43,11 @@ def test_drill_rejects_out_of_range_seconds_at_parse_time(
         main(["drill", "--after", "-1"])
     assert info.value.code == 2
     assert "expected 0 to 600 seconds" in capsys.readouterr().err
+
+
+def test_drill_endpoint_repr_hides_the_password() -> None:
+    """The drill's endpoint (which builds conninfo strings with the password) never shows
+    the password in its repr."""
+    endpoint = Endpoint([("127.0.0.1", 5432)], "app", "app", "s3cret-pw")
+    assert "s3cret-pw" not in repr(endpoint)
+    assert "s3cret-pw" in endpoint.conninfo()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -43,7 +43,7 @@ class Endpoint:
     hosts: Sequence[tuple[str, int]]
     dbname: str
     user: str
-    password: str
+    password: str = field(repr=False)  # never in a repr or log line
     #: False behind PgBouncer in transaction mode (before 1.21 it cannot keep prepared
     #: statements: a client meets another server connection each transaction).
     prepare: bool = True
