@@ -83,8 +83,18 @@ class _FailoverAware(BaseConnection[Row]):
     def _exec_command(
         self, command: QueryNoTemplate, result_format: Format = Format.TEXT
     ) -> PQGen[Any]:
-        # COMMIT from commit(), a transaction() block, or tpc_commit() passes through here.
-        is_commit = isinstance(command, bytes) and command.startswith((b"COMMIT", b"commit"))
+        # COMMIT from commit() or a transaction() block passes through here as bytes (the fast
+        # path, unchanged). Two-phase commit sends PREPARE TRANSACTION and COMMIT PREPARED (and
+        # ROLLBACK PREPARED, no commit) as composed SQL: render it here, once, and hand the
+        # bytes on, so psycopg's method does not render it again and inspecting costs nothing.
+        if isinstance(command, bytes):
+            is_commit = command.startswith((b"COMMIT", b"commit"))
+        elif isinstance(command, psycopg.sql.Composable):
+            self._check_connection_ok()  # rendering needs it: fail as psycopg would
+            command = command.as_bytes(self)
+            is_commit = command.startswith((b"COMMIT", b"PREPARE TRANSACTION"))
+        else:  # a str: psycopg encodes it
+            is_commit = command.startswith(("COMMIT", "commit", "PREPARE TRANSACTION"))
         if not is_commit:
             return super()._exec_command(command, result_format)
         return self._commit_tracked(super()._exec_command(command, result_format))
