@@ -479,7 +479,7 @@ def _add_imports(source: str) -> str:
         if not anchor and tree.body and ast.get_docstring(tree, clean=False) is not None:
             anchor = tree.body[:1]
         at = (anchor[-1].end_lineno or 0) if anchor else 0
-        missing = ["\n", *missing, "\n"]
+        missing = ["\n"] * bool(at) + [*missing, "\n"]
     return "".join(lines[:at] + missing + lines[at:])
 
 
@@ -522,6 +522,7 @@ def convert(source: str, name: str, target: Path | None = None, root: Path = REP
 
 def _check_sync(text: str) -> None:
     """Raise :class:`ConversionError` if the sync code still awaits or uses ``asyncio``."""
+    lines = _lines(text)
     for node in ast.walk(_parse(text)):
         if isinstance(node, ast.comprehension) and node.is_async:
             line, what = node.target.lineno, "an async comprehension (inside an f-string?)"
@@ -531,7 +532,8 @@ def _check_sync(text: str) -> None:
             line, what = node.lineno, "asyncio: map it, or use an 'if True:  # ASYNC' block"
         else:
             continue
-        raise ConversionError(f"line {line} of the sync code still uses {what}")
+        code = lines[line - 1].strip()
+        raise ConversionError(f"line {line} of the sync code ({code!r}) still uses {what}")
 
 
 # -- command line ---------------------------------------------------------------------------
