@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit lint bench bootstrap system-deps clean
+.PHONY: demo test unit lint generate bench bootstrap system-deps clean
 
 demo: bootstrap
 	$(BIN)/pgfailover drill
@@ -16,10 +16,16 @@ test: bootstrap
 unit: bootstrap
 	$(BIN)/python -m pytest tests/unit
 
+# Sync twins generated from the marked *_async.py sources must be current before the rest.
 lint: bootstrap
+	$(BIN)/python tools/async_to_sync.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# Write the sync twin X.py of every *_async.py source marked '# pgfailover: generate-sync'.
+generate: bootstrap
+	$(BIN)/python tools/async_to_sync.py
 
 bootstrap: system-deps $(STAMP)
 
