@@ -242,9 +242,9 @@ def _resolve_async_if(source: str, tree: ast.Module, node: ast.If) -> str:
     first = _first_code_line(lines, else_at)
     inner = _indent(lines[first])
     last = _block_end(lines, (node.orelse[-1].end_lineno or first + 1) - 1, inner)
-    in_string = {
+    in_string = {  # lines that continue a multi-line string: their text is not indentation
         row - 1
-        for tok in _tokens(source)
+        for tok in _code_tokens(source)
         if tok.end[0] > tok.start[0]
         for row in range(tok.start[0] + 1, tok.end[0] + 1)
     }
