@@ -35,7 +35,8 @@ from typing import Any
 import psycopg_pool
 from _suite_common import log, table, vmrss_kib
 
-from pgfailover.pool import AsyncConnectionPool, ConnectionPool
+from pgfailover.pool import ConnectionPool
+from pgfailover.pool_async import AsyncConnectionPool
 from pgfailover.testing import LocalCluster
 
 POOLS = 5

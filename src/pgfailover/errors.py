@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import psycopg
+
+if TYPE_CHECKING:
+    from .probe import RoleReport
 
 try:
     from psycopg_pool import PoolTimeout as _TimeoutBase
@@ -38,6 +42,26 @@ class NoPrimaryAvailable(_TimeoutBase):
 
     def __reduce__(self) -> tuple[type[NoPrimaryAvailable], tuple[float, dict[str, str]]]:
         return (type(self), (self.timeout, self.hosts))
+
+
+class NotWritable(psycopg.OperationalError):
+    """A new connection reached a server that cannot take writes (a standby, or a primary
+    whose sessions default to read-only).
+
+    Raised from a pgfailover pool's connection set-up, the connection closed first.
+    ``report`` is the probe's :class:`~pgfailover.probe.RoleReport`, ``endpoint`` the
+    ``host:port`` connected to, ``finding`` what was found there (``standby``, ``read-only
+    primary``, with the server behind a pooler when known).
+    """
+
+    def __init__(self, report: RoleReport, endpoint: str, finding: str) -> None:
+        self.report = report
+        self.endpoint = endpoint
+        self.finding = finding
+        super().__init__(f"{endpoint} leads to a {finding}, not a writable primary")
+
+    def __reduce__(self) -> tuple[type[NotWritable], tuple[RoleReport, str, str]]:
+        return (type(self), (self.report, self.endpoint, self.finding))
 
 
 class CommitOutcomeUnknown(Exception):

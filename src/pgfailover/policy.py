@@ -21,7 +21,7 @@ of the jitter can be injected (``random=``), so every decision is reproducible i
 
 Which failures may be retried comes from the classifier: :meth:`RetryPolicy.after` calls
 :func:`~pgfailover.classify.classify` on an exception (or takes a precomputed
-:class:`~pgfailover.classify.Verdict`) and maps its :class:`~pgfailover.classify.Retry`
+:class:`~pgfailover.classify.Verdict`) and maps its :class:`~pgfailover.classify.RetryCondition`
 permission:
 
 ===================  ===================================================================
@@ -47,30 +47,30 @@ The generic predicates for tenacity and stamina (:func:`retry_if_failover`,
 outcome is unknown is never retried by them: they cannot look the outcome up. Neither
 library is imported by this module until one of the tenacity helpers is called.
 
-:func:`set_testing` / :func:`testing` make every wait 0 (and optionally cap the attempts),
+:func:`set_testing` (also a context manager) makes every wait 0 (and optionally cap the attempts),
 for the tests of applications that use the policy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import numbers
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from random import random as _default_random
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
-from .classify import Phase, Retry, Verdict, classify
+from .classify import Phase, RetryCondition, Verdict, classify
 
 if TYPE_CHECKING:
     import tenacity
 
 __all__ = [
+    "RECONNECT_POLICY",
     "Attempt",
     "Decision",
     "RandomFn",
@@ -85,7 +85,6 @@ __all__ = [
     "tenacity_retry",
     "tenacity_stop",
     "tenacity_wait",
-    "testing",
 ]
 
 #: A duration: seconds as a number, or a :class:`datetime.timedelta`.
@@ -154,19 +153,6 @@ def set_testing(on: bool, *, attempts: int | None = None) -> _RestoreTesting:
         previous = _testing
         _testing = _Testing(attempts) if on else None
     return _RestoreTesting(previous)
-
-
-@contextlib.contextmanager
-def testing(*, attempts: int | None = None) -> Iterator[None]:  # noqa: PT028 - not a test
-    """Testing mode (instant retries, see :func:`set_testing`) for the ``with`` block.
-
-    Marked ``__test__ = False``: pytest does not collect it when a test module imports it.
-    """
-    with set_testing(True, attempts=attempts):
-        yield
-
-
-testing.__test__ = False  # type: ignore[attr-defined]  # its name starts with "test"
 
 
 def is_testing() -> bool:
@@ -309,7 +295,7 @@ class RetryPolicy:
         wait_exp_base: how much the cap grows per retry; at least 1.
         jitter: full jitter (the wait is uniform in [0, cap)); False waits the cap itself.
         idempotent: the work may run twice harmlessly, so an error after which it may
-            have taken effect (``Retry.IF_IDEMPOTENT``) is retried too.
+            have taken effect (``RetryCondition.IF_IDEMPOTENT``) is retried too.
         started_at: when the run started (monotonic seconds); set by :meth:`start`.
         history: the failed attempts so far; grown by :meth:`after`.
 
@@ -484,9 +470,9 @@ class RetryPolicy:
 
         permission = verdict.retry
         forbidden: str | None = None
-        if permission is Retry.NEVER:
+        if permission is RetryCondition.NEVER:
             forbidden = f"verdict forbids retry: {verdict.reason}"
-        elif permission is Retry.IF_IDEMPOTENT and not self.idempotent:
+        elif permission is RetryCondition.IF_IDEMPOTENT and not self.idempotent:
             forbidden = (
                 "verdict forbids retry: the work may have taken effect and is not "
                 f"declared idempotent: {verdict.reason}"
@@ -504,7 +490,7 @@ class RetryPolicy:
 
         if forbidden is not None:
             return Decision(False, 0.0, forbidden, policy, verdict, deadline)
-        if permission is Retry.OUTCOME_UNKNOWN:
+        if permission is RetryCondition.OUTCOME_UNKNOWN:
             then = spent if spent is not None else f"retry in {wait:.3f} s if it did not commit"
             return Decision(
                 False,
@@ -550,6 +536,16 @@ def _clip(wait: float, now: float, deadline: float | None) -> float:
     return 0.0
 
 
+#: The one reconnection schedule: how pgfailover's pools and instrumented SQLAlchemy
+#: engines space their connection attempts while no primary is reachable. Caps 50 ms,
+#: growing x1.5 to 200 ms, full jitter (a mean wait of at most 100 ms): a new primary is
+#: usually writable within a fraction of a second of being promoted, and one prober at a
+#: time (not one per request) waits this long, so the cost is a handful of connection
+#: attempts per second per process. No deadline of its own: the pool's or engine's
+#: timeout bounds it. 0 in testing mode, like every wait of a policy.
+RECONNECT_POLICY = RetryPolicy(timeout=None, wait_initial=0.05, wait_max=0.2, wait_exp_base=1.5)
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """What to do after a failure, as decided by :meth:`RetryPolicy.after`.
@@ -567,7 +563,7 @@ class Decision:
         verdict: the classifier's verdict on the failure.
         deadline: the run's deadline (monotonic seconds), None without a timeout: a runner
             passes ``deadline - now`` as the timeout of a pool checkout.
-        needs_outcome: a COMMIT was in flight (``Retry.OUTCOME_UNKNOWN``): ``retry`` is
+        needs_outcome: a COMMIT was in flight (``RetryCondition.OUTCOME_UNKNOWN``): ``retry`` is
             False; the runner must find out whether the transaction committed, and if it
             did not, follow :meth:`not_committed`.
         exhausted: the budget (attempts or deadline) is spent; False when the stop comes

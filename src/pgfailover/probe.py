@@ -19,8 +19,8 @@ backend PID (the client is not bound to one server process), so the first probe 
 connection was given at start-up: equal means direct. The answer is cached on the
 connection, so later probes of a direct connection cost no round trip.
 
-The decisions (:func:`role_from_parameters`, :func:`report_from_row`) are pure; :func:`probe`
-and :func:`aprobe` do the I/O.
+The decisions (:func:`role_from_parameters`, :func:`report_from_row`) are pure; the query is
+an I/O-free generator that :func:`probe` and :func:`aprobe` drive with ``conn.wait()``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import psycopg
-from psycopg.pq import TransactionStatus
-from psycopg.rows import tuple_row
+from psycopg.abc import PQGen
+from psycopg.generators import execute
+from psycopg.pq import ExecStatus, TransactionStatus
 
 from .connection import _FailoverAware
 
@@ -122,8 +123,14 @@ def _trusted_parameters(
     return report
 
 
-def _check_probeable(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
-    """Whether the probe must close the transaction it opens (True: it started one)."""
+def _known(
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], pooler: bool | None
+) -> RoleReport | None:
+    """The answer without a round trip when ParameterStatus can be trusted, else None after
+    checking that a query may run now (``ProgrammingError`` if not)."""
+    trusted = _trusted_parameters(conn, pooler)
+    if trusted is not None:
+        return trusted
     status = conn.info.transaction_status
     if status == TransactionStatus.INERROR:
         raise psycopg.ProgrammingError(
@@ -131,7 +138,43 @@ def _check_probeable(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any
         )
     if status == TransactionStatus.ACTIVE:
         raise psycopg.ProgrammingError("cannot probe a connection while a query runs")
-    return status == TransactionStatus.IDLE and not conn.autocommit
+    return None
+
+
+_PROBE_QUERY = PROBE_SQL.encode()
+
+
+def _probe_gen(
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+) -> PQGen[RoleReport]:
+    """Send :data:`PROBE_SQL` as one simple-protocol query and decide from its row: an
+    I/O-free generator driven by the connection's own ``wait()`` (so a pgfailover
+    connection classifies a failure here like any other).
+
+    Outside a transaction the query runs in its own implicit one: no BEGIN, no ROLLBACK,
+    one round trip whatever the connection's autocommit setting; inside a transaction it
+    runs there and leaves it open.
+    """
+    pgconn = conn.pgconn
+    client_pid = pgconn.backend_pid
+    pgconn.send_query(_PROBE_QUERY)
+    results = yield from execute(pgconn)
+    result = results[-1] if results else None
+    if result is None or result.status == ExecStatus.FATAL_ERROR:
+        if result is not None:
+            raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+        raise psycopg.InternalError("the role probe returned no result")
+    if result.status != ExecStatus.TUPLES_OK or result.ntuples != 1:
+        raise psycopg.InternalError(f"unexpected result for the role probe: {result.status!r}")
+    text = [result.get_value(0, i) for i in range(result.nfields)]
+    row = (
+        text[0] == b"t",
+        text[1] == b"t",
+        int(text[2] or 0),
+        None if text[3] is None else bytes(text[3]).decode(),
+        None if text[4] is None else int(text[4]),
+    )
+    return report_from_row(row, client_pid)
 
 
 def _remember(conn: object, report: RoleReport) -> RoleReport:
@@ -148,34 +191,21 @@ def probe(conn: psycopg.Connection[Any], *, pooler: bool | None = None) -> RoleR
 
     ``pooler``: None detects (one query the first time, then free on a direct
     ``pgfailover.Connection``); False trusts ParameterStatus (no round trip); True always
-    queries. Leaves the connection's transaction state as it found it; raises
-    ``psycopg.ProgrammingError`` on a connection in a failed transaction. Connection errors
-    propagate.
+    queries. The query opens no transaction and leaves the connection's transaction state
+    as it found it; raises ``psycopg.ProgrammingError`` on a connection in a failed
+    transaction or running a query. Connection errors propagate.
     """
-    trusted = _trusted_parameters(conn, pooler)
-    if trusted is not None:
-        return trusted
-    close_transaction = _check_probeable(conn)
-    client_pid = conn.info.backend_pid
-    with conn.cursor(row_factory=tuple_row) as cur:
-        row = cur.execute(PROBE_SQL, prepare=False).fetchone()
-    if close_transaction:
-        conn.rollback()
-    assert row is not None
-    return _remember(conn, report_from_row(row, client_pid))
+    known = _known(conn, pooler)
+    if known is not None:
+        return known
+    with conn.lock:
+        return _remember(conn, conn.wait(_probe_gen(conn)))
 
 
 async def aprobe(conn: psycopg.AsyncConnection[Any], *, pooler: bool | None = None) -> RoleReport:
-    """Async twin of :func:`probe`."""
-    trusted = _trusted_parameters(conn, pooler)
-    if trusted is not None:
-        return trusted
-    close_transaction = _check_probeable(conn)
-    client_pid = conn.info.backend_pid
-    async with conn.cursor(row_factory=tuple_row) as cur:
-        await cur.execute(PROBE_SQL, prepare=False)
-        row = await cur.fetchone()
-    if close_transaction:
-        await conn.rollback()
-    assert row is not None
-    return _remember(conn, report_from_row(row, client_pid))
+    """:func:`probe` for an ``AsyncConnection``: the same exchange, awaited."""
+    known = _known(conn, pooler)
+    if known is not None:
+        return known
+    async with conn.lock:
+        return _remember(conn, await conn.wait(_probe_gen(conn)))

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 import time
 import weakref
@@ -60,12 +59,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
 
-from .classify import Kind, Phase, Verdict, classify
+from ._state import FailoverState, finding
+from .classify import Kind, Phase, Verdict, attach_verdict, classify
 from .connection import _FailoverAware
 from .errors import NoPrimaryAvailable
-from .events import FailoverEvent, NodeInfo, caller_stack, diagnostics_of, emit
+from .events import FailoverEvent, NodeInfo, _emit, caller_stack, diagnostics_of
+from .policy import RECONNECT_POLICY
 from .probe import PROBE_SQL, RoleReport, aprobe, probe, report_from_row, role_from_parameters
-from .state import FailoverState, finding
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -78,11 +78,6 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0 names it await_only
 __all__ = ["Instrumentation", "instrument", "uninstrument"]
 
 logger = logging.getLogger("pgfailover.sqlalchemy")
-
-#: Reconnection backoff while no primary is reachable: first wait, growth, cap (seconds).
-INITIAL_DELAY = 0.05
-DELAY_BACKOFF = 1.5
-MAX_DELAY = 0.2
 
 _CHECKED_AT = "pgfailover.checked_at"  # record.info: monotonic time of last checkout or probe
 _GENERATION = "pgfailover.generation"  # record.info: the engine generation it was made in
@@ -109,7 +104,7 @@ class Instrumentation:
         self.state = FailoverState(
             pooler=options.pooler,
             name=engine.url.render_as_string(hide_password=True),
-            on_event=emit,
+            on_event=_emit,
         )
         self._async = bool(engine.dialect.is_async)
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
@@ -158,12 +153,14 @@ class Instrumentation:
             return original if ctx.sqlalchemy_exception is not None else None
         proxied = _proxied(ctx)
         dbapi_conn = proxied.dbapi_connection if proxied is not None else None
+        driver = _driver(dbapi_conn) if dbapi_conn is not None else None
         verdict = classify(
             original,
-            conn=_driver(dbapi_conn) if dbapi_conn is not None else None,
+            conn=driver,
             read_only=_read_only(ctx.dialect, dbapi_conn),
-            phase=Phase.CONNECT if proxied is None else Phase.UNKNOWN,
+            phase=_phase(ctx, proxied, driver),
         )
+        attach_verdict(original, verdict)
         if not verdict.discard_connection or proxied is None:
             return None
         ctx.is_disconnect = True
@@ -190,7 +187,7 @@ class Instrumentation:
         action = "connection invalidated: SQLAlchemy will not reuse it"
         if purge:
             action += "; pool invalidated: connections opened before now are replaced"
-        emit(
+        _emit(
             FailoverEvent(
                 verdict=verdict,
                 node=_node(driver, proxied.info.get(_VIA_POOLER), proxied.info.get(_SERVER)),
@@ -211,7 +208,7 @@ class Instrumentation:
     ) -> Any:
         timeout = self.options.timeout
         deadline = time.monotonic() + timeout
-        delay = INITIAL_DELAY
+        retries = 0
         last_error: BaseException | None = None
         while True:
             now = time.monotonic()
@@ -227,9 +224,8 @@ class Instrumentation:
                 raise self.state.no_primary(timeout) or NoPrimaryAvailable(
                     timeout, {}
                 ) from last_error
-            wait = min(delay * random.uniform(0.9, 1.1), deadline - now)  # noqa: S311
-            delay = min(delay * DELAY_BACKOFF, MAX_DELAY)
-            self._sleep(max(wait, 0.0))
+            retries += 1
+            self._sleep(max(min(RECONNECT_POLICY.backoff(retries), deadline - now), 0.0))
 
     def _connect_once(
         self,
@@ -460,6 +456,17 @@ def _proxied(ctx: ExceptionContext) -> PoolProxiedConnection | None:
         return conn.connection
     except exc.SQLAlchemyError:
         return None
+
+
+def _phase(ctx: ExceptionContext, proxied: PoolProxiedConnection | None, driver: Any) -> Phase:
+    """What was in flight: a connect; a statement inside a transaction (the DBAPI
+    connection is not in autocommit mode, so nothing it did can have committed); else
+    unknown (a COMMIT, or an autocommit statement)."""
+    if proxied is None:
+        return Phase.CONNECT
+    if ctx.statement is not None and getattr(driver, "autocommit", None) is False:
+        return Phase.TRANSACTION
+    return Phase.UNKNOWN
 
 
 def _driver(dbapi_conn: Any) -> Any:

@@ -14,7 +14,8 @@ import pytest
 
 import pgfailover
 from pgfailover.errors import NoPrimaryAvailable
-from pgfailover.pool import AsyncConnectionPool, ConnectionPool
+from pgfailover.pool import ConnectionPool
+from pgfailover.pool_async import AsyncConnectionPool
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.plugin import ClusterFactory
 

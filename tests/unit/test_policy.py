@@ -16,8 +16,7 @@ import pytest
 import stamina
 import tenacity
 
-from pgfailover import policy as policy_module
-from pgfailover.classify import Phase, Retry, Verdict, classify
+from pgfailover.classify import Phase, RetryCondition, Verdict, classify
 from pgfailover.policy import (
     Attempt,
     Decision,
@@ -356,15 +355,15 @@ def test_now_must_be_a_finite_number() -> None:
 @pytest.mark.parametrize(
     ("exc", "phase", "permission"),
     [
-        (STARTING, Phase.UNKNOWN, Retry.NOT_SENT),
-        (TERMINATED, Phase.CONNECT, Retry.NOT_SENT),
-        (SERIALIZATION, Phase.UNKNOWN, Retry.ROLLED_BACK),
-        (STANDBY, Phase.UNKNOWN, Retry.ROLLED_BACK),
-        (TERMINATED, Phase.TRANSACTION, Retry.ROLLED_BACK),
+        (STARTING, Phase.UNKNOWN, RetryCondition.NOT_SENT),
+        (TERMINATED, Phase.CONNECT, RetryCondition.NOT_SENT),
+        (SERIALIZATION, Phase.UNKNOWN, RetryCondition.ROLLED_BACK),
+        (STANDBY, Phase.UNKNOWN, RetryCondition.ROLLED_BACK),
+        (TERMINATED, Phase.TRANSACTION, RetryCondition.ROLLED_BACK),
     ],
 )
 def test_not_sent_and_rolled_back_are_retried(
-    exc: Exception, phase: Phase, permission: Retry
+    exc: Exception, phase: Phase, permission: RetryCondition
 ) -> None:
     """NOT_SENT and ROLLED_BACK verdicts are retried within the budget."""
     decision = RetryPolicy().start(0.0).after(exc, 0.0, phase=phase)
@@ -378,7 +377,7 @@ def test_if_idempotent_is_retried_only_for_idempotent_work() -> None:
     """A connection lost mid-statement is retried only when the policy says idempotent."""
     for phase in (Phase.UNKNOWN, Phase.AUTOCOMMIT):
         stop = RetryPolicy().start(0.0).after(TERMINATED, 0.0, phase=phase)
-        assert stop.verdict.retry is Retry.IF_IDEMPOTENT
+        assert stop.verdict.retry is RetryCondition.IF_IDEMPOTENT
         assert stop.retry is False
         assert stop.exhausted is False
         assert stop.reason.startswith("verdict forbids retry:")
@@ -391,7 +390,7 @@ def test_never_stops_at_once_even_with_budget_left() -> None:
     """A NEVER verdict stops with "verdict forbids retry" and the classifier's reason."""
     for exc in (DUPLICATE, error("28P01", "password authentication failed"), ValueError("x")):
         decision = RetryPolicy(idempotent=True).start(0.0).after(exc, 0.0)
-        assert decision.verdict.retry is Retry.NEVER
+        assert decision.verdict.retry is RetryCondition.NEVER
         assert decision.retry is False
         assert decision.exhausted is False
         assert decision.reason == f"verdict forbids retry: {decision.verdict.reason}"
@@ -409,7 +408,7 @@ def test_a_lost_commit_needs_its_outcome_resolved_first() -> None:
     """OUTCOME_UNKNOWN: retry is False, needs_outcome is True, and the would-be wait is set."""
     policy = RetryPolicy(timeout=10, idempotent=True).start(0.0)
     decision = policy.after(TERMINATED, 1.0, phase=Phase.COMMIT, random=fixed(0.5))
-    assert decision.verdict.retry is Retry.OUTCOME_UNKNOWN
+    assert decision.verdict.retry is RetryCondition.OUTCOME_UNKNOWN
     assert decision.retry is False
     assert decision.needs_outcome is True
     assert decision.exhausted is False
@@ -512,9 +511,9 @@ def test_testing_mode_makes_waits_zero_and_caps_attempts() -> None:
 
 
 def test_testing_mode_without_attempts_keeps_the_policy_bounds() -> None:
-    """testing() without attempts only zeroes the waits."""
+    """set_testing(True) without attempts only zeroes the waits."""
     policy = RetryPolicy(attempts=5).start(0.0)
-    with policy_module.testing():
+    with set_testing(True):
         for _ in range(4):
             decision = policy.after(SERIALIZATION, 0.0)
             assert (decision.retry, decision.wait) == (True, 0.0)
@@ -523,10 +522,10 @@ def test_testing_mode_without_attempts_keeps_the_policy_bounds() -> None:
 
 
 def test_testing_modes_nest_and_restore() -> None:
-    """set_testing returns a context manager restoring the previous mode; testing() nests."""
+    """set_testing returns a context manager restoring the previous mode; modes nest."""
     set_testing(True, attempts=3)
     try:
-        with policy_module.testing(attempts=1):
+        with set_testing(True, attempts=1):
             assert RetryPolicy().after(STARTING, 0.0).reason == "attempts exhausted (1)"
         assert RetryPolicy().after(STARTING, 0.0).retry is True
         with set_testing(False):
@@ -542,14 +541,6 @@ def test_testing_mode_refuses_a_bad_attempt_cap() -> None:
     with pytest.raises(ValueError, match="attempts"):
         set_testing(True, attempts=0)
     assert not is_testing()
-
-
-def test_the_testing_context_manager_is_not_collected_by_pytest() -> None:
-    """testing() is marked __test__ = False: importing it into a test module is harmless."""
-    assert policy_module.testing.__test__ is False  # type: ignore[attr-defined]
-
-
-# --------------------------------------------------------- tenacity and stamina
 
 
 def test_the_module_imports_neither_tenacity_nor_stamina() -> None:

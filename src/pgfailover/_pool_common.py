@@ -1,0 +1,85 @@
+"""What the sync and async pools share: no I/O of its own (see :mod:`pgfailover.pool_async`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool.base import AttemptWithBackoff
+
+from .policy import RECONNECT_POLICY
+
+
+class FastAttempt(AttemptWithBackoff):
+    """psycopg_pool's reconnection attempt, on the failover schedule.
+
+    The waits come from :data:`~pgfailover.policy.RECONNECT_POLICY` (full jitter, caps
+    50 ms x1.5 up to 200 ms; 0 in the policy's testing mode): psycopg_pool's own schedule
+    starts at 1 s and doubles, so after a repoint the pool could sit for seconds before
+    trying again, while a failover is exactly when the primary comes back quickly. The
+    attempt gives up ``timeout`` seconds after its first wait, as psycopg_pool's does.
+    """
+
+    def __init__(self, *, timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        self.retries = 0
+
+    def update_delay(self, now: float) -> None:
+        if self.retries == 0:
+            self.give_up_at = now + self.timeout
+        self.retries += 1
+        wait = RECONNECT_POLICY.backoff(self.retries)
+        self.delay = min(wait, max(0.0, self.give_up_at - now))
+
+
+def endpoint(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
+    """``host:port`` of a connection, ``unknown`` once it is finished."""
+    try:
+        return f"{conn.info.host}:{conn.info.port}"
+    except psycopg.Error:
+        return "unknown"
+
+
+def conninfo_endpoint(conninfo: str) -> str:
+    """The ``host:port`` list of a conninfo string (never its password)."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        return "unknown"
+    hosts = str(params.get("host") or "localhost").split(",")
+    ports = str(params.get("port") or "5432").split(",")
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    return ",".join(f"{h}:{p}" for h, p in zip(hosts, ports, strict=False))
+
+
+def prefer_read_write(conninfo: Any, pooler: bool | None) -> Any:
+    """Add target_session_attrs=read-write to a multi-host conninfo string (not behind a
+    pooler: libpq's check reads ParameterStatus, which a pooler may serve stale)."""
+    if not isinstance(conninfo, str) or pooler is True:
+        return conninfo
+    params = conninfo_to_dict(conninfo)
+    if "," in str(params.get("host", "")) and "target_session_attrs" not in params:
+        return make_conninfo(conninfo, target_session_attrs="read-write")
+    return conninfo
+
+
+def check_options(
+    connection_class: type[Any], base: type[Any], recheck_interval: float | None
+) -> None:
+    """``TypeError``/``ValueError`` naming the option for a bad pool argument."""
+    if not (isinstance(connection_class, type) and issubclass(connection_class, base)):
+        raise TypeError(
+            f"connection_class must be pgfailover.{base.__name__} or a subclass of it, "
+            f"got {connection_class!r}"
+        )
+    if recheck_interval is not None and (
+        isinstance(recheck_interval, bool) or not isinstance(recheck_interval, (int, float))
+    ):
+        raise TypeError(
+            "recheck_interval must be a number of seconds or None, "
+            f"got {type(recheck_interval).__name__}"
+        )
+    if recheck_interval is not None and recheck_interval < 0:
+        raise ValueError(f"recheck_interval must be >= 0 seconds or None, got {recheck_interval}")

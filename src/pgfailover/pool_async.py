@@ -1,0 +1,209 @@
+# pgfailover: generate-sync
+"""pgfailover's psycopg_pool pool: it heals after a failover.
+
+``pgfailover.ConnectionPool`` (module :mod:`pgfailover.pool`) and
+``pgfailover.AsyncConnectionPool`` (module :mod:`pgfailover.pool_async`) are drop-in
+subclasses of psycopg_pool's pools of the same names (same constructor, same API) that use
+pgfailover's connection classes and:
+
+- discard a poisoned connection when it comes back (closing it, which in PgBouncer session
+  mode is also what frees the server connection bound to the standby);
+- purge the whole generation once when a verdict says the endpoint's node changed role or
+  was lost: idle connections are closed at once, checked-out ones when they return
+  (``drain()``); many clients hitting the failure at the same moment purge once;
+- validate the role of every new connection with the core probe (no round trip on a direct
+  connection once it is known to be direct; one query through a pooler), so the pool never
+  fills with standby connections; with a multi-host conninfo and no pooler, libpq's
+  ``target_session_attrs=read-write`` is added;
+- check a connection at checkout only when there is a reason: an outage is under way, or it
+  has been idle longer than ``recheck_interval``; the happy path costs no round trip;
+- while no primary is reachable, reconnect on the failover schedule
+  (:data:`~pgfailover.policy.RECONNECT_POLICY`) with a single prober at a time, so recovery
+  follows the primary's return within a fraction of a second and the number of probes is
+  bounded by time, not by the number of failing requests; when a request times out, raise
+  :class:`~pgfailover.errors.NoPrimaryAvailable` saying what each host was; an
+  authentication or configuration failure fails waiting requests at once with the driver's
+  own error;
+- count what happened in ``get_stats()``.
+
+Decisions live in :class:`~pgfailover._state.FailoverState` (no I/O); the pool class is a
+thin shell. ``pool_async.py`` is the source; ``tools/async_to_sync.py`` generates
+``pool.py`` from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from time import monotonic
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool as _BasePool
+from psycopg_pool import PoolTimeout
+from psycopg_pool.base import AttemptWithBackoff
+from psycopg_pool.pool_async import AddConnection
+
+from . import _pool_common
+from ._pool_common import FastAttempt, endpoint
+from ._state import FailoverState, finding
+from .classify import Kind, Phase, classify
+from .connection import AsyncConnection
+from .errors import NotWritable
+from .events import PoolEvent, _emit
+from .probe import aprobe
+
+CT = TypeVar("CT", bound=AsyncConnection[Any])
+
+__all__ = ["AsyncConnectionPool"]
+
+
+class AsyncConnectionPool(_BasePool[CT]):
+    """The psycopg_pool pool of the same name, surviving failovers (see the module doc).
+
+    Extra arguments: ``recheck_interval`` (seconds; a connection idle at least this long is
+    probed at checkout; 0 probes every checkout, None never; default 10), ``pooler`` (True if
+    a multiplexing pooler such as PgBouncer is in front, False if not, None to detect it).
+    ``connection_class`` must be pgfailover's connection class (of the same kind: sync or
+    async) or a subclass of it.
+    """
+
+    def __init__(
+        self,
+        conninfo: Any = "",
+        *,
+        connection_class: type[CT] = AsyncConnection,  # type: ignore[assignment]
+        configure: Callable[[CT], Awaitable[None]] | None = None,
+        recheck_interval: float | None = 10.0,
+        pooler: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _pool_common.check_options(connection_class, AsyncConnection, recheck_interval)
+        self._pgf = FailoverState(pooler=pooler, on_event=self._pgf_event)
+        self._pgf_configure_user = configure
+        self.recheck_interval = recheck_interval
+        super().__init__(
+            _pool_common.prefer_read_write(conninfo, pooler),
+            connection_class=connection_class,
+            configure=self._pgf_configure,
+            **kwargs,
+        )
+
+    @property
+    def failover_state(self) -> FailoverState:
+        """The pool's failover knowledge and counters (read-only use)."""
+        return self._pgf
+
+    # -- connection life cycle
+    async def _pgf_configure(self, conn: CT) -> None:
+        report = await aprobe(conn, pooler=self._pgf.pooler)
+        self._pgf.probed(report)
+        if not report.writable:
+            where = endpoint(conn)
+            await conn.close()
+            raise NotWritable(report, where, finding(report))
+        if self._pgf_configure_user is not None:
+            await self._pgf_configure_user(conn)
+
+    async def _connect(self, timeout: float | None = None) -> CT:
+        try:
+            conn = await super()._connect(timeout)
+        except NotWritable as ex:
+            # a new connection belongs to no generation yet: nothing to purge (generation -1)
+            self._pgf.not_primary(ex.endpoint, ex.finding, monotonic(), -1)
+            raise
+        except psycopg.Error as ex:
+            await self._pgf_connect_failed(ex)
+            raise
+        now = monotonic()
+        conn.pool_generation = self._pgf.generation
+        conn.pool_returned_at = now
+        self._pgf.connected(now)
+        return conn
+
+    async def _pgf_connect_failed(self, ex: psycopg.Error) -> None:
+        verdict = classify(ex, phase=Phase.CONNECT)
+        conninfo = await self._resolve_conninfo()
+        self._pgf.connect_failed(_pool_common.conninfo_endpoint(conninfo), verdict, monotonic())
+        if verdict.kind is Kind.CONFIGURATION:
+            self._pgf.fatal = ex
+            async with self._lock:
+                waiting = list(self._waiting)
+                self._waiting.clear()
+            for client in waiting:
+                await client.fail(ex)
+
+    async def _add_connection(
+        self, attempt: AttemptWithBackoff | None, growing: bool = False
+    ) -> None:
+        attempt = attempt or FastAttempt(timeout=self.reconnect_timeout)
+        now = monotonic()
+        if not self._pgf.may_connect(now):
+            attempt.update_delay(now)
+            if not attempt.time_to_give_up(now):
+                await self.schedule_task(
+                    AddConnection(self, attempt, growing=growing), attempt.delay
+                )
+                return
+            await super()._add_connection(attempt, growing)
+            return
+        try:
+            await super()._add_connection(attempt, growing)
+        finally:
+            self._pgf.connect_done()
+
+    # -- checkout and return
+    async def getconn(self, timeout: float | None = None) -> CT:
+        if (fatal := self._pgf.fatal) is not None and not self._pool:
+            raise fatal.with_traceback(None)
+        if timeout is None:
+            timeout = self.timeout
+        deadline = monotonic() + timeout
+        while True:
+            try:
+                conn = await super().getconn(max(deadline - monotonic(), 0.0))
+            except PoolTimeout as ex:
+                raise (self._pgf.no_primary(timeout) or ex) from None
+            if not self._pgf.needs_check(
+                conn.pool_generation, conn.pool_returned_at, self.recheck_interval, monotonic()
+            ):
+                return conn
+            if await self._pgf_checkout_ok(conn):
+                return conn
+
+    async def _pgf_checkout_ok(self, conn: CT) -> bool:
+        generation = conn.pool_generation
+        try:
+            report = await aprobe(conn, pooler=self._pgf.pooler)
+        except psycopg.Error:
+            await self.putconn(conn)  # poisoned by the failure: putconn discards it
+            return False
+        self._pgf.probed(report)
+        if report.writable:
+            conn.pool_generation = self._pgf.generation
+            return True
+        purge = self._pgf.not_primary(endpoint(conn), finding(report), monotonic(), generation)
+        await conn.close()
+        await self.putconn(conn)
+        if purge:
+            await self.drain()
+        return False
+
+    async def putconn(self, conn: CT) -> None:
+        conn.pool_returned_at = monotonic()
+        verdict = conn.poisoned
+        if verdict is None:
+            await super().putconn(conn)
+            return
+        purge = self._pgf.poisoned(conn.pool_generation, verdict, monotonic())
+        if not conn.closed:
+            await conn.close()
+        await super().putconn(conn)
+        if purge:
+            await self.drain()
+
+    def get_stats(self) -> dict[str, int]:
+        return {**super().get_stats(), **self._pgf.stats()}
+
+    def _pgf_event(self, event: PoolEvent) -> None:
+        _emit(dataclasses.replace(event, pool=getattr(self, "name", "")))
