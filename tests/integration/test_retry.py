@@ -19,12 +19,14 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import sessionmaker
 
 import pgfailover
-import pgfailover.retry as retry_module
 import pgfailover.sqlalchemy as pgsa
+from pgfailover import _runner, transaction
 from pgfailover.events import RetryEvent
 from pgfailover.outcome import ServerIdentity, parse_record, record_sql
-from pgfailover.pool import AsyncConnectionPool, ConnectionPool
-from pgfailover.retry import arun_transaction, run_transaction, transaction
+from pgfailover.pool import ConnectionPool
+from pgfailover.pool_async import AsyncConnectionPool
+from pgfailover.retry import run_transaction
+from pgfailover.retry_async import arun_transaction
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.proxy import FaultProxy
 from pgfailover.testing.trace import round_trips
@@ -104,12 +106,12 @@ def test_lost_commit_is_resolved_and_the_row_exists_once(
     key = uuid.uuid4().hex
     proxy.drop_on(when)  # type: ignore[arg-type]
     with ConnectionPool[Any](proxy.dsn_for(pgfailover_cluster.primary), min_size=1) as pool:
-        assert run_transaction(pool, _insert(keys_table), key, timeout=10) == key
+        assert pgfailover.TransactionRunner(pool, timeout=10)(_insert(keys_table), key) == key
     assert proxy.faults, "the fault never fired"
     assert _count(pgfailover_cluster, keys_table, key) == 1
     actions = [e.action for e in events]
     assert actions == (["committed"] if when in WHEN_COMMITTED else ["retry"])
-    assert events[0].cause.retry is pgfailover.Retry.OUTCOME_UNKNOWN
+    assert events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
 
 
 @pytest.mark.parametrize("when", [*WHEN_COMMITTED, "before"])
@@ -125,7 +127,10 @@ async def test_async_lost_commit_is_resolved_and_the_row_exists_once(
     proxy.drop_on(when)  # type: ignore[arg-type]
     dsn = proxy.dsn_for(pgfailover_cluster.primary)
     async with AsyncConnectionPool[Any](dsn, min_size=1) as pool:
-        assert await arun_transaction(pool, _ainsert(keys_table), key, timeout=10) == key
+        assert (
+            await pgfailover.AsyncTransactionRunner(pool, timeout=10)(_ainsert(keys_table), key)
+            == key
+        )
     assert proxy.faults, "the fault never fired"
     assert _count(pgfailover_cluster, keys_table, key) == 1
     actions = [e.action for e in events]
@@ -210,9 +215,12 @@ def test_engine_and_session_lost_commit_is_resolved(
 
     try:
         proxy.drop_on(when)  # type: ignore[arg-type]
-        assert run_transaction(engine, by_connection, keys[0], timeout=10) == keys[0]
+        assert pgfailover.TransactionRunner(engine, timeout=10)(by_connection, keys[0]) == keys[0]
         proxy.drop_on(when)  # type: ignore[arg-type]
-        assert run_transaction(sessionmaker(engine), by_session, keys[1], timeout=10) == keys[1]
+        assert (
+            pgfailover.TransactionRunner(sessionmaker(engine), timeout=10)(by_session, keys[1])
+            == keys[1]
+        )
     finally:
         engine.dispose()
     assert len(proxy.faults) == 2
@@ -233,7 +241,7 @@ async def test_async_engine_lost_commit_is_resolved(
 
     try:
         proxy.drop_on("after_reply")
-        assert await arun_transaction(engine, work, key, timeout=10) == key
+        assert await pgfailover.AsyncTransactionRunner(engine, timeout=10)(work, key) == key
     finally:
         await engine.dispose()
     assert proxy.faults
@@ -276,13 +284,11 @@ class Checker:
             i += 1
             key = f"{worker}-{i}"
             try:
-                run_transaction(
+                pgfailover.TransactionRunner(
                     self.pool,
-                    self._insert,
-                    key,
                     timeout=30,
                     check_committed=functools.partial(self._exists, key=key),
-                )
+                )(self._insert, key)
                 self.acked.add(key)
             except pgfailover.CommitOutcomeUnknown:
                 self.unknown.add(key)
@@ -464,12 +470,12 @@ def test_record_follows_the_server_behind_pgbouncer_after_a_repoint(
     with ConnectionPool[Any](dsn, min_size=1, max_size=1) as pool:
         run_transaction(pool, record_and_insert, "before")
         with pool.connection() as conn:
-            first = retry_module._identities[conn]
+            first = _runner.identities[conn]
         cluster.failover("fast")
         cluster.repoint_pgbouncer(cluster.primary)
-        run_transaction(pool, record_and_insert, "after", timeout=10)
+        pgfailover.TransactionRunner(pool, timeout=10)(record_and_insert, "after")
         with pool.connection() as conn:
-            second = retry_module._identities.get(conn)
+            second = _runner.identities.get(conn)
     assert second is not None
     assert first.started_at == seen[0]
     assert second.started_at == seen[-1] != seen[0]
@@ -575,9 +581,9 @@ def test_the_runner_keeps_the_connections_transaction_settings(
             for read_only, deferrable in ((None, None), (True, True), (False, False)):
                 conn.read_only, conn.deferrable = read_only, deferrable
                 # the fallback builds what psycopg itself would send
-                assert retry_module._build_tx_start(
+                assert _runner.build_tx_start(
                     conn.isolation_level, read_only, deferrable
-                ) == retry_module._tx_start(conn)
+                ) == _runner.tx_start(conn)
 
 
 async def test_async_runner_keeps_the_connections_transaction_settings(
@@ -605,12 +611,12 @@ def test_read_only_transactions_run_and_a_lost_commit_of_one_is_simply_retried(
         conn.read_only = True
 
     with ConnectionPool[Any](dsn, min_size=1, max_size=1, configure=configure) as pool:
-        assert run_transaction(pool, _settings, timeout=10) == ("read committed", "on")
+        assert pgfailover.TransactionRunner(pool, timeout=10)(_settings) == ("read committed", "on")
         proxy.drop_on("after_reply")
-        assert run_transaction(pool, _settings, timeout=10) == ("read committed", "on")
+        assert pgfailover.TransactionRunner(pool, timeout=10)(_settings) == ("read committed", "on")
     assert proxy.faults, "the fault never fired"
     assert [e.action for e in events] == ["retry"]
-    assert events[0].cause.retry is pgfailover.Retry.OUTCOME_UNKNOWN
+    assert events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
 
 
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
@@ -629,9 +635,9 @@ def test_engine_read_only_transactions_record_nothing_and_retry_a_lost_commit(
         return str(conn.execute(sa.text("SHOW transaction_read_only")).scalar_one())
 
     try:
-        assert run_transaction(engine, read_only, timeout=10) == "on"
+        assert pgfailover.TransactionRunner(engine, timeout=10)(read_only) == "on"
         proxy.drop_on("after_reply")
-        assert run_transaction(engine, read_only, timeout=10) == "on"
+        assert pgfailover.TransactionRunner(engine, timeout=10)(read_only) == "on"
     finally:
         engine.dispose()
     assert proxy.faults, "the fault never fired"
@@ -651,7 +657,7 @@ async def test_async_engine_read_only_transactions_record_nothing(
         return str((await conn.execute(sa.text("SHOW transaction_read_only"))).scalar_one())
 
     try:
-        assert await arun_transaction(engine, read_only, timeout=10) == "on"
+        assert await pgfailover.AsyncTransactionRunner(engine, timeout=10)(read_only) == "on"
     finally:
         await engine.dispose()
 
@@ -667,9 +673,15 @@ async def test_async_read_only_lost_commit_is_simply_retried(
 
     dsn = proxy.dsn_for(pgfailover_cluster.primary)
     async with AsyncConnectionPool[Any](dsn, min_size=1, max_size=1, configure=configure) as pool:
-        assert await arun_transaction(pool, _asettings, timeout=10) == ("read committed", "on")
+        assert await pgfailover.AsyncTransactionRunner(pool, timeout=10)(_asettings) == (
+            "read committed",
+            "on",
+        )
         proxy.drop_on("after_reply")
-        assert await arun_transaction(pool, _asettings, timeout=10) == ("read committed", "on")
+        assert await pgfailover.AsyncTransactionRunner(pool, timeout=10)(_asettings) == (
+            "read committed",
+            "on",
+        )
     assert proxy.faults, "the fault never fired"
     assert [e.action for e in events] == ["retry"]
-    assert events[0].cause.retry is pgfailover.Retry.OUTCOME_UNKNOWN
+    assert events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from ..errors import CommitOutcomeUnknown
 from ..pool import ConnectionPool
-from ..retry import run_transaction
+from ..retry import TransactionRunner
 from ..sqlalchemy import instrument
 
 logger = logging.getLogger("pgfailover.drill")
@@ -134,7 +134,7 @@ class _PoolStack(Stack):
 
     def write(self, key: int) -> None:
         if self.runner:
-            run_transaction(self.pool, self.work, key, timeout=RUNNER_TIMEOUT)
+            TransactionRunner(self.pool, timeout=RUNNER_TIMEOUT)(self.work, key)
         else:
             with self.pool.connection() as conn:
                 self.work(conn, key)
@@ -162,7 +162,7 @@ class ProtectedPool(_PoolStack):
 class ProtectedPoolRunner(_PoolStack):
     name = "pgfailover pool + runner"
     protected = True
-    description = "pgfailover.ConnectionPool under pgfailover.run_transaction"
+    description = "pgfailover.ConnectionPool under pgfailover.TransactionRunner"
     pool_class = ConnectionPool
     runner = True
 
@@ -189,7 +189,7 @@ class _EngineStack(Stack):
 
     def write(self, key: int) -> None:
         if self.runner:
-            run_transaction(self.engine, self.work, key, timeout=RUNNER_TIMEOUT)
+            TransactionRunner(self.engine, timeout=RUNNER_TIMEOUT)(self.work, key)
         else:
             with self.engine.begin() as conn:
                 self.work(conn, key)
@@ -217,12 +217,13 @@ class ProtectedEngine(_EngineStack):
 class ProtectedEngineRunner(_EngineStack):
     name = "SQLAlchemy instrumented + runner"
     protected = True
-    description = "instrumented SQLAlchemy engine under pgfailover.run_transaction"
+    description = "instrumented SQLAlchemy engine under pgfailover.TransactionRunner"
     instrumented = True
     runner = True
 
 
-#: Every stack, in display order: naive ones first.
+#: Every stack, in display order: naive ones first (the names and order of
+#: :data:`pgfailover.drill.options.STACK_NAMES`, which ``--stacks`` accepts).
 STACKS: tuple[type[Stack], ...] = (
     NaivePool,
     NaiveEngine,
@@ -231,16 +232,6 @@ STACKS: tuple[type[Stack], ...] = (
     ProtectedPoolRunner,
     ProtectedEngineRunner,
 )
-
-#: Short names accepted by ``--stacks``.
-SHORT_NAMES: dict[str, type[Stack]] = {
-    "pool": NaivePool,
-    "sqlalchemy": NaiveEngine,
-    "pgfailover-pool": ProtectedPool,
-    "pgfailover-sqlalchemy": ProtectedEngine,
-    "pgfailover-pool-runner": ProtectedPoolRunner,
-    "pgfailover-sqlalchemy-runner": ProtectedEngineRunner,
-}
 
 
 def error_code(ex: BaseException) -> tuple[str, bool]:
