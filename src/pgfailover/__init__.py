@@ -8,11 +8,12 @@ delivers :class:`FailoverEvent` records. The test bed lives in :mod:`pgfailover.
 
 from __future__ import annotations
 
+from ._runner import transaction
 from .classify import (
     RECOVERY_MESSAGE,
     Kind,
     Phase,
-    Retry,
+    RetryCondition,
     Verdict,
     classify,
     is_failover_error,
@@ -20,7 +21,7 @@ from .classify import (
     sqlstate_of,
 )
 from .connection import AsyncConnection, Connection
-from .errors import CommitOutcomeUnknown
+from .errors import CommitOutcomeUnknown, NotWritable
 from .events import (
     Event,
     EventHook,
@@ -34,9 +35,15 @@ from .events import (
 from .outcome import Outcome
 from .policy import Decision, RetryPolicy
 from .probe import Role, RoleReport, aprobe, probe
-from .retry import arun_transaction, run_transaction, transaction
+from .retry import TransactionRunner, run_transaction
+from .retry_async import AsyncTransactionRunner, arun_transaction
 
 _POOL_NAMES = ("AsyncConnectionPool", "ConnectionPool", "NoPrimaryAvailable")
+_POOL_MODULES = {
+    "AsyncConnectionPool": "pool_async",
+    "ConnectionPool": "pool",
+    "NoPrimaryAvailable": "errors",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -47,13 +54,15 @@ def __getattr__(name: str) -> object:
 
         return importlib.import_module(".sqlalchemy", __name__)
     if name in _POOL_NAMES:
+        import importlib  # noqa: PLC0415 - lazy: the pool extra is optional
+
         try:
-            from . import errors, pool  # noqa: PLC0415 - lazy: the pool extra is optional
+            module = importlib.import_module(f".{_POOL_MODULES[name]}", __name__)
         except ImportError as ex:  # pragma: no cover - depends on the installed extras
             raise ImportError(
                 f"pgfailover.{name} needs psycopg_pool: pip install 'pgfailover[pool]'"
             ) from ex
-        return getattr(errors if name == "NoPrimaryAvailable" else pool, name)
+        return getattr(module, name)
     raise AttributeError(f"module 'pgfailover' has no attribute {name!r}")
 
 
@@ -61,6 +70,7 @@ __all__ = [  # includes the lazily imported pool names
     "RECOVERY_MESSAGE",
     "AsyncConnection",
     "AsyncConnectionPool",
+    "AsyncTransactionRunner",
     "CommitOutcomeUnknown",
     "Connection",
     "ConnectionPool",
@@ -71,14 +81,16 @@ __all__ = [  # includes the lazily imported pool names
     "Kind",
     "NoPrimaryAvailable",
     "NodeInfo",
+    "NotWritable",
     "Outcome",
     "Phase",
     "PoolEvent",
-    "Retry",
+    "RetryCondition",
     "RetryEvent",
     "RetryPolicy",
     "Role",
     "RoleReport",
+    "TransactionRunner",
     "Verdict",
     "aprobe",
     "arun_transaction",

@@ -2,7 +2,7 @@
 
 :func:`classify` turns any exception raised while talking to PostgreSQL into a
 :class:`Verdict`: what kind of failure it is (:class:`Kind`), whether and under what
-condition the unit of work may be run again (:class:`Retry`), and what to do with the
+condition the unit of work may be run again (:class:`RetryCondition`), and what to do with the
 connection and the idea of where the primary is.
 
 The module is pure: it performs no I/O and never imports psycopg2, asyncpg or SQLAlchemy.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import re
 import socket
 import sys
@@ -30,7 +31,7 @@ __all__ = [
     "RECOVERY_MESSAGE",
     "Kind",
     "Phase",
-    "Retry",
+    "RetryCondition",
     "Verdict",
     "classify",
     "is_failover_error",
@@ -41,6 +42,8 @@ __all__ = [
 #: What a hot standby answers (SQLSTATE 0A000) to ``BEGIN READ WRITE`` or
 #: ``SET TRANSACTION READ WRITE``: the tell-tale that the node is in recovery.
 RECOVERY_MESSAGE: Final = "cannot set transaction read-write mode during recovery"
+
+logger = logging.getLogger("pgfailover.classify")
 
 
 class Kind(enum.Enum):
@@ -78,7 +81,7 @@ class Phase(enum.Enum):
     UNKNOWN = "unknown"
 
 
-class Retry(enum.Enum):
+class RetryCondition(enum.Enum):
     """Under what condition the unit of work may be run again."""
 
     #: Never: running it again cannot help.
@@ -115,7 +118,7 @@ class Verdict:
     kind: Kind
     sqlstate: str | None
     message: str
-    retry: Retry
+    retry: RetryCondition
     discard_connection: bool
     purge_generation: bool
     rediscover_primary: bool
@@ -137,7 +140,7 @@ class Verdict:
         """True if the unit of work may run again unconditionally: the work was not
         sent (NOT_SENT) or the server rolled it back (ROLLED_BACK)."""
         retry = self.retry
-        return retry is Retry.NOT_SENT or retry is Retry.ROLLED_BACK
+        return retry is RetryCondition.NOT_SENT or retry is RetryCondition.ROLLED_BACK
 
     def may_retry(self, *, idempotent: bool = False) -> bool:
         """True if the unit of work may run again.
@@ -149,9 +152,9 @@ class Verdict:
         """
         retry = self.retry
         return (
-            retry is Retry.NOT_SENT
-            or retry is Retry.ROLLED_BACK
-            or (retry is Retry.IF_IDEMPOTENT and idempotent is True)
+            retry is RetryCondition.NOT_SENT
+            or retry is RetryCondition.ROLLED_BACK
+            or (retry is RetryCondition.IF_IDEMPOTENT and idempotent is True)
         )
 
 
@@ -161,27 +164,27 @@ class Verdict:
 @dataclass(frozen=True, slots=True, eq=False)  # identity hash: a cheap cache key
 class _Rule:
     kind: Kind
-    retry: Retry | None  # None: decided by the phase, as for a lost connection
+    retry: RetryCondition | None  # None: decided by the phase, as for a lost connection
     discard: bool
     purge: bool
     rediscover: bool
     reason: str
 
 
-def _lost(reason: str, *, purge: bool = True, retry: Retry | None = None) -> _Rule:
+def _lost(reason: str, *, purge: bool = True, retry: RetryCondition | None = None) -> _Rule:
     return _Rule(Kind.CONNECTION_LOST, retry, True, purge, purge, reason)
 
 
 def _transient(reason: str, *, discard: bool = False) -> _Rule:
-    return _Rule(Kind.TRANSIENT, Retry.ROLLED_BACK, discard, False, False, reason)
+    return _Rule(Kind.TRANSIENT, RetryCondition.ROLLED_BACK, discard, False, False, reason)
 
 
 def _config(reason: str) -> _Rule:
-    return _Rule(Kind.CONFIGURATION, Retry.NEVER, True, False, False, reason)
+    return _Rule(Kind.CONFIGURATION, RetryCondition.NEVER, True, False, False, reason)
 
 
 def _application(reason: str) -> _Rule:
-    return _Rule(Kind.APPLICATION, Retry.NEVER, False, False, False, reason)
+    return _Rule(Kind.APPLICATION, RetryCondition.NEVER, False, False, False, reason)
 
 
 # Bounded memo tables (cleared when full): rules and verdicts are immutable, so
@@ -206,7 +209,7 @@ def _rule_for_unlisted(code: str) -> _Rule:
 
 _READ_ONLY_RECOVERY: Final = _Rule(
     Kind.READ_ONLY,
-    Retry.ROLLED_BACK,
+    RetryCondition.ROLLED_BACK,
     True,
     True,
     True,
@@ -214,7 +217,7 @@ _READ_ONLY_RECOVERY: Final = _Rule(
 )
 _RECOVERY_IN_PROGRESS: Final = _Rule(
     Kind.READ_ONLY,
-    Retry.ROLLED_BACK,
+    RetryCondition.ROLLED_BACK,
     True,
     True,
     True,
@@ -226,7 +229,7 @@ _FEATURE_NOT_SUPPORTED: Final = _application(
 )
 _READ_ONLY_TRANSACTION: Final = _Rule(
     Kind.READ_ONLY,
-    Retry.ROLLED_BACK,
+    RetryCondition.ROLLED_BACK,
     True,
     True,
     True,
@@ -237,7 +240,7 @@ _READ_ONLY_ASKED: Final = _application(
 )
 _CANNOT_CONNECT_NOW: Final = _Rule(
     Kind.SERVER_UNAVAILABLE,
-    Retry.NOT_SENT,
+    RetryCondition.NOT_SENT,
     True,
     True,
     True,
@@ -245,7 +248,7 @@ _CANNOT_CONNECT_NOW: Final = _Rule(
 )
 _TOO_MANY_CONNECTIONS: Final = _Rule(
     Kind.SERVER_UNAVAILABLE,
-    Retry.NOT_SENT,
+    RetryCondition.NOT_SENT,
     True,
     False,
     False,
@@ -286,9 +289,11 @@ _BY_SQLSTATE: Final[dict[str, _Rule]] = {
         purge=False,
     ),
     "08000": _lost("08000: connection exception: the connection is gone"),
-    "08001": _lost("08001: the client could not establish the connection", retry=Retry.NOT_SENT),
+    "08001": _lost(
+        "08001: the client could not establish the connection", retry=RetryCondition.NOT_SENT
+    ),
     "08003": _lost("08003: the connection does not exist"),
-    "08004": _lost("08004: the server rejected the connection", retry=Retry.NOT_SENT),
+    "08004": _lost("08004: the server rejected the connection", retry=RetryCondition.NOT_SENT),
     "08006": _lost("08006: connection failure: the connection is gone"),
     "08007": _lost("08007: the connection failed, transaction resolution unknown"),
     "08P01": _lost("08P01: protocol violation: the connection is unusable"),
@@ -328,7 +333,7 @@ _MESSAGE_RULES: Final[tuple[tuple[tuple[str, ...], _Rule], ...]] = (
         ),
         _Rule(
             Kind.SERVER_UNAVAILABLE,
-            Retry.NOT_SENT,
+            RetryCondition.NOT_SENT,
             True,
             True,
             True,
@@ -343,7 +348,7 @@ _MESSAGE_RULES: Final[tuple[tuple[tuple[str, ...], _Rule], ...]] = (
         ),
         _Rule(
             Kind.SERVER_UNAVAILABLE,
-            Retry.NOT_SENT,
+            RetryCondition.NOT_SENT,
             True,
             False,
             False,
@@ -815,13 +820,13 @@ def _verdict(rule: _Rule, code: str | None, message: str, phase: Phase) -> Verdi
     retry = rule.retry
     if retry is None:  # a lost connection: what the caller was doing decides
         if phase is Phase.CONNECT:
-            retry = Retry.NOT_SENT
+            retry = RetryCondition.NOT_SENT
         elif phase is Phase.TRANSACTION:
-            retry = Retry.ROLLED_BACK
+            retry = RetryCondition.ROLLED_BACK
         elif phase is Phase.COMMIT:
-            retry = Retry.OUTCOME_UNKNOWN
+            retry = RetryCondition.OUTCOME_UNKNOWN
         else:  # AUTOCOMMIT, UNKNOWN, or anything else passed as a phase
-            retry = Retry.IF_IDEMPOTENT
+            retry = RetryCondition.IF_IDEMPOTENT
     key = (rule, code, message, id(retry))  # id(): Enum.__hash__ is slow Python code
     verdict = _VERDICTS.get(key)
     if verdict is None:
@@ -841,10 +846,29 @@ def _verdict(rule: _Rule, code: str | None, message: str, phase: Phase) -> Verdi
     return verdict
 
 
+#: The attribute under which a connection (or an instrumented engine) leaves on an exception
+#: the verdict it reached with what it knew (the phase, the connection's state): a bare
+#: :func:`classify` call later reaches the same verdict.
+VERDICT_ATTRIBUTE = "_pgfailover_verdict"
+
+
+def attach_verdict(exc: BaseException, verdict: Verdict) -> None:
+    """Leave ``verdict`` on ``exc`` for later bare :func:`classify` calls (best effort: an
+    exception that refuses attributes keeps none)."""
+    try:
+        setattr(exc, VERDICT_ATTRIBUTE, verdict)
+    except Exception:  # a read-only or slotted exception: classify from scratch later
+        logger.debug("cannot attach the verdict to %s", type(exc).__qualname__)
+
+
 def _classify(
     exc: BaseException, conn: object | None, read_only: bool | None, phase: Phase
 ) -> Verdict:
     node, code, info = _select(exc)
+    if conn is None and read_only is None and phase is Phase.UNKNOWN:
+        attached = _attr(node, VERDICT_ATTRIBUTE)
+        if isinstance(attached, Verdict):
+            return attached
     if code is not None:
         message = _primary_message(node, info)
         return _verdict(_rule_for_sqlstate(code, message, read_only, conn), code, message, phase)
@@ -864,7 +888,7 @@ _UNINSPECTABLE_VERDICT: Final = Verdict(
     Kind.APPLICATION,
     None,
     "<exception that could not be inspected>",
-    Retry.NEVER,
+    RetryCondition.NEVER,
     False,
     False,
     False,
@@ -925,15 +949,25 @@ def classify(
 
 
 def is_failover_error(exc: BaseException) -> bool:
-    """True if ``exc`` is a symptom of failover (``classify(exc).is_failover``)."""
+    """True if ``exc`` is a symptom of failover (``classify(exc).is_failover``).
+
+    Not a retry predicate: a connection lost during COMMIT is a failover symptom whose
+    work may have committed. To decide whether to run work again, use
+    :func:`is_retryable`.
+    """
     return classify(exc).is_failover
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """True if the work may run again as is (``classify(exc).retryable``).
+    """True if the work may run again as is (``classify(exc).retryable``): the one retry
+    predicate, for ``tenacity.retry_if_exception(is_retryable)`` and
+    ``stamina.retry(on=is_retryable)``.
 
-    A predicate for ``tenacity.retry_if_exception(is_retryable)`` and
-    ``stamina.retry(on=is_retryable)``. The phase is unknown here, so a connection lost
-    mid-statement is not retryable; classify with a phase to do better.
+    Never true for a lost COMMIT (its work may have committed) nor for application and
+    configuration errors. An error raised on a :class:`pgfailover.Connection` (or through
+    an engine instrumented by :func:`pgfailover.sqlalchemy.instrument`) carries the verdict
+    the connection reached knowing what was in flight, so a connection lost inside a
+    transaction is retryable and one lost during COMMIT is not; on a plain connection the
+    phase is unknown and a connection lost mid-statement is not retryable.
     """
     return classify(exc).retryable

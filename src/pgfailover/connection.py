@@ -31,8 +31,8 @@ from psycopg.abc import PQGen, QueryNoTemplate
 from psycopg.pq import Format, TransactionStatus
 from psycopg.rows import Row
 
-from .classify import RECOVERY_MESSAGE, Phase, Verdict, classify
-from .events import FailoverEvent, NodeInfo, caller_stack, diagnostics_of, emit
+from .classify import RECOVERY_MESSAGE, Phase, Verdict, attach_verdict, classify
+from .events import FailoverEvent, NodeInfo, _emit, caller_stack, diagnostics_of
 
 RV = TypeVar("RV")
 
@@ -141,6 +141,7 @@ class _FailoverAware(BaseConnection[Row]):
         phase = self._pgf_phase(before)
         self._pgf_committing = False
         verdict = classify(ex, conn=self, phase=phase)
+        attach_verdict(ex, verdict)
         if not verdict.discard_connection:
             return
         node = self._pgf_node()
@@ -154,7 +155,7 @@ class _FailoverAware(BaseConnection[Row]):
         if self.poisoned is not None:
             return  # one event per connection
         self.poisoned = verdict
-        emit(
+        _emit(
             FailoverEvent(
                 verdict=verdict,
                 node=node,

@@ -84,10 +84,11 @@ class FailoverEvent:
     monotonic: float = field(default_factory=time.monotonic)
 
     def summary(self) -> str:
-        """One line: SQLSTATE, message, node, verdict, action."""
+        """One line: SQLSTATE (``(no SQLSTATE)`` for an error without one, e.g. a lost
+        connection), message, node, verdict, action."""
         v = self.verdict
         return (
-            f"{v.sqlstate or '-----'} {self.error_type}: {v.message} | node {self.node} | "
+            f"{v.sqlstate or '(no SQLSTATE)'} {self.error_type}: {v.message} | node {self.node} | "
             f"verdict {v.kind.value} (retry: {v.retry.value}) | {v.reason} | action: {self.action}"
         )
 
@@ -115,13 +116,13 @@ class RetryEvent:
     monotonic: float = field(default_factory=time.monotonic)
 
     def summary(self) -> str:
-        """One line: attempt, cause, action, wait."""
+        """One line: attempt, cause (its SQLSTATE or ``(no SQLSTATE)``), action, wait."""
         v = self.cause
         wait = f" in {self.wait:.3f} s" if self.wait else ""
         detail = f" | {self.detail}" if self.detail else ""
         return (
             f"attempt {self.attempt} failed after {self.elapsed:.3f} s: "
-            f"{v.sqlstate or '-----'} {self.error_type}: {v.message} | verdict "
+            f"{v.sqlstate or '(no SQLSTATE)'} {self.error_type}: {v.message} | verdict "
             f"{v.kind.value} (retry: {v.retry.value}) | action: {self.action}{wait}{detail}"
         )
 
@@ -220,7 +221,7 @@ def diagnostics_of(exc: BaseException) -> dict[str, str]:
     return found
 
 
-def emit(event: Event) -> None:
+def _emit(event: Event) -> None:
     """Log ``event`` once and deliver it to every subscribed hook.
 
     Failover events are logged at WARNING with the caller's stack; retry events at INFO

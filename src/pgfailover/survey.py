@@ -90,7 +90,7 @@ class InvalidConninfo(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
+class HostTarget:
     """One host of a DSN, with the conninfo to reach that host alone.
 
     ``host`` is a host name, an IP address or a Unix-socket directory (an absolute path);
@@ -141,7 +141,7 @@ class ErrorInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class Observation:
+class HostObservation:
     """What one connection attempt saw, before any judgement (input of :func:`assess`).
 
     ``connect_ms`` is the time from the start of the attempt until the connection was made or
@@ -152,7 +152,7 @@ class Observation:
     ``row`` is the :data:`SURVEY_SQL` row, None when the query did not run; ``error`` says why.
     """
 
-    target: Target
+    target: HostTarget
     connect_ms: float | None = None
     client_pid: int | None = None
     parameters: Mapping[str, str] = field(default_factory=dict)
@@ -221,8 +221,8 @@ class HostReport:
 # ------------------------------------------------------------------------------- parsing
 
 
-def split_hosts(conninfo: str) -> list[Target]:
-    """Split a conninfo string or URL into one :class:`Target` per host, in order.
+def split_hosts(conninfo: str) -> list[HostTarget]:
+    """Split a conninfo string or URL into one :class:`HostTarget` per host, in order.
 
     Follows libpq: ``host`` and ``hostaddr`` are comma-separated lists of equal length (either
     may be absent), ``port`` is one value for every host or one per host; an empty entry means
@@ -262,7 +262,7 @@ def split_hosts(conninfo: str) -> list[Target]:
         if hostaddr is not None:
             _check_hostaddr(hostaddr)
         single = {**params, "host": host, "hostaddr": hostaddr, "port": port}
-        targets.append(Target(host, port, hostaddr, make_conninfo("", **single)))
+        targets.append(HostTarget(host, port, hostaddr, make_conninfo("", **single)))
     return targets
 
 
@@ -329,7 +329,7 @@ def lsn_to_int(lsn: str) -> int:
     return (int(high, 16) << 32) + int(low, 16)
 
 
-def assess(observations: Sequence[Observation]) -> list[HostReport]:
+def assess(observations: Sequence[HostObservation]) -> list[HostReport]:
     """Judge every observation, then compute the standbys' lag behind the primary.
 
     ``behind_primary_bytes`` is set only when the observations hold exactly one primary
@@ -351,7 +351,7 @@ def assess(observations: Sequence[Observation]) -> list[HostReport]:
     ]
 
 
-def _assess_one(obs: Observation) -> HostReport:
+def _assess_one(obs: HostObservation) -> HostReport:
     address = obs.target.address
     if obs.row is None:
         error = obs.error or ErrorInfo("other", None, None, "no answer")
@@ -630,7 +630,7 @@ def _first_line(text: str) -> str:
 # -------------------------------------------------------------------------------------- I/O
 
 
-def _observe(target: Target, timeout: float, secrets: Sequence[str]) -> Observation:
+def _observe(target: HostTarget, timeout: float, secrets: Sequence[str]) -> HostObservation:
     """Connect to one target, read its login parameters, run :data:`SURVEY_SQL`. Never raises."""
     extra: dict[str, Any] = {"connect_timeout": str(max(2, math.ceil(timeout)))}  # libpq: >= 2
     if psycopg.pq.version() >= 120000:  # libpq 12+: drop a host that stops acknowledging
@@ -642,7 +642,7 @@ def _observe(target: Target, timeout: float, secrets: Sequence[str]) -> Observat
         conn = psycopg.connect(target.conninfo, autocommit=True, prepare_threshold=None, **extra)
     except Exception as ex:  # the report says what it was
         elapsed = (time.perf_counter() - started) * 1000
-        return Observation(target, elapsed, error=error_info(ex, secrets, connected=False))
+        return HostObservation(target, elapsed, error=error_info(ex, secrets, connected=False))
     connect_ms = (time.perf_counter() - started) * 1000
     try:
         with conn:
@@ -656,8 +656,8 @@ def _observe(target: Target, timeout: float, secrets: Sequence[str]) -> Observat
             with conn.cursor(row_factory=tuple_row) as cur:
                 row = cur.execute(SURVEY_SQL, prepare=False).fetchone()
     except Exception as ex:  # the report says what it was
-        return Observation(target, connect_ms, error=error_info(ex, secrets, connected=True))
-    return Observation(target, connect_ms, client_pid, parameters, row)
+        return HostObservation(target, connect_ms, error=error_info(ex, secrets, connected=True))
+    return HostObservation(target, connect_ms, client_pid, parameters, row)
 
 
 def survey(conninfo: str, *, timeout: float = 3.0) -> list[HostReport]:
@@ -674,10 +674,10 @@ def survey(conninfo: str, *, timeout: float = 3.0) -> list[HostReport]:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     targets = split_hosts(conninfo)
     secrets = _secret_candidates(conninfo)
-    results: dict[int, Observation] = {}
+    results: dict[int, HostObservation] = {}
     done = threading.Condition()
 
-    def work(index: int, target: Target) -> None:
+    def work(index: int, target: HostTarget) -> None:
         observation = _observe(target, timeout, secrets)
         with done:
             results[index] = observation
@@ -696,7 +696,7 @@ def survey(conninfo: str, *, timeout: float = 3.0) -> list[HostReport]:
         "timeout", "08001", "08 connection exception", f"no answer within {timeout:g} s"
     )
     observations = [
-        finished.get(i) or Observation(target, waited_ms, error=late)
+        finished.get(i) or HostObservation(target, waited_ms, error=late)
         for i, target in enumerate(targets)
     ]
     return assess(observations)

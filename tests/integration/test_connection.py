@@ -13,7 +13,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 
 import pgfailover
-from pgfailover import AsyncConnection, Connection, FailoverEvent, Kind, Retry, Role
+from pgfailover import AsyncConnection, Connection, FailoverEvent, Kind, RetryCondition, Role
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.simulate import araise_recovery_error, raise_recovery_error
 
@@ -73,7 +73,7 @@ def test_first_failing_write_after_failover_poisons_the_connection(
             conn.execute(f"INSERT INTO {table} (note) VALUES ('x')")
         assert conn.poisoned is not None
         assert conn.poisoned.kind is Kind.READ_ONLY
-        assert conn.poisoned.retry is Retry.ROLLED_BACK
+        assert conn.poisoned.retry is RetryCondition.ROLLED_BACK
         assert conn.poisoned.purge_generation
         assert not conn.closed, "the error is the driver's: the connection is left to its owner"
         # a second failure on the same connection is not a second incident
@@ -283,7 +283,7 @@ def test_terminated_backend_is_classified_as_lost(
         assert info.value.sqlstate in {"57P01", None}
         assert conn.poisoned is not None
         assert conn.poisoned.kind is Kind.CONNECTION_LOST
-        assert conn.poisoned.retry is Retry.ROLLED_BACK
+        assert conn.poisoned.retry is RetryCondition.ROLLED_BACK
         assert conn.broken
     assert len(events) == 1
 
@@ -303,7 +303,7 @@ def test_terminated_backend_at_transaction_block_exit_is_outcome_unknown(
             block.__exit__(None, None, None)  # the block's COMMIT
         assert conn.poisoned is not None
         assert conn.poisoned.kind is Kind.CONNECTION_LOST
-        assert conn.poisoned.retry is Retry.OUTCOME_UNKNOWN
+        assert conn.poisoned.retry is RetryCondition.OUTCOME_UNKNOWN
     assert len(events) == 1
 
 
@@ -320,7 +320,7 @@ async def test_async_terminated_backend_during_commit_is_outcome_unknown(
             await conn.commit()
         assert conn.poisoned is not None
         assert conn.poisoned.kind is Kind.CONNECTION_LOST
-        assert conn.poisoned.retry is Retry.OUTCOME_UNKNOWN
+        assert conn.poisoned.retry is RetryCondition.OUTCOME_UNKNOWN
     assert len(events) == 1
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from pgfailover import AsyncConnection, Connection, Kind, Retry
+from pgfailover import AsyncConnection, Connection, Kind, RetryCondition
 from pgfailover.testing import FaultProxy, LocalCluster
 from pgfailover.testing.plugin import ClusterFactory
 from pgfailover.testing.proxy import query_matches
@@ -82,7 +82,7 @@ def test_lost_commit_prepared_is_outcome_unknown(
             conn.tpc_commit(gid if recovering else None)
         assert conn.poisoned is not None
         assert conn.poisoned.kind is Kind.CONNECTION_LOST
-        assert conn.poisoned.retry is Retry.OUTCOME_UNKNOWN
+        assert conn.poisoned.retry is RetryCondition.OUTCOME_UNKNOWN
     assert [f.query for f in proxy.wait_faults(1)] == [f"COMMIT PREPARED '{gid}'"]
     assert _prepared(tpc_cluster) == [gid], "the COMMIT PREPARED never reached the server"
 
@@ -99,7 +99,7 @@ async def test_async_lost_commit_prepared_is_outcome_unknown(
             await conn.tpc_commit()
         assert conn.poisoned is not None
         assert conn.poisoned.kind is Kind.CONNECTION_LOST
-        assert conn.poisoned.retry is Retry.OUTCOME_UNKNOWN
+        assert conn.poisoned.retry is RetryCondition.OUTCOME_UNKNOWN
     assert [f.query for f in proxy.wait_faults(1)] == [f"COMMIT PREPARED '{gid}'"]
 
 
@@ -114,7 +114,7 @@ def test_lost_rollback_prepared_is_not_a_commit(
             conn.tpc_rollback()
         assert conn.poisoned is not None
         assert conn.poisoned.kind is Kind.CONNECTION_LOST
-        assert conn.poisoned.retry is not Retry.OUTCOME_UNKNOWN
+        assert conn.poisoned.retry is not RetryCondition.OUTCOME_UNKNOWN
     assert [f.query for f in proxy.wait_faults(1)] == [f"ROLLBACK PREPARED '{gid}'"]
 
 
@@ -130,7 +130,7 @@ async def test_async_lost_rollback_prepared_is_not_a_commit(
             await conn.tpc_rollback()
         assert conn.poisoned is not None
         assert conn.poisoned.kind is Kind.CONNECTION_LOST
-        assert conn.poisoned.retry is not Retry.OUTCOME_UNKNOWN
+        assert conn.poisoned.retry is not RetryCondition.OUTCOME_UNKNOWN
     assert [f.query for f in proxy.wait_faults(1)] == [f"ROLLBACK PREPARED '{gid}'"]
 
 
@@ -146,7 +146,7 @@ def test_lost_prepare_transaction_is_outcome_unknown(
         with pytest.raises(psycopg.OperationalError):
             conn.tpc_prepare()
         assert conn.poisoned is not None
-        assert conn.poisoned.retry is Retry.OUTCOME_UNKNOWN
+        assert conn.poisoned.retry is RetryCondition.OUTCOME_UNKNOWN
     assert len(proxy.wait_faults(1)) == 1
 
 

@@ -29,8 +29,9 @@ from pgfailover.classify import (
     RECOVERY_MESSAGE,
     Kind,
     Phase,
-    Retry,
+    RetryCondition,
     Verdict,
+    attach_verdict,
     classify,
     is_failover_error,
     is_retryable,
@@ -42,21 +43,21 @@ T, F = True, False
 
 class Expected(NamedTuple):
     kind: Kind
-    retry: Retry  # with Phase.UNKNOWN
+    retry: RetryCondition  # with Phase.UNKNOWN
     discard: bool
     purge: bool
     rediscover: bool
 
 
-_LOST = Expected(Kind.CONNECTION_LOST, Retry.IF_IDEMPOTENT, T, T, T)
-_LOST_LOCAL = Expected(Kind.CONNECTION_LOST, Retry.IF_IDEMPOTENT, T, F, F)
-_CONNECT_FAILED = Expected(Kind.CONNECTION_LOST, Retry.NOT_SENT, T, T, T)
-_READ_ONLY = Expected(Kind.READ_ONLY, Retry.ROLLED_BACK, T, T, T)
-_UNAVAILABLE = Expected(Kind.SERVER_UNAVAILABLE, Retry.NOT_SENT, T, T, T)
-_FULL = Expected(Kind.SERVER_UNAVAILABLE, Retry.NOT_SENT, T, F, F)
-_TRANSIENT = Expected(Kind.TRANSIENT, Retry.ROLLED_BACK, F, F, F)
-_CONFIG = Expected(Kind.CONFIGURATION, Retry.NEVER, T, F, F)
-_APP = Expected(Kind.APPLICATION, Retry.NEVER, F, F, F)
+_LOST = Expected(Kind.CONNECTION_LOST, RetryCondition.IF_IDEMPOTENT, T, T, T)
+_LOST_LOCAL = Expected(Kind.CONNECTION_LOST, RetryCondition.IF_IDEMPOTENT, T, F, F)
+_CONNECT_FAILED = Expected(Kind.CONNECTION_LOST, RetryCondition.NOT_SENT, T, T, T)
+_READ_ONLY = Expected(Kind.READ_ONLY, RetryCondition.ROLLED_BACK, T, T, T)
+_UNAVAILABLE = Expected(Kind.SERVER_UNAVAILABLE, RetryCondition.NOT_SENT, T, T, T)
+_FULL = Expected(Kind.SERVER_UNAVAILABLE, RetryCondition.NOT_SENT, T, F, F)
+_TRANSIENT = Expected(Kind.TRANSIENT, RetryCondition.ROLLED_BACK, F, F, F)
+_CONFIG = Expected(Kind.CONFIGURATION, RetryCondition.NEVER, T, F, F)
+_APP = Expected(Kind.APPLICATION, RetryCondition.NEVER, F, F, F)
 
 EXPECTED: dict[str, Expected] = {
     "0A000": _READ_ONLY,  # built with the recovery message
@@ -203,7 +204,9 @@ def test_sqlstate_table(driver: str, code: str) -> None:
     assert is_failover_error(exc) is (
         verdict.kind in {Kind.READ_ONLY, Kind.CONNECTION_LOST, Kind.SERVER_UNAVAILABLE}
     )
-    assert is_retryable(exc) is (verdict.retry in {Retry.NOT_SENT, Retry.ROLLED_BACK})
+    assert is_retryable(exc) is (
+        verdict.retry in {RetryCondition.NOT_SENT, RetryCondition.ROLLED_BACK}
+    )
 
 
 def test_sqlalchemy_asyncpg_wrapping_matches_the_dialect() -> None:
@@ -331,11 +334,11 @@ LOST_EXAMPLES: dict[str, Callable[[], BaseException]] = {
 }
 
 PHASE_RETRY = {
-    Phase.CONNECT: Retry.NOT_SENT,
-    Phase.TRANSACTION: Retry.ROLLED_BACK,
-    Phase.COMMIT: Retry.OUTCOME_UNKNOWN,
-    Phase.AUTOCOMMIT: Retry.IF_IDEMPOTENT,
-    Phase.UNKNOWN: Retry.IF_IDEMPOTENT,
+    Phase.CONNECT: RetryCondition.NOT_SENT,
+    Phase.TRANSACTION: RetryCondition.ROLLED_BACK,
+    Phase.COMMIT: RetryCondition.OUTCOME_UNKNOWN,
+    Phase.AUTOCOMMIT: RetryCondition.IF_IDEMPOTENT,
+    Phase.UNKNOWN: RetryCondition.IF_IDEMPOTENT,
 }
 
 
@@ -361,7 +364,7 @@ def test_other_retry_conditions_do_not_depend_on_the_phase(code: str, phase: Pha
 def test_a_phase_that_is_not_a_phase_counts_as_unknown() -> None:
     """classify stays total when given a bogus phase: a lost connection is IF_IDEMPOTENT."""
     verdict = classify(psycopg3_error("57P01", "x"), phase=cast(Phase, "commit"))
-    assert verdict.retry is Retry.IF_IDEMPOTENT
+    assert verdict.retry is RetryCondition.IF_IDEMPOTENT
 
 
 # ------------------------------------------------------- transient and conflicts
@@ -381,7 +384,7 @@ def test_recovery_conflict_that_terminated_the_session_discards_the_connection()
     exc = psycopg3_error("40001", "terminating connection due to conflict with recovery")
     verdict = classify(exc)
     assert verdict.kind is Kind.TRANSIENT
-    assert verdict.retry is Retry.ROLLED_BACK
+    assert verdict.retry is RetryCondition.ROLLED_BACK
     assert verdict.discard_connection is True
 
 
@@ -411,7 +414,7 @@ def test_recovery_conflict_that_terminated_the_session_discards_the_connection()
 def test_driver_and_socket_errors_without_sqlstate_are_connection_lost(exc: Exception) -> None:
     """OperationalError, socket errors and asyncpg's closed-connection errors: CONNECTION_LOST."""
     _check(classify(exc), _LOST)
-    assert classify(exc, phase=Phase.CONNECT).retry is Retry.NOT_SENT
+    assert classify(exc, phase=Phase.CONNECT).retry is RetryCondition.NOT_SENT
 
 
 def test_asyncpg_interface_error_about_something_else_is_an_application_error() -> None:
@@ -521,7 +524,9 @@ def test_connect_time_messages_without_sqlstate(
     assert verdict.kind is expected.kind
     assert (verdict.discard_connection, verdict.purge_generation) == expected[2:4]
     assert verdict.rediscover_primary is expected.rediscover
-    assert verdict.retry is (Retry.NEVER if expected.kind is Kind.CONFIGURATION else Retry.NOT_SENT)
+    assert verdict.retry is (
+        RetryCondition.NEVER if expected.kind is Kind.CONFIGURATION else RetryCondition.NOT_SENT
+    )
     assert verdict.message == message.partition("\n")[0]
 
 
@@ -628,7 +633,7 @@ def test_a_driver_error_without_sqlstate_is_not_looked_through() -> None:
     exc.__context__ = psycopg3_error("40001", "could not serialize")
     verdict = classify(exc, phase=Phase.TRANSACTION)
     assert verdict.kind is Kind.CONNECTION_LOST
-    assert verdict.retry is Retry.ROLLED_BACK
+    assert verdict.retry is RetryCondition.ROLLED_BACK
 
 
 def test_a_wrapper_is_classified_by_its_own_sqlstate_if_its_orig_has_none() -> None:
@@ -788,15 +793,15 @@ def test_classify_survives_hostile_exceptions_and_connections() -> None:
 @pytest.mark.parametrize(
     ("retry", "retryable", "may_retry", "may_retry_idempotent"),
     [
-        (Retry.NEVER, F, F, F),
-        (Retry.NOT_SENT, T, T, T),
-        (Retry.ROLLED_BACK, T, T, T),
-        (Retry.IF_IDEMPOTENT, F, F, T),
-        (Retry.OUTCOME_UNKNOWN, F, F, F),
+        (RetryCondition.NEVER, F, F, F),
+        (RetryCondition.NOT_SENT, T, T, T),
+        (RetryCondition.ROLLED_BACK, T, T, T),
+        (RetryCondition.IF_IDEMPOTENT, F, F, T),
+        (RetryCondition.OUTCOME_UNKNOWN, F, F, F),
     ],
 )
 def test_verdict_retry_predicates(
-    retry: Retry, retryable: bool, may_retry: bool, may_retry_idempotent: bool
+    retry: RetryCondition, retryable: bool, may_retry: bool, may_retry_idempotent: bool
 ) -> None:
     """retryable and may_retry follow the Retry condition; OUTCOME_UNKNOWN never retries."""
     verdict = Verdict(Kind.CONNECTION_LOST, None, "m", retry, T, T, T, "r")
@@ -808,7 +813,7 @@ def test_verdict_retry_predicates(
 @pytest.mark.parametrize("kind", list(Kind))
 def test_verdict_is_failover(kind: Kind) -> None:
     """is_failover is true exactly for READ_ONLY, CONNECTION_LOST and SERVER_UNAVAILABLE."""
-    verdict = Verdict(kind, None, "m", Retry.NEVER, F, F, F, "r")
+    verdict = Verdict(kind, None, "m", RetryCondition.NEVER, F, F, F, "r")
     failover = {Kind.READ_ONLY, Kind.CONNECTION_LOST, Kind.SERVER_UNAVAILABLE}
     assert verdict.is_failover is (kind in failover)
 
@@ -820,8 +825,10 @@ def test_verdict_is_frozen_and_enum_values_are_strings() -> None:
         verdict.kind = Kind.TRANSIENT  # type: ignore[misc]
     assert Kind.READ_ONLY.value == "read_only"
     assert Phase.COMMIT.value == "commit"
-    assert Retry.OUTCOME_UNKNOWN.value == "outcome_unknown"
-    assert all(isinstance(member.value, str) for enum in (Kind, Phase, Retry) for member in enum)
+    assert RetryCondition.OUTCOME_UNKNOWN.value == "outcome_unknown"
+    assert all(
+        isinstance(member.value, str) for enum in (Kind, Phase, RetryCondition) for member in enum
+    )
 
 
 def test_reasons_are_single_short_sentences() -> None:
@@ -899,10 +906,10 @@ def test_wrapper_that_invalidated_the_connection_makes_an_error_without_sqlstate
     kept = sqlalchemy.exc.DBAPIError.instance("BEGIN", None, inner, psycopg.Error)
     lost = classify(invalidated, phase=Phase.TRANSACTION)
     assert lost.kind is Kind.CONNECTION_LOST
-    assert lost.retry is Retry.ROLLED_BACK
+    assert lost.retry is RetryCondition.ROLLED_BACK
     assert lost.discard_connection
     assert "connection_invalidated" in lost.reason
-    assert classify(invalidated, phase=Phase.COMMIT).retry is Retry.OUTCOME_UNKNOWN
+    assert classify(invalidated, phase=Phase.COMMIT).retry is RetryCondition.OUTCOME_UNKNOWN
     assert classify(kept, phase=Phase.TRANSACTION).kind is Kind.APPLICATION
 
 
@@ -921,7 +928,28 @@ def test_recovery_in_progress_from_a_wal_function_is_a_standby() -> None:
     55000 errors stay application errors."""
     verdict = classify(psycopg3_error("55000", "recovery is in progress"))
     assert verdict.kind is Kind.READ_ONLY
-    assert verdict.retry is Retry.ROLLED_BACK
+    assert verdict.retry is RetryCondition.ROLLED_BACK
     assert verdict.purge_generation
     other = classify(psycopg3_error("55000", "cannot drop the currently open database"))
     assert other.kind is Kind.APPLICATION
+
+
+def test_a_bare_classify_reaches_the_verdict_a_connection_attached() -> None:
+    """An exception carrying a connection's verdict (what was in flight, the connection's
+    state) is classified the same by a bare call, and so by the retry predicate; explicit
+    arguments classify from scratch."""
+
+    class BrokenConnection:
+        broken = True  # psycopg's flag once the server's FATAL closed the connection
+
+    exc = psycopg.InternalError("received 2 results from command 'BEGIN'")
+    assert not is_retryable(exc)  # alone, it reads as an application error
+    rolled_back = classify(exc, conn=BrokenConnection(), phase=Phase.TRANSACTION)
+    assert rolled_back.retry is RetryCondition.ROLLED_BACK
+    attach_verdict(exc, rolled_back)
+    assert is_retryable(exc)
+    assert classify(exc) is rolled_back
+    assert classify(exc, phase=Phase.COMMIT) is not rolled_back
+    wrapped = RuntimeError("wrapped")
+    wrapped.__cause__ = exc
+    assert classify(wrapped) is rolled_back

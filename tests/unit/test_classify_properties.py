@@ -24,7 +24,7 @@ from pgfailover.classify import (
     RECOVERY_MESSAGE,
     Kind,
     Phase,
-    Retry,
+    RetryCondition,
     Verdict,
     classify,
     is_failover_error,
@@ -224,7 +224,7 @@ def test_classify_is_total_and_only_failures_it_understands_are_retried(
     verdict = classify(exc, conn=conn, read_only=read_only, phase=phase)
     assert isinstance(verdict, Verdict)
     assert isinstance(verdict.kind, Kind)
-    assert isinstance(verdict.retry, Retry)
+    assert isinstance(verdict.retry, RetryCondition)
     assert isinstance(verdict.message, str)
     assert isinstance(verdict.reason, str)
     assert verdict.reason
@@ -235,9 +235,9 @@ def test_classify_is_total_and_only_failures_it_understands_are_retried(
     if verdict.retryable or verdict.may_retry(idempotent=True):
         assert verdict.kind in RETRYING_KINDS
     if verdict.kind in {Kind.APPLICATION, Kind.CONFIGURATION}:
-        assert verdict.retry is Retry.NEVER
+        assert verdict.retry is RetryCondition.NEVER
         assert not verdict.may_retry(idempotent=True)
-    if verdict.retry is Retry.OUTCOME_UNKNOWN:
+    if verdict.retry is RetryCondition.OUTCOME_UNKNOWN:
         assert phase is Phase.COMMIT
     if verdict.retryable:
         assert verdict.may_retry(idempotent=False)

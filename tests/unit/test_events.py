@@ -25,7 +25,7 @@ def _event() -> FailoverEvent:
 def test_emit_logs_once_at_warning_with_the_facts(caplog: pytest.LogCaptureFixture) -> None:
     """One WARNING record on pgfailover.events with SQLSTATE, node, verdict, action, stack."""
     caplog.set_level(logging.DEBUG, logger="pgfailover")
-    events.emit(_event())
+    events._emit(_event())
     records = [r for r in caplog.records if r.name == "pgfailover.events"]
     assert len(records) == 1
     message = records[0].getMessage()
@@ -40,9 +40,9 @@ def test_hooks_receive_events_and_can_unsubscribe() -> None:
     seen: list[events.Event] = []
     unsubscribe = events.subscribe(seen.append)
     events.subscribe(seen.append)
-    events.emit(_event())
+    events._emit(_event())
     unsubscribe()
-    events.emit(_event())
+    events._emit(_event())
     assert len(seen) == 1
 
 
@@ -58,7 +58,7 @@ def test_a_failing_hook_is_logged_and_does_not_stop_others(
     undo_broken = events.subscribe(broken)
     undo_seen = events.subscribe(seen.append)
     try:
-        events.emit(_event())
+        events._emit(_event())
     finally:
         undo_broken()
         undo_seen()

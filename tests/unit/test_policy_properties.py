@@ -9,7 +9,7 @@ import psycopg.errors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgfailover.classify import Phase, Retry, Verdict, classify
+from pgfailover.classify import Phase, RetryCondition, Verdict, classify
 from pgfailover.policy import Decision, RetryPolicy
 
 # Verdicts of every retry permission, built once from real psycopg errors.
@@ -25,8 +25,8 @@ VERDICTS: list[Verdict] = sorted(
     {classify(exc, phase=phase) for exc in _ERRORS for phase in Phase},
     key=lambda v: (v.retry.value, v.kind.value, v.sqlstate or ""),
 )
-assert {v.retry for v in VERDICTS} == set(Retry)
-RETRYING = [v for v in VERDICTS if v.retry in {Retry.NOT_SENT, Retry.ROLLED_BACK}]
+assert {v.retry for v in VERDICTS} == set(RetryCondition)
+RETRYING = [v for v in VERDICTS if v.retry in {RetryCondition.NOT_SENT, RetryCondition.ROLLED_BACK}]
 
 
 def fixed(value: float) -> Callable[[], float]:
@@ -136,7 +136,7 @@ def _check(
         assert now + decision.wait <= deadline or decision.wait == 0.0
     if decision.retry:
         if resolved:  # a lost COMMIT found not to have committed
-            assert decision.verdict.retry is Retry.OUTCOME_UNKNOWN
+            assert decision.verdict.retry is RetryCondition.OUTCOME_UNKNOWN
         else:
             assert decision.verdict.may_retry(idempotent=before.idempotent)
         assert not decision.needs_outcome
@@ -153,8 +153,8 @@ def _check(
             or decision.reason.startswith("verdict forbids retry")
         )
     if decision.needs_outcome or resolved:
-        assert decision.verdict.retry is Retry.OUTCOME_UNKNOWN
-    if decision.verdict.retry is Retry.NEVER:
+        assert decision.verdict.retry is RetryCondition.OUTCOME_UNKNOWN
+    if decision.verdict.retry is RetryCondition.NEVER:
         assert not decision.retry
         assert decision.reason.startswith("verdict forbids retry")
 

@@ -1,4 +1,4 @@
-"""Pure decisions of pgfailover.state.FailoverState (no server)."""
+"""Pure decisions of pgfailover._state.FailoverState (no server)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from psycopg_pool import PoolTimeout
 
 from pgfailover import classify
+from pgfailover._state import MIN_PROBE_INTERVAL, FailoverState
 from pgfailover.errors import NoPrimaryAvailable
 from pgfailover.events import PoolEvent
-from pgfailover.state import MIN_PROBE_INTERVAL, FailoverState
 
 READ_ONLY = classify(psycopg.errors.lookup("25006")("cannot execute INSERT"))
 TRANSIENT = classify(psycopg.errors.lookup("40001")("could not serialize"))

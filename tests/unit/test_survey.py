@@ -15,10 +15,10 @@ from psycopg.conninfo import conninfo_to_dict
 from pgfailover import survey
 from pgfailover.survey import (
     ErrorInfo,
+    HostObservation,
     HostReport,
+    HostTarget,
     InvalidConninfo,
-    Observation,
-    Target,
     assess,
     error_info,
     exit_code,
@@ -33,7 +33,7 @@ SECRET = "s3cr3t-Pa55"
 STARTED = "2026-01-01 00:00:00+00"
 
 
-def _params(target: Target) -> dict[str, Any]:
+def _params(target: HostTarget) -> dict[str, Any]:
     return conninfo_to_dict(target.conninfo)
 
 
@@ -73,20 +73,22 @@ def _seen(
     client_pid: int | None = None,
     hot: str | None = None,
     error: ErrorInfo | None = None,
-) -> Observation:
+) -> HostObservation:
     """An observation of 127.0.0.1:``address_port``; the client PID is the server's unless
     ``pooler`` (a made-up key) or ``client_pid`` says otherwise."""
     if client_pid is None and row is not None:
         client_pid = -int(row[2]) if pooler else int(row[2])
     params = {} if hot is None else {"in_hot_standby": hot}
-    return Observation(Target("127.0.0.1", address_port), 1.5, client_pid, params, row, error)
+    return HostObservation(
+        HostTarget("127.0.0.1", address_port), 1.5, client_pid, params, row, error
+    )
 
 
-def _primary(port: int = 5432, **kwargs: Any) -> Observation:
+def _primary(port: int = 5432, **kwargs: Any) -> HostObservation:
     return _seen(port, _row(standby=False, port=port, **kwargs), hot="off")
 
 
-def _standby(port: int = 5433, **kwargs: Any) -> Observation:
+def _standby(port: int = 5433, **kwargs: Any) -> HostObservation:
     return _seen(port, _row(standby=True, port=port, **kwargs), hot="on")
 
 
@@ -225,7 +227,7 @@ def test_unparseable_dsn_is_a_typed_error_without_the_password(dsn: str) -> None
 
 
 def test_target_repr_hides_the_conninfo() -> None:
-    """repr(Target) leaves out the conninfo, which holds the password."""
+    """repr(HostTarget) leaves out the conninfo, which holds the password."""
     (target,) = split_hosts(f"host=a password={SECRET}")
     assert SECRET not in repr(target)
     assert SECRET in target.conninfo

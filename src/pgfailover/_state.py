@@ -33,7 +33,7 @@ class FailoverState:
 
     ``on_event`` receives a :class:`~pgfailover.events.PoolEvent` for each purge and each
     return of a primary after an outage, called after the lock is released (the shells
-    pass :func:`~pgfailover.events.emit`; None: no events). ``name`` names the pool in them.
+    pass the events module's ``_emit``; None: no events). ``name`` names the pool in them.
     """
 
     def __init__(
