@@ -11,18 +11,28 @@ Fixtures:
 
 Options (command line, or ini keys without the dashes and with underscores):
 ``--pg-bindir`` / ``pgfailover_pg_bindir``, ``--pgbouncer-bin`` / ``pgfailover_pgbouncer``.
+
+pytest loads this module in every run of every project that installs pgfailover, so at import
+it costs nothing: it imports pytest and typing only, and the harness (its servers, its ports,
+its exit hooks) is imported by the first fixture that needs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
-from .cluster import LocalCluster
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
-ClusterFactory = Callable[..., LocalCluster]
+    from .cluster import LocalCluster
+
+
+class ClusterFactory(Protocol):
+    """The type of ``pgfailover_cluster_factory``: ``factory(**LocalCluster kwargs)``."""
+
+    def __call__(self, **kwargs: Any) -> LocalCluster: ...
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,6 +61,8 @@ def _option(config: pytest.Config, name: str) -> str | None:
 @pytest.fixture(scope="session")
 def pgfailover_cluster_factory(request: pytest.FixtureRequest) -> Iterator[ClusterFactory]:
     """Open clusters with the session's binaries; all are closed when the session ends."""
+    from .cluster import LocalCluster  # noqa: PLC0415 - the harness loads when first used
+
     opened: list[LocalCluster] = []
 
     def factory(**kwargs: Any) -> LocalCluster:
