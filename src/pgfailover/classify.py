@@ -958,16 +958,21 @@ def is_failover_error(exc: BaseException) -> bool:
     return classify(exc).is_failover
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """True if the work may run again as is (``classify(exc).retryable``): the one retry
-    predicate, for ``tenacity.retry_if_exception(is_retryable)`` and
-    ``stamina.retry(on=is_retryable)``.
+def is_retryable(exc: BaseException, /, *, idempotent: bool = False) -> bool:
+    """True if the work may run again as is: the one retry predicate, for
+    ``tenacity.retry_if_exception(is_retryable)`` and ``stamina.retry(on=is_retryable)``.
 
-    Never true for a lost COMMIT (its work may have committed) nor for application and
-    configuration errors. An error raised on a :class:`pgfailover.Connection` (or through
-    an engine instrumented by :func:`pgfailover.sqlalchemy.instrument`) carries the verdict
-    the connection reached knowing what was in flight, so a connection lost inside a
-    transaction is retryable and one lost during COMMIT is not; on a plain connection the
-    phase is unknown and a connection lost mid-statement is not retryable.
+    True when the work never reached the server or the server rolled it back
+    (``classify(exc).retryable``); with ``idempotent=True`` (bind it with
+    ``functools.partial``) also when it may have taken effect outside a COMMIT (a connection
+    lost during an autocommit statement). Never true for a lost COMMIT (its work may have
+    committed: only the transaction runner can look the outcome up) nor for application and
+    configuration errors. Always a real bool (stamina takes other numbers as a backoff).
+
+    An error raised on a :class:`pgfailover.Connection` (or through an engine instrumented
+    by :func:`pgfailover.sqlalchemy.instrument`) carries the verdict the connection reached
+    knowing what was in flight, so a connection lost inside a transaction is retryable and
+    one lost during COMMIT is not; on a plain connection the phase is unknown and a
+    connection lost mid-statement is not retryable.
     """
-    return classify(exc).retryable
+    return classify(exc).may_retry(idempotent=idempotent)

@@ -41,8 +41,8 @@ The budget is ``attempts`` (in total, the first included) and ``timeout`` (a dea
 counted from :meth:`RetryPolicy.start`). A refused retry says why in ``Decision.reason``,
 and ``Decision.exhausted`` tells a spent budget from a verdict that forbids retrying.
 
-The generic predicates for tenacity and stamina (:func:`retry_if_failover`,
-:func:`tenacity_retry`) retry only what may run again blindly: ``NOT_SENT`` and
+The retry predicate for tenacity and stamina (:func:`~pgfailover.is_retryable`, and
+:func:`tenacity_retry` built on it) retries only what may run again blindly: ``NOT_SENT`` and
 ``ROLLED_BACK`` (plus ``IF_IDEMPOTENT`` when told ``idempotent=True``). An error whose commit
 outcome is unknown is never retried by them: they cannot look the outcome up. Neither
 library is imported by this module until one of the tenacity helpers is called.
@@ -64,7 +64,7 @@ from random import random as _default_random
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
-from .classify import Phase, RetryCondition, Verdict, classify
+from .classify import Phase, RetryCondition, Verdict, classify, is_retryable
 
 if TYPE_CHECKING:
     import tenacity
@@ -80,7 +80,6 @@ __all__ = [
     "TenacityStop",
     "TenacityWait",
     "is_testing",
-    "retry_if_failover",
     "set_testing",
     "tenacity_retry",
     "tenacity_stop",
@@ -626,30 +625,9 @@ class Decision:
 # ------------------------------------------------------------ tenacity and stamina
 
 
-def retry_if_failover(exc: BaseException, /, *, idempotent: bool = False) -> bool:
-    """True if ``exc`` may be retried blindly: a predicate for tenacity and stamina.
-
-    True when the classifier says the work never reached the server (``NOT_SENT``) or the
-    server rolled it back (``ROLLED_BACK``): failover symptoms (a standby, a server that
-    is starting or shutting down, a refused connection) and transient errors
-    (serialization failures, deadlocks). With ``idempotent=True``, also when the work may
-    have taken effect (``IF_IDEMPOTENT``: a connection lost mid-statement).
-
-    Never true for an error whose commit outcome is unknown, nor for application and
-    configuration errors. The phase is not known here, so a connection lost in the middle
-    of a statement counts as "may have taken effect": pass ``idempotent=True`` (e.g. with
-    ``functools.partial``) when running the work twice is harmless.
-
-    Usable as is with ``stamina.retry(on=retry_if_failover)`` (stamina calls it with the
-    exception and retries on True) and ``tenacity.retry_if_exception(retry_if_failover)``
-    (see :func:`tenacity_retry`). Always returns a real bool: stamina takes any other
-    number as a custom backoff.
-    """
-    return classify(exc).may_retry(idempotent=idempotent)
-
-
 def tenacity_retry(*, idempotent: bool = False) -> tenacity.retry_if_exception:
-    """A tenacity retry strategy (``retry=``) retrying what :func:`retry_if_failover` allows.
+    """A tenacity retry strategy (``retry=``) retrying what :func:`~pgfailover.is_retryable`
+    allows.
 
     A ``tenacity.retry_if_exception``, so it combines with tenacity's ``|`` and ``&``.
     Imports tenacity when called: tenacity is an optional dependency.
@@ -657,12 +635,12 @@ def tenacity_retry(*, idempotent: bool = False) -> tenacity.retry_if_exception:
     import tenacity  # noqa: PLC0415 - optional dependency, imported only when asked for
 
     if idempotent:
-        return tenacity.retry_if_exception(_retry_if_failover_idempotent)
-    return tenacity.retry_if_exception(retry_if_failover)
+        return tenacity.retry_if_exception(_is_retryable_idempotent)
+    return tenacity.retry_if_exception(is_retryable)
 
 
-def _retry_if_failover_idempotent(exc: BaseException) -> bool:
-    return retry_if_failover(exc, idempotent=True)
+def _is_retryable_idempotent(exc: BaseException) -> bool:
+    return is_retryable(exc, idempotent=True)
 
 
 class RetryState(Protocol):

@@ -97,6 +97,26 @@ def _check_pool_events(
     assert int(recovered[-1].recovery * 1000) == stats["recovery_ms_last"]
 
 
+def _check_recovery(
+    cluster: LocalCluster,
+    old_primary: Any,
+    work: Workload,
+    repointed_at: float,
+    stats: dict[str, int],
+) -> None:
+    """What a recovery through PgBouncer must show, sync and async alike."""
+    assert work.first_ok_after(repointed_at) < 0.5
+    assert stats["generations_purged"] >= 1
+    assert stats["probes_run"] < 60, stats  # bounded by time, not by failing requests
+    assert len(work.failed) <= 2 * WRITERS + stats["pool_max"], work.failed
+    eventually(no_server_left_on(cluster, old_primary.port))
+    with old_primary.connect() as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", [cluster.user]
+        ).fetchone()
+        assert row == (0,)
+
+
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 def test_pool_recovers_through_pgbouncer_after_repoint(
     pgfailover_cluster_factory: ClusterFactory,
@@ -128,17 +148,8 @@ def test_pool_recovers_through_pgbouncer_after_repoint(
             for t in work.threads:
                 t.join()
         stats = pool.get_stats()
-    assert work.first_ok_after(repointed_at) < 0.5
-    assert stats["generations_purged"] >= 1
-    assert stats["probes_run"] < 60, stats  # bounded by time, not by failing requests
+    _check_recovery(cluster, old_primary, work, repointed_at, stats)
     _check_pool_events(pool_events, "orders", stats)
-    assert len(work.failed) <= 2 * WRITERS + stats["pool_max"], work.failed
-    eventually(no_server_left_on(cluster, old_primary.port))
-    with old_primary.connect() as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", [cluster.user]
-        ).fetchone()
-        assert row == (0,)
 
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])
@@ -147,8 +158,9 @@ async def test_async_pool_recovers_through_pgbouncer_after_repoint(
     mode: str,
     pool_events: list[pgfailover.PoolEvent],
 ) -> None:
-    """Async twin: the pool recovers within 0.5 s of the repoint with bounded probes, and
-    reports its purge and recovery as PoolEvents."""
+    """The async pool, under the same workload and checks as the sync one: it recovers
+    within 0.5 s of the repoint, purges, bounds its probes and failures, leaves no session
+    on the old primary, and reports its purge and recovery as PoolEvents."""
     cluster = bouncer_cluster(pgfailover_cluster_factory, mode)
     assert cluster.pgbouncer is not None
     name = table(cluster)
@@ -174,10 +186,8 @@ async def test_async_pool_recovers_through_pgbouncer_after_repoint(
             stop.set()
             await asyncio.gather(*tasks)
         stats = pool.get_stats()
-    assert work.first_ok_after(repointed_at) < 0.5
-    assert stats["probes_run"] < 60, stats
+    _check_recovery(cluster, old_primary, work, repointed_at, stats)
     _check_pool_events(pool_events, "orders-async", stats)
-    eventually(no_server_left_on(cluster, old_primary.port))
 
 
 def test_multihost_pool_writes_to_new_primary_soon_after_it_is_writable(

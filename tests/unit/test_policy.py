@@ -16,13 +16,12 @@ import pytest
 import stamina
 import tenacity
 
-from pgfailover.classify import Phase, RetryCondition, Verdict, classify
+from pgfailover.classify import Phase, RetryCondition, Verdict, classify, is_retryable
 from pgfailover.policy import (
     Attempt,
     Decision,
     RetryPolicy,
     is_testing,
-    retry_if_failover,
     set_testing,
     tenacity_retry,
     tenacity_stop,
@@ -552,16 +551,16 @@ def test_the_module_imports_neither_tenacity_nor_stamina() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_retry_if_failover_retries_only_blind_retries() -> None:
+def test_is_retryable_retries_only_blind_retries() -> None:
     """The generic predicate is True for NOT_SENT and ROLLED_BACK, False otherwise."""
-    assert retry_if_failover(STARTING) is True
-    assert retry_if_failover(STANDBY) is True
-    assert retry_if_failover(SERIALIZATION) is True
-    assert retry_if_failover(TERMINATED) is False  # may have taken effect
-    assert retry_if_failover(TERMINATED, idempotent=True) is True
-    assert retry_if_failover(DUPLICATE) is False
-    assert retry_if_failover(DUPLICATE, idempotent=True) is False
-    assert retry_if_failover(KeyboardInterrupt()) is False
+    assert is_retryable(STARTING) is True
+    assert is_retryable(STANDBY) is True
+    assert is_retryable(SERIALIZATION) is True
+    assert is_retryable(TERMINATED) is False  # may have taken effect
+    assert is_retryable(TERMINATED, idempotent=True) is True
+    assert is_retryable(DUPLICATE) is False
+    assert is_retryable(DUPLICATE, idempotent=True) is False
+    assert is_retryable(KeyboardInterrupt()) is False
 
 
 def test_tenacity_retries_failover_errors_with_the_policy_backoff() -> None:
@@ -652,23 +651,23 @@ def test_tenacity_stop_applies_attempts_timeout_and_the_testing_cap() -> None:
 
 
 def test_stamina_retries_with_the_predicate() -> None:
-    """stamina.retry(on=retry_if_failover) retries failover errors, not application errors."""
+    """stamina.retry(on=is_retryable) retries failover errors, not application errors."""
     with stamina.set_testing(True, attempts=3):
         work, calls = failing([STANDBY, STARTING])
-        assert stamina.retry(on=retry_if_failover, attempts=3)(work)() == "done"
+        assert stamina.retry(on=is_retryable, attempts=3)(work)() == "done"
         assert len(calls) == 3
 
         work, calls = failing([DUPLICATE])
         with pytest.raises(psycopg.errors.UniqueViolation):
-            stamina.retry(on=retry_if_failover, attempts=3)(work)()
+            stamina.retry(on=is_retryable, attempts=3)(work)()
         assert len(calls) == 1
 
         work, calls = failing([TERMINATED])
         with pytest.raises(psycopg.errors.AdminShutdown):
-            stamina.retry(on=retry_if_failover, attempts=3)(work)()
+            stamina.retry(on=is_retryable, attempts=3)(work)()
         assert len(calls) == 1
 
-        on_idempotent = functools.partial(retry_if_failover, idempotent=True)
+        on_idempotent = functools.partial(is_retryable, idempotent=True)
         work, calls = failing([TERMINATED])
         assert stamina.retry(on=on_idempotent, attempts=3)(work)() == "done"
         assert len(calls) == 2
