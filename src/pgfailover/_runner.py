@@ -25,10 +25,8 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypedDic
 
 import psycopg
 from psycopg.abc import PQGen
-from psycopg.generators import execute
-from psycopg.pq import ExecStatus
-from psycopg.pq.abc import PGconn
 
+from ._protocol import row_of, simple_query
 from .classify import Phase, Verdict
 from .errors import CommitOutcomeUnknown
 from .events import RetryEvent, _emit, caller_stack
@@ -286,20 +284,12 @@ def begin_and_record(conn: Any, sql: bytes) -> PQGen[Row | None]:
     psycopg's cursors do). The row is the bytes the server sent: no cursor, no loaders;
     it is parsed only if the COMMIT is lost (:func:`parse_recorded`).
     """
-    pgconn: PGconn = conn.pgconn
-    pgconn.send_query(sql)
-    results = yield from execute(pgconn)
-    for result in results:
-        if result.status == ExecStatus.FATAL_ERROR:
-            raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-        if result.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
-            raise psycopg.InternalError(f"unexpected result for the record: {result.status!r}")
+    results = yield from simple_query(conn, sql)
     if len(results) == 1:
         return None
-    if len(results) != 2 or results[1].ntuples != 1:
-        raise psycopg.InternalError("BEGIN and the record did not return one row")
-    row = results[1]
-    return [row.get_value(0, i) for i in range(row.nfields)]
+    if len(results) != 2:
+        raise psycopg.InternalError("BEGIN and the record did not return two results")
+    return row_of(results[1])
 
 
 def remember(conn: Any, row: Row | None, known: ServerIdentity | None) -> Recorded | None:

@@ -32,9 +32,9 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg.abc import PQGen
-from psycopg.generators import execute
-from psycopg.pq import ExecStatus, TransactionStatus
+from psycopg.pq import TransactionStatus
 
+from ._protocol import row_of, simple_query
 from .connection import _FailoverAware
 
 #: One round trip that tells the role, read-only-ness, the real server PID and address.
@@ -155,18 +155,9 @@ def _probe_gen(
     one round trip whatever the connection's autocommit setting; inside a transaction it
     runs there and leaves it open.
     """
-    pgconn = conn.pgconn
-    client_pid = pgconn.backend_pid
-    pgconn.send_query(_PROBE_QUERY)
-    results = yield from execute(pgconn)
-    result = results[-1] if results else None
-    if result is None or result.status == ExecStatus.FATAL_ERROR:
-        if result is not None:
-            raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-        raise psycopg.InternalError("the role probe returned no result")
-    if result.status != ExecStatus.TUPLES_OK or result.ntuples != 1:
-        raise psycopg.InternalError(f"unexpected result for the role probe: {result.status!r}")
-    text = [result.get_value(0, i) for i in range(result.nfields)]
+    client_pid = conn.pgconn.backend_pid
+    results = yield from simple_query(conn, _PROBE_QUERY)
+    text = row_of(results[-1])
     row = (
         text[0] == b"t",
         text[1] == b"t",

@@ -18,41 +18,46 @@ from typing import Any, NoReturn
 
 import psycopg
 
+from .._protocol import simple_query
 from ..connection import RECOVERY_ERROR_SQL
 
 #: The statement that makes every later transaction of the session read-only.
 READ_ONLY_SQL = "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
 
+_RECOVERY_ERROR = RECOVERY_ERROR_SQL.encode()
+_READ_ONLY = READ_ONLY_SQL.encode()
+
 
 def raise_recovery_error(conn: psycopg.Connection[Any]) -> NoReturn:
     """Raise the server's own 0A000 recovery error on ``conn`` (a psycopg connection)."""
-    conn.execute(RECOVERY_ERROR_SQL)
+    with conn.lock:
+        conn.wait(simple_query(conn, _RECOVERY_ERROR))
     raise AssertionError("the server did not raise the recovery error")  # pragma: no cover
 
 
 async def araise_recovery_error(conn: psycopg.AsyncConnection[Any]) -> NoReturn:
-    """Async twin of :func:`raise_recovery_error`."""
-    await conn.execute(RECOVERY_ERROR_SQL)
+    """:func:`raise_recovery_error` on an ``AsyncConnection``: the same exchange, awaited."""
+    async with conn.lock:
+        await conn.wait(simple_query(conn, _RECOVERY_ERROR))
     raise AssertionError("the server did not raise the recovery error")  # pragma: no cover
 
 
 def make_read_only(conn: psycopg.Connection[Any]) -> None:
     """Make every later write on ``conn`` fail with the server's 25006, until it is closed.
 
-    Runs outside any transaction of the caller: ``conn`` must be idle.
+    Runs outside any transaction of the caller (one statement in its own implicit
+    transaction, whatever the autocommit setting): ``conn`` must be idle.
     """
     _require_idle(conn)
-    conn.execute(READ_ONLY_SQL)
-    if not conn.autocommit:
-        conn.commit()
+    with conn.lock:
+        conn.wait(simple_query(conn, _READ_ONLY))
 
 
 async def amake_read_only(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Async twin of :func:`make_read_only`."""
+    """:func:`make_read_only` on an ``AsyncConnection``: the same exchange, awaited."""
     _require_idle(conn)
-    await conn.execute(READ_ONLY_SQL)
-    if not conn.autocommit:
-        await conn.commit()
+    async with conn.lock:
+        await conn.wait(simple_query(conn, _READ_ONLY))
 
 
 def _require_idle(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
