@@ -3,14 +3,15 @@
     .venv/bin/python benchmarks/suite.py --json benchmarks/results/suite.json
     .venv/bin/python benchmarks/suite.py --quick                  # smaller, < 2 minutes
     .venv/bin/python benchmarks/suite.py --only happy,resources   # some sections only
+    .venv/bin/python benchmarks/suite.py --only happy --latency-ms 0   # loopback only
 
 Starts its own ``LocalCluster``s (loopback only) and tears them down on exit, on error, on
 Ctrl-C and on SIGTERM. Prints to stdout a header (machine, versions, the exact command) and
 one markdown section per part, ready to paste into benchmarks/RESULTS.md; progress goes to
-stderr. ``--json`` writes every raw figure too. On 2 cores a full run takes about 2.5
-minutes, ``--quick`` about 35 seconds.
+stderr. ``--json`` writes every raw figure too. On 2 cores a full run takes about 4.5
+minutes (the happy path about 3), ``--quick`` about 45 seconds.
 
-(a) happy path (``happy``): on one primary, one thread, three components, each as naive,
+(a) happy path (``happy``): on one primary, one thread, four components, each as naive,
     pgfailover and naive twin (the A/A control); rounds of the pair (naive, pgfailover)
     and of the pair (naive, twin) alternate two by two, each pair swapping which goes
     first every round (see ``_suite_happy``):
@@ -18,13 +19,20 @@ minutes, ``--quick`` about 35 seconds.
       transaction per checkout;
     - SQLAlchemy: plain vs ``pgfailover.sqlalchemy.instrument``-ed engine (psycopg
       dialect), one insert per ``engine.begin()``;
-    - retry runner: a bare ``with pool.connection()`` transaction vs
-      ``run_transaction(pool, work)``, both on the same ``pgfailover.ConnectionPool``.
+    - runner, recorded: a bare ``with pool.connection()`` transaction vs
+      ``runner(work)`` with ``runner = TransactionRunner(pool)``, both on the same
+      ``pgfailover.ConnectionPool``;
+    - runner, idempotent: the same with ``TransactionRunner(pool, idempotent=True)``.
+    Twice: on loopback (``--rounds`` x ``--transactions``), then with every variant
+    connecting through a ``FaultProxy`` adding ``--latency-ms`` of round trip (default 0.5,
+    a same-zone network; ``--latency-rounds`` x ``--latency-transactions``; 0 skips it);
+    the round trip the proxy really adds is measured and printed.
     Figures: tx/s (transactions per second of summed latency), p50 and p99 latency (ms) of
     one transaction, the throughput ratio pgfailover/naive (A/A: twin/naive) with a 95 %
-    bootstrap interval over rounds; per transaction, the server-side statements
+    bootstrap interval over rounds; per transaction (loopback), the server-side statements
     (pg_stat_statements calls / transactions, naming the statements) and the client-side
-    round trips (libpq trace). Targets: ratio >= 0.98, 0 extra round trips.
+    round trips (libpq trace). Targets: ratio >= 0.98 (the recorded runner on loopback:
+    >= 0.85), 0 extra round trips.
 (b) recovery (``recovery``): PgBouncer transaction mode, PgBouncer session mode, direct
     multi-host conninfo; per run a fresh ``pgfailover.ConnectionPool`` (max_size 4), one
     writer every ~2 ms, ``failover('fast')`` (+ PgBouncer repoint); seconds from "primary
@@ -65,8 +73,22 @@ from pgfailover.testing import LocalCluster
 
 SECTIONS = ("happy", "recovery", "resources")
 #: Settings of a full run and of --quick.
-FULL = {"rounds": 100, "transactions": 200, "count": 500, "runs": 10}
-QUICK = {"rounds": 10, "transactions": 100, "count": 200, "runs": 3}
+FULL = {
+    "rounds": 100,
+    "transactions": 120,
+    "latency_rounds": 20,
+    "latency_transactions": 50,
+    "count": 500,
+    "runs": 10,
+}
+QUICK = {
+    "rounds": 10,
+    "transactions": 60,
+    "latency_rounds": 4,
+    "latency_transactions": 20,
+    "count": 200,
+    "runs": 3,
+}
 
 
 def _command() -> str:
@@ -133,6 +155,24 @@ def _parse() -> argparse.Namespace:
         help=f"transactions per variant and round (full {FULL['transactions']})",
     )
     parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.5,
+        help="round trip added by the proxy for the happy path's second network, in ms "
+        "(default 0.5; 0: loopback only)",
+    )
+    parser.add_argument(
+        "--latency-rounds",
+        type=int,
+        help=f"happy path rounds through the proxy (full {FULL['latency_rounds']})",
+    )
+    parser.add_argument(
+        "--latency-transactions",
+        type=int,
+        help="transactions per variant and round through the proxy "
+        f"(full {FULL['latency_transactions']})",
+    )
+    parser.add_argument(
         "--count", type=int, help=f"transactions for statement counts (full {FULL['count']})"
     )
     parser.add_argument("--runs", type=int, help=f"failovers per scenario (full {FULL['runs']})")
@@ -153,9 +193,15 @@ def _parse() -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, default)
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.rounds < 2 or args.rounds % 2:
-        parser.error("--rounds must be even (the order swaps every round, in blocks of two)")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("rounds", "latency_rounds"):
+        if getattr(args, name) < 2 or getattr(args, name) % 2:
+            parser.error(
+                f"--{name.replace('_', '-')} must be even "
+                "(the order swaps every round, in blocks of two)"
+            )
+    if args.latency_ms < 0:
+        parser.error("--latency-ms must be >= 0")
     return args
 
 
@@ -178,7 +224,9 @@ def main() -> int:
         "command": command,
         "started": started,
         "machine": info,
-        "settings": {k: getattr(args, k) for k in (*FULL, "quick", "repoint_delay", "only")},
+        "settings": {
+            k: getattr(args, k) for k in (*FULL, "latency_ms", "quick", "repoint_delay", "only")
+        },
         "load_average": {"start": load_start},
         "seconds": {},
     }
@@ -186,7 +234,15 @@ def main() -> int:
         if "happy" in args.only:
             t = time.monotonic()
             with LocalCluster(standbys=0, pgbouncer=None) as cluster:
-                happy = _suite_happy.run(cluster, args.rounds, args.transactions, args.count)
+                happy = _suite_happy.run(
+                    cluster,
+                    args.rounds,
+                    args.transactions,
+                    args.count,
+                    latency_ms=args.latency_ms,
+                    latency_rounds=args.latency_rounds,
+                    latency_tx=args.latency_transactions,
+                )
             result["happy"] = happy
             result["seconds"]["happy"] = time.monotonic() - t
             print("\n" + _suite_happy.render(happy, args.rounds, args.transactions), flush=True)
