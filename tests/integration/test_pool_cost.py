@@ -1,0 +1,51 @@
+"""pgfailover's sync pool: what a checkout costs, and the constructor's checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import pytest
+
+from pgfailover.pool import ConnectionPool
+from pgfailover.testing import LocalCluster
+
+from .support import reset_statements, statement_calls
+
+
+@pytest.mark.parametrize("through", ["direct", "pgbouncer"])
+def test_happy_path_costs_no_extra_round_trip_per_checkout(
+    pgfailover_cluster: LocalCluster, through: str
+) -> None:
+    """On a healthy cluster, server-side statement counts for 300 checkouts are those of
+    psycopg_pool plus at most one probe query per connection the pool opened: nothing per
+    checkout."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    dsn = cluster.primary.dsn() if through == "direct" else cluster.pgbouncer.dsn()
+    kwargs: dict[str, Any] = {"kwargs": {"prepare_threshold": None}, "min_size": 2, "max_size": 2}
+    counts = {}
+    opened = 0
+    for name, cls in (
+        ("psycopg_pool", psycopg_pool.ConnectionPool),
+        ("pgfailover", ConnectionPool),
+    ):
+        reset_statements(cluster)
+        with cls(dsn, **kwargs) as pool:
+            pool.wait()
+            for _ in range(300):
+                with pool.connection() as conn:
+                    conn.execute("SELECT 1")
+            opened = pool.get_stats().get("connections_num", 0)
+        counts[name] = statement_calls(cluster)
+    assert counts["psycopg_pool"] >= 600  # SELECT 1 and COMMIT per checkout
+    assert counts["pgfailover"] - counts["psycopg_pool"] <= 3 * opened
+
+
+def test_pool_rejects_a_plain_connection_class() -> None:
+    """connection_class must be pgfailover.Connection or a subclass: a clear TypeError."""
+    with pytest.raises(TypeError, match=r"pgfailover\.Connection"):
+        ConnectionPool("", connection_class=psycopg.Connection, open=False)  # type: ignore[type-var]
+    with pytest.raises(ValueError, match="recheck_interval"):
+        ConnectionPool("", recheck_interval=-1, open=False)
