@@ -10,80 +10,179 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import logging
+import math
 import sys
-from collections.abc import Iterator, Sequence
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
-def _seconds(text: str) -> float:
+def _bounded(
+    kind: type[float] | type[int], low: float, high: float, *, low_open: bool, unit: str
+) -> Callable[[str], float]:
+    """An argparse ``type`` reading a number of ``kind`` from ``low`` (excluded when
+    ``low_open``) to ``high``: anything else is refused with exit status 2, the usage line
+    and what the option accepts."""
+    noun = "a whole number" if kind is int else "a number"
+    accepted = (
+        f"{noun} more than {low:g}, at most {high:g} {unit}"
+        if low_open
+        else f"{noun} from {low:g} to {high:g} {unit}"
+    )
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan  # refused below, with the same message
+        if not ((low < value) if low_open else (low <= value)) or not value <= high:
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _stacks(text: str) -> tuple[str, ...]:
+    from .drill.options import select_stacks
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 <= value <= 600:
-        raise argparse.ArgumentTypeError(f"expected 0 to 600 seconds, got {text!r}")
-    return value
+        return select_stacks(text)
+    except ValueError as ex:
+        raise argparse.ArgumentTypeError(str(ex)) from None
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, without breaking lines at hyphens: keys such as
+    ``sqlalchemy-pre-ping`` stay whole, ready to copy."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def _add_drill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .drill.options import (
+        DEFAULT_AFTER,
+        DEFAULT_BEFORE,
+        DEFAULT_RATE,
+        DEFAULT_REPOINT_DELAY,
+        DEFAULT_WORKERS,
+        MAX_RATE,
+        MAX_SECONDS,
+        MAX_WORKERS,
+        STACK_NAMES,
+        stack_key,
+    )
+
     drill = commands.add_parser(
         "drill",
         help="fail over a local cluster under load: naive stacks vs pgfailover's",
+        formatter_class=_HelpFormatter,
         description=(
             "Start a local primary + standby (+ PgBouncer), write through naive and protected "
             "stacks, fail over, verify every acknowledged write, report. Exit status 0 when "
-            "every protected stack kept every write and the retry-runner stacks saw no failure."
+            "every protected stack kept every write and the retry-runner stacks saw no failure, "
+            "1 otherwise, 2 for bad options."
         ),
     )
+    seconds = _bounded(float, 0, MAX_SECONDS, low_open=False, unit="seconds")
+    positive_seconds = _bounded(float, 0, MAX_SECONDS, low_open=True, unit="seconds")
     drill.add_argument(
         "--target",
         choices=("session", "transaction", "direct"),
         default="session",
-        help="PgBouncer pool mode in front of the primary, or a direct multi-host DSN "
-        "(default: session)",
+        help="PgBouncer's pool mode in front of the primary (session, transaction), or direct: "
+        "a multi-host DSN naming both servers, no pooler (default: %(default)s)",
     )
-    drill.add_argument("--stop", choices=("fast", "immediate"), default="fast")
+    drill.add_argument(
+        "--stop",
+        choices=("fast", "immediate"),
+        default="fast",
+        help="how the primary is stopped: fast (a clean shutdown that disconnects clients) or "
+        "immediate (no shutdown checkpoint, like a crash) (default: %(default)s)",
+    )
     drill.add_argument(
         "--repoint-delay",
-        type=_seconds,
-        default=2.0,
+        type=seconds,
+        default=DEFAULT_REPOINT_DELAY,
         metavar="S",
-        help="seconds between promotion and PgBouncer's repoint (default 2)",
+        help="seconds from the promotion to PgBouncer's repoint, the outage an operator or a "
+        "Patroni callback takes; the repoint comes no earlier than the old primary's rejoin, "
+        "so 0 repoints as soon as the failover ends; ignored with --target direct "
+        "(default: %(default)s)",
     )
-    drill.add_argument("--before", type=_seconds, default=3.0, metavar="S")
+    drill.add_argument(
+        "--before",
+        type=positive_seconds,
+        default=DEFAULT_BEFORE,
+        metavar="S",
+        help="seconds of writing before the failover starts (default: %(default)s)",
+    )
     drill.add_argument(
         "--after",
-        type=_seconds,
-        default=5.0,
+        type=positive_seconds,
+        default=DEFAULT_AFTER,
         metavar="S",
-        help="seconds of writing after the primary is reachable (default 5)",
+        help="seconds of writing after the primary is reachable again (default: %(default)s)",
     )
-    drill.add_argument("--rate", type=float, default=20.0, help="writes/s per worker")
-    drill.add_argument("--workers", type=int, default=2, help="threads per stack")
+    drill.add_argument(
+        "--rate",
+        type=_bounded(float, 0, MAX_RATE, low_open=True, unit="writes per second"),
+        default=DEFAULT_RATE,
+        metavar="N",
+        help="writes per second per worker (default: %(default)s)",
+    )
+    drill.add_argument(
+        "--workers",
+        type=_bounded(int, 1, MAX_WORKERS, low_open=False, unit="threads"),
+        default=DEFAULT_WORKERS,
+        metavar="N",
+        help=f"writer threads per stack, each stack's pool holding as many connections "
+        f"(1 to {MAX_WORKERS}; default: %(default)s)",
+    )
     drill.add_argument(
         "--stacks",
-        default=None,
-        help="comma-separated subset: pool, sqlalchemy, pgfailover-pool, "
-        "pgfailover-sqlalchemy, pgfailover-pool-runner, pgfailover-sqlalchemy-runner",
+        type=_stacks,
+        default=STACK_NAMES,
+        metavar="KEY,...",
+        help="comma-separated stacks to run, by the names the report shows or these keys: "
+        f"{', '.join(stack_key(name) for name in STACK_NAMES)} (default: all six)",
     )
     drill.add_argument(
-        "--synchronous", action="store_true", help="synchronous replication (default async)"
+        "--synchronous",
+        action="store_true",
+        help="synchronous replication (default: asynchronous, PostgreSQL's default, with which "
+        "an immediate stop may lose acknowledged commits)",
     )
     drill.add_argument(
         "--plot",
         type=Path,
         default=Path("pgfailover-drill.png"),
-        help="timeline PNG to write (default ./pgfailover-drill.png)",
+        metavar="PNG",
+        help="timeline PNG to write (default: %(default)s)",
     )
-    drill.add_argument("--no-plot", action="store_true", help="do not draw the timeline")
-    drill.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
-    drill.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    drill.add_argument(
+        "--no-plot", action="store_true", help="do not draw the timeline (default: draw it)"
+    )
+    drill.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the report, every operation included, as JSON to PATH (default: no JSON)",
+    )
+    drill.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress lines on standard error (default: one per step and one per second)",
+    )
 
 
 def _run_drill(args: argparse.Namespace) -> int:
-    from .drill.run import DrillOptions, run_drill, stacks_by_name
+    from .drill.run import DrillOptions, run_drill, stacks_named
 
     try:
         options = DrillOptions(
@@ -95,9 +194,9 @@ def _run_drill(args: argparse.Namespace) -> int:
             rate=args.rate,
             workers=args.workers,
             synchronous=args.synchronous,
-            **({"stacks": stacks_by_name(args.stacks.split(","))} if args.stacks else {}),
+            stacks=stacks_named(args.stacks),
         )
-    except ValueError as ex:
+    except ValueError as ex:  # the parser checks the same bounds: kept as a safety net
         print(f"pgfailover drill: {ex}", file=sys.stderr)
         return 2
     if not args.no_plot:  # fail before the drill, not after, if the plot cannot be drawn
@@ -158,20 +257,51 @@ def _log_level(names: Sequence[str], level: int) -> Iterator[None]:
             logger.setLevel(old)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code."""
+def _version() -> str:
+    """The installed distribution's version."""
+    try:
+        return importlib.metadata.version("pgfailover")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pgfailover`` argument parser and its sub-commands (imports no optional
+    dependency: each command imports what it needs when it runs)."""
     parser = argparse.ArgumentParser(
         prog="pgfailover", description="Keep psycopg applications writing through a failover."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log harness steps")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log harness steps and pgfailover's events (default: warnings only)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_drill(commands)
     from .survey import add_command as add_probe
 
     add_probe(commands)
     commands.add_parser(
-        "demo", help="start a local cluster, fail over behind PgBouncer, show the write failure"
+        "demo",
+        help="start a local cluster, fail over behind PgBouncer, show the write failure",
+        description=(
+            "The bare problem in a few seconds: start a local primary + standby + PgBouncer "
+            "(transaction mode), connect one plain psycopg client through PgBouncer, fail "
+            "over, and show that the client's connection stays open while its writes fail "
+            "(25006, and 0A000 for BEGIN READ WRITE) until PgBouncer is repointed at the new "
+            "primary; then tear everything down. Exit status 0 when it went as described. "
+            "For naive and protected stacks under load, run `pgfailover drill`."
+        ),
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code (argparse exits with status 2 itself on
+    bad options, and 0 after ``--help`` or ``--version``)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -8,7 +8,8 @@ The sequence (times are seconds since the workload started):
    and recording what the application saw (:class:`~pgfailover.drill.report.Op`);
 3. after ``before`` seconds, a failover (``stop`` mode): the primary stops, the standby is
    promoted until it accepts writes, the old primary rejoins as a standby;
-4. behind PgBouncer, ``repoint_delay`` seconds after the promotion, PgBouncer is repointed
+4. behind PgBouncer, ``repoint_delay`` seconds after the promotion (but not before the old
+   primary has rejoined: the harness's failover returns then), PgBouncer is repointed
    to the new primary: that is when the primary becomes reachable for the stacks. With a
    direct multi-host DSN it is reachable as soon as the promotion ends;
 5. ``after`` seconds later the workers stop (an operation in progress, e.g. a runner
@@ -31,11 +32,21 @@ import psycopg
 
 from ..testing import LocalCluster
 from ..testing.cluster import StopMode
+from .options import (
+    DEFAULT_AFTER,
+    DEFAULT_BEFORE,
+    DEFAULT_RATE,
+    DEFAULT_REPOINT_DELAY,
+    DEFAULT_WORKERS,
+    MAX_RATE,
+    MAX_SECONDS,
+    MAX_WORKERS,
+    STACK_NAMES,
+)
 from .report import DrillReport, Mark, Op, build_report
 from .stacks import (
     POOL_TIMEOUT,
     RUNNER_TIMEOUT,
-    SHORT_NAMES,
     STACKS,
     Endpoint,
     Stack,
@@ -58,19 +69,20 @@ class DrillOptions:
     primary is stopped (``fast`` or ``immediate``). ``repoint_delay``: behind PgBouncer,
     how long after the promotion PgBouncer is repointed (the outage an operator or a
     Patroni callback would take); ignored for ``direct``. ``before`` / ``after``: writing
-    time before the failover and after the primary is reachable again. ``rate``: writes
-    per second per worker; ``workers``: threads per stack. ``synchronous``: synchronous
-    replication (else asynchronous, PostgreSQL's default: an ``immediate`` stop may then
-    lose acknowledged commits whatever the client does).
+    time before the failover and after the primary is reachable again (both more than 0:
+    without them nothing is measured). ``rate``: writes per second per worker; ``workers``:
+    threads per stack. ``synchronous``: synchronous replication (else asynchronous,
+    PostgreSQL's default: an ``immediate`` stop may then lose acknowledged commits whatever
+    the client does). Defaults and bounds come from :mod:`pgfailover.drill.options`.
     """
 
     target: Target = "session"
     stop: StopMode = "fast"
-    repoint_delay: float = 2.0
-    before: float = 3.0
-    after: float = 5.0
-    rate: float = 20.0
-    workers: int = 2
+    repoint_delay: float = DEFAULT_REPOINT_DELAY
+    before: float = DEFAULT_BEFORE
+    after: float = DEFAULT_AFTER
+    rate: float = DEFAULT_RATE
+    workers: int = DEFAULT_WORKERS
     stacks: tuple[type[Stack], ...] = STACKS
     synchronous: bool = False
 
@@ -81,14 +93,24 @@ class DrillOptions:
             )
         if self.stop not in ("fast", "immediate"):
             raise ValueError(f"stop must be 'fast' or 'immediate', got {self.stop!r}")
-        for name in ("repoint_delay", "before", "after"):
+        if not 0 <= self.repoint_delay <= MAX_SECONDS:
+            raise ValueError(
+                f"repoint_delay must be between 0 and {MAX_SECONDS:g} seconds, "
+                f"got {self.repoint_delay!r}"
+            )
+        for name in ("before", "after"):
             value = getattr(self, name)
-            if not 0 <= value <= 600:
-                raise ValueError(f"{name} must be between 0 and 600 seconds, got {value!r}")
-        if not 0 < self.rate <= 1000:
-            raise ValueError(f"rate must be > 0 and <= 1000 writes per second, got {self.rate!r}")
-        if not 1 <= self.workers <= 16:
-            raise ValueError(f"workers must be between 1 and 16, got {self.workers!r}")
+            if not 0 < value <= MAX_SECONDS:
+                raise ValueError(
+                    f"{name} must be more than 0 and at most {MAX_SECONDS:g} seconds, got {value!r}"
+                )
+        if not 0 < self.rate <= MAX_RATE:
+            raise ValueError(
+                f"rate must be more than 0 and at most {MAX_RATE:g} writes per second, "
+                f"got {self.rate!r}"
+            )
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be between 1 and {MAX_WORKERS}, got {self.workers!r}")
         if not self.stacks:
             raise ValueError("choose at least one stack")
 
@@ -286,11 +308,14 @@ def _version(number: int) -> str:
     return f"{number // 10000}.{number % 10000}"
 
 
-def stacks_by_name(names: Sequence[str]) -> tuple[type[Stack], ...]:
-    """The stack classes for ``--stacks`` short names; ValueError naming the valid ones."""
-    unknown = [name for name in names if name not in SHORT_NAMES]
+def stacks_named(names: Sequence[str]) -> tuple[type[Stack], ...]:
+    """The stack classes called ``names`` (as the report shows them, e.g. from
+    :func:`pgfailover.drill.options.select_stacks`), in display order; ValueError naming
+    the unknown ones and the valid ones."""
+    unknown = [name for name in names if name not in STACK_NAMES]
     if unknown:
         raise ValueError(
-            f"unknown stack(s) {', '.join(unknown)}: choose from {', '.join(SHORT_NAMES)}"
+            f"unknown stack {', '.join(map(repr, unknown))}: choose from "
+            f"{', '.join(map(repr, STACK_NAMES))}"
         )
-    return tuple(dict.fromkeys(SHORT_NAMES[name] for name in names))
+    return tuple(kind for kind in STACKS if kind.name in names)
