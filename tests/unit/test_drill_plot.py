@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import struct
 import sys
+from itertools import combinations
 from pathlib import Path
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from pgfailover.drill.plot import render
+from pgfailover.drill.plot import figure, render
 from pgfailover.drill.report import DrillReport, Mark, Op, build_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -115,3 +117,41 @@ def test_render_without_matplotlib_says_how_to_install(
         render(drill(5), target)
     assert str(info.value) == "the drill's plot needs matplotlib: pip install 'pgfailover[cli]'"
     assert not target.exists()
+
+
+@pytest.mark.parametrize("n_stacks", [0, 2, 6])
+def test_failover_step_labels_do_not_overlap_when_steps_are_10_ms_apart(n_stacks: int) -> None:
+    """Five failover steps 10 ms apart: each step's label is drawn once, inside the axes,
+    and no two labels (nor their white boxes) intersect, whatever the number of lanes."""
+    names = [
+        "failover started",
+        "node0 stopped",
+        "node1 promoted",
+        "node0 rejoined as standby",
+        "PgBouncer repointed",
+    ]
+    marks = [Mark(name, 10.0 + 0.01 * i) for i, name in enumerate(names)]
+    stacks = [(f"stack {i}", i % 2 == 0) for i in range(n_stacks)]
+    ops = [
+        Op(name, t / 10, t / 10 + 0.005, 1000 * i + t, True)
+        for i, (name, _) in enumerate(stacks)
+        for t in range(300)
+    ]
+    report = build_report({}, marks, marks[-1].at, (0.0, 30.0), stacks, ops, {})
+    fig = figure(report)
+    assert isinstance(fig.canvas, FigureCanvasAgg)
+    fig.draw_without_rendering()  # places the labels' boxes as saving does
+    (ax,) = fig.axes
+    assert [text.get_text() for text in ax.texts] == names
+    extents = [text.get_window_extent() for text in ax.texts]  # the Agg canvas's renderer
+    boxes = []
+    for text in ax.texts:
+        patch = text.get_bbox_patch()
+        assert patch is not None
+        boxes.append(patch.get_window_extent())
+    for a, b in [*combinations(extents, 2), *combinations(boxes, 2)]:
+        assert not a.overlaps(b), (a, b)
+    frame = ax.get_window_extent()
+    for extent in extents:
+        assert frame.contains(extent.x0, extent.y0), (frame, extent)
+        assert frame.contains(extent.x1, extent.y1), (frame, extent)

@@ -3,8 +3,8 @@
 :func:`render` draws a :class:`~pgfailover.drill.report.DrillReport` into a PNG file with
 matplotlib's Agg renderer, used directly (:class:`matplotlib.figure.Figure` and
 ``FigureCanvasAgg``, never pyplot): the user's global matplotlib backend is left alone and
-no display is needed. matplotlib is optional (the ``cli`` extra) and imported only when
-:func:`render` is called.
+no display is needed; :func:`figure` returns the same picture as a Figure. matplotlib is
+optional (the ``cli`` extra) and imported only when one of them is called.
 
 The picture (x axis: seconds since the drill started):
 
@@ -16,9 +16,11 @@ The picture (x axis: seconds since the drill started):
   below it, unknown outcomes as orange dots further below; with more than
   :data:`_MAX_MARKERS` ops in the report, per-100 ms counts instead (green bars up, red and
   orange bars down, scaled to the lane's busiest bin) so the picture stays readable and fast;
-* a dashed vertical line per failover mark, with its name; a solid blue line when the
-  primary became reachable; the outage (earliest mark to ``reachable_at``, or to the end
-  when the primary never became reachable) shaded;
+* a dashed vertical line per failover mark, its name written horizontally next to it in a
+  band above the lanes: labels that would collide (steps a few milliseconds apart) go on
+  separate rows, so no two overlap; a solid blue line when the primary became reachable;
+  the outage (earliest mark to ``reachable_at``, or to the end when the primary never
+  became reachable) shaded;
 * a legend on the right and a title saying how many stacks wrote through.
 
 The figure is 12 inches wide and ``2 + 0.6 * stacks`` inches high, at 100 dpi: 1200 pixels
@@ -38,8 +40,12 @@ from .report import DrillReport, Op
 if TYPE_CHECKING:
     from matplotlib.artist import Artist
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
 
-__all__ = ["render"]
+    from .report import Mark
+
+__all__ = ["figure", "render"]
 
 _NEEDS_MATPLOTLIB: Final = "the drill's plot needs matplotlib: pip install 'pgfailover[cli]'"
 
@@ -59,6 +65,18 @@ _MARK_COLOR: Final = "0.3"
 _REACHABLE_COLOR: Final = "#1f77b4"
 _OUTAGE_COLOR: Final = "0.85"
 _NAIVE_LABEL_COLOR: Final = "0.35"
+
+_LABEL_FONTSIZE: Final = 7
+_LABEL_PAD_PT: Final = 1.0
+"""Padding of the white box behind a mark's label, in points."""
+_LABEL_NUDGE_PT: Final = 2.0
+"""Horizontal distance from a mark's line to its label, in points."""
+_LABEL_GAP_PX: Final = 6.0
+"""Least horizontal distance between two labels on one row, boxes included, in pixels."""
+_LABEL_TOP_PX: Final = 4.0
+"""Space above the first row of labels, in pixels."""
+_MAX_BAND: Final = 0.6
+"""The label band takes at most this fraction of the axes' height away from the lanes."""
 
 _OK_OFFSET: Final = 0.2
 _FAILED_OFFSET: Final = -0.15
@@ -112,6 +130,20 @@ def render(report: DrillReport, path: str | os.PathLike[str]) -> Path:
     image is 1200 x ``round(100 * (2 + 0.6 * len(report.stacks)))`` pixels. Raises
     ModuleNotFoundError (with the pip command to run) when matplotlib is not installed.
     """
+    fig = figure(report)
+    out = Path(path)
+    fig.savefig(out, format="png", dpi=_DPI)
+    return out
+
+
+def figure(report: DrillReport) -> Figure:
+    """``report``'s timeline as a :class:`matplotlib.figure.Figure`, laid out and ready to
+    save (what :func:`render` writes), with an Agg canvas attached and pyplot untouched.
+
+    Its one :class:`~matplotlib.axes.Axes` holds the lanes; the failover steps' labels are
+    its texts (``fig.axes[0].texts``), one per mark, in the report's order. Raises
+    ModuleNotFoundError (with the pip command to run) when matplotlib is not installed.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - optional
         from matplotlib.figure import Figure  # noqa: PLC0415 - the cli extra
@@ -140,7 +172,8 @@ def render(report: DrillReport, path: str | os.PathLike[str]) -> Path:
     handles = _kind_handles(binned) + _draw_failover(ax, report, x1)
 
     ax.set_xlim(x0, x1)
-    ax.set_ylim(-0.6, max(len(stacks), 1) - 0.4)
+    lanes_bottom, lanes_top = -0.6, max(len(stacks), 1) - 0.4
+    ax.set_ylim(lanes_bottom, lanes_top)
     ax.set_yticks(lanes, [_lane_label(stack.name, stack.protected) for stack in stacks])
     for tick, stack in zip(ax.get_yticklabels(), stacks, strict=True):
         tick.set_color(_OK_COLOR if stack.protected else _NAIVE_LABEL_COLOR)
@@ -154,11 +187,12 @@ def render(report: DrillReport, path: str | os.PathLike[str]) -> Path:
         handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False
     )
     ax.set_title(_title(report), fontsize=11)
+    labels = _mark_labels(ax, report.marks)
     fig.tight_layout()
-
-    out = Path(path)
-    fig.savefig(out, format="png", dpi=_DPI)
-    return out
+    band = _place_labels(fig, ax, labels, report.marks)
+    if band > 0:  # room above the top lane for the labels' rows
+        ax.set_ylim(lanes_bottom, lanes_bottom + (lanes_top - lanes_bottom) / (1 - band))
+    return fig
 
 
 _KINDS: Final = (
@@ -258,19 +292,6 @@ def _draw_failover(ax: Axes, report: DrillReport, x_end: float) -> list[Artist]:
             handles.append(Patch(color=_OUTAGE_COLOR, alpha=0.6, label=label))
     for mark in report.marks:
         ax.axvline(mark.at, color=_MARK_COLOR, linestyle="--", linewidth=1, zorder=2)
-        ax.text(
-            mark.at,
-            0.98,
-            f"{mark.name} ",
-            transform=ax.get_xaxis_transform(),
-            rotation=90,
-            ha="right",
-            va="top",
-            fontsize=7,
-            color=_MARK_COLOR,
-            zorder=5,
-            bbox={"facecolor": "white", "alpha": 0.6, "edgecolor": "none", "pad": 1},
-        )
     if report.marks:
         handles.append(
             Line2D([], [], color=_MARK_COLOR, linestyle="--", linewidth=1, label="failover step")
@@ -295,3 +316,78 @@ def _title(report: DrillReport) -> str:
     title = f"pgfailover drill: {through} of {len(report.stacks)} stacks wrote through"
     mode = report.config.get("mode")
     return f"{title} (mode: {mode})" if isinstance(mode, str) and mode else title
+
+
+def _mark_labels(ax: Axes, marks: Sequence[Mark]) -> list[Text]:
+    """One text per mark, in order, placed by :func:`_place_labels` once the axes are laid
+    out (left out of the layout: they stay inside the axes)."""
+    labels = []
+    for mark in marks:
+        text = ax.text(
+            mark.at,
+            1.0,
+            mark.name,
+            transform=ax.get_xaxis_transform(),
+            ha="left",
+            va="top",
+            fontsize=_LABEL_FONTSIZE,
+            color=_MARK_COLOR,
+            zorder=5,
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none", "pad": _LABEL_PAD_PT},
+        )
+        text.set_in_layout(False)
+        labels.append(text)
+    return labels
+
+
+def _place_labels(fig: Figure, ax: Axes, labels: Sequence[Text], marks: Sequence[Mark]) -> float:
+    """Put each mark's label next to its line (right of it, or left when it would leave the
+    axes), in rows from the top of the axes: a label goes on the first row where it keeps
+    :data:`_LABEL_GAP_PX` from the labels already there, the marks taken left to right.
+    Returns the fraction of the axes' height the rows take (0 without marks), capped at
+    :data:`_MAX_BAND` so the lanes keep the rest.
+    """
+    from matplotlib.transforms import offset_copy  # noqa: PLC0415 - matplotlib is optional
+
+    if not labels:
+        return 0.0
+    axes_box = ax.get_window_extent()  # pixels, measured with the figure's Agg renderer
+    pad_px = _LABEL_PAD_PT * _DPI / 72
+    nudge_px = _LABEL_NUDGE_PT * _DPI / 72
+    spans: list[tuple[float, float, int]] = []  # (left px, right px, label index)
+    height = 0.0
+    for i, (text, mark) in enumerate(zip(labels, marks, strict=True)):
+        extent = text.get_window_extent()
+        width = extent.width + 2 * pad_px
+        height = max(height, extent.height + 2 * pad_px)
+        x = float(ax.transData.transform((mark.at, 0.0))[0])
+        if x + nudge_px + width <= axes_box.x1:
+            text.set_horizontalalignment("left")
+            spans.append((x + nudge_px - pad_px, x + nudge_px + width - pad_px, i))
+        else:
+            text.set_horizontalalignment("right")
+            spans.append((x - nudge_px - width + pad_px, x - nudge_px + pad_px, i))
+    row_ends: list[float] = []  # right edge of the last label of each row
+    rows = [0] * len(labels)
+    for left, right, i in sorted(spans):
+        row = next((r for r, end in enumerate(row_ends) if end + _LABEL_GAP_PX <= left), None)
+        if row is None:
+            row = len(row_ends)
+            row_ends.append(right)
+        row_ends[row] = right
+        rows[i] = row
+    row_px = height + 1.0
+    for text, mark, row in zip(labels, marks, rows, strict=True):
+        left = text.get_horizontalalignment() == "left"
+        text.set_transform(
+            offset_copy(
+                ax.get_xaxis_transform(),
+                fig=fig,
+                x=_LABEL_NUDGE_PT if left else -_LABEL_NUDGE_PT,
+                y=-(_LABEL_TOP_PX + row * row_px + pad_px) * 72 / _DPI,
+                units="points",
+            )
+        )
+        text.set_position((mark.at, 1.0))
+    band_px = _LABEL_TOP_PX + len(row_ends) * row_px
+    return min(band_px / axes_box.height, _MAX_BAND) if axes_box.height > 0 else 0.0
