@@ -1,4 +1,6 @@
-"""The retry runner on a real cluster: lost COMMITs resolved, never duplicated, never lost."""
+"""The retry runner on a real cluster, sync-only scenarios: checker workloads across
+failovers and crashes (never duplicated, never lost), the record's cost and server
+tracking, errors. The tests written once for sync and async are in test_runner_async.py."""
 
 from __future__ import annotations
 
@@ -14,24 +16,16 @@ from typing import Any
 import psycopg
 import psycopg_pool
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.orm import sessionmaker
 
 import pgfailover
-import pgfailover.sqlalchemy as pgsa
 from pgfailover import _runner, transaction
 from pgfailover.events import RetryEvent
 from pgfailover.outcome import ServerIdentity, parse_record, record_sql
 from pgfailover.pool import ConnectionPool
-from pgfailover.pool_async import AsyncConnectionPool
 from pgfailover.retry import run_transaction
-from pgfailover.retry_async import arun_transaction
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.proxy import FaultProxy
 from pgfailover.testing.trace import round_trips
-
-from .support import reset_statements
 
 WHEN_COMMITTED = ("after_forward", "after_reply")  # the COMMIT reached the server
 
@@ -92,51 +86,6 @@ def _ainsert(table: str) -> Any:
 # ------------------------------------------------------------------ psycopg pools
 
 
-@pytest.mark.parametrize("when", [*WHEN_COMMITTED, "before"])
-def test_lost_commit_is_resolved_and_the_row_exists_once(
-    pgfailover_cluster: LocalCluster,
-    proxy: FaultProxy,
-    keys_table: str,
-    events: list[RetryEvent],
-    when: str,
-) -> None:
-    """The connection dies around COMMIT: if the COMMIT reached the server the runner
-    reports success once (the outcome is looked up, not guessed); if it did not, the work is
-    retried. Either way the row exists exactly once."""
-    key = uuid.uuid4().hex
-    proxy.drop_on(when)  # type: ignore[arg-type]
-    with ConnectionPool[Any](proxy.dsn_for(pgfailover_cluster.primary), min_size=1) as pool:
-        assert pgfailover.TransactionRunner(pool, timeout=10)(_insert(keys_table), key) == key
-    assert proxy.faults, "the fault never fired"
-    assert _count(pgfailover_cluster, keys_table, key) == 1
-    actions = [e.action for e in events]
-    assert actions == (["committed"] if when in WHEN_COMMITTED else ["retry"])
-    assert events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
-
-
-@pytest.mark.parametrize("when", [*WHEN_COMMITTED, "before"])
-async def test_async_lost_commit_is_resolved_and_the_row_exists_once(
-    pgfailover_cluster: LocalCluster,
-    proxy: FaultProxy,
-    keys_table: str,
-    events: list[RetryEvent],
-    when: str,
-) -> None:
-    """Async twin: success exactly once, the row exactly once."""
-    key = uuid.uuid4().hex
-    proxy.drop_on(when)  # type: ignore[arg-type]
-    dsn = proxy.dsn_for(pgfailover_cluster.primary)
-    async with AsyncConnectionPool[Any](dsn, min_size=1) as pool:
-        assert (
-            await pgfailover.AsyncTransactionRunner(pool, timeout=10)(_ainsert(keys_table), key)
-            == key
-        )
-    assert proxy.faults, "the fault never fired"
-    assert _count(pgfailover_cluster, keys_table, key) == 1
-    actions = [e.action for e in events]
-    assert actions == (["committed"] if when in WHEN_COMMITTED else ["retry"])
-
-
 def test_application_error_propagates_unchanged_and_is_not_retried(
     pgfailover_cluster: LocalCluster, keys_table: str, events: list[RetryEvent]
 ) -> None:
@@ -173,79 +122,6 @@ def test_decorator_retries_a_standby_error_until_the_deadline_then_raises_it(
     assert events[-1].action == "give up"
     assert all(e.action == "retry" for e in events[:-1])
     assert any("gave up after" in note for note in getattr(info.value, "__notes__", []))
-
-
-# ------------------------------------------------------------------ SQLAlchemy
-
-
-def _url(cluster: LocalCluster, proxy: FaultProxy, driver: str) -> sa.URL:
-    return sa.URL.create(
-        f"postgresql+{driver}",
-        username=cluster.user,
-        password=cluster.password,
-        host=proxy.host,
-        port=proxy.port,
-        database=cluster.dbname,
-        query={"sslmode": "disable"} if driver != "asyncpg" else {},
-    )
-
-
-@pytest.mark.parametrize("when", ["after_reply", "before"])
-@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
-def test_engine_and_session_lost_commit_is_resolved(
-    pgfailover_cluster: LocalCluster,
-    proxy: FaultProxy,
-    keys_table: str,
-    driver: str,
-    when: str,
-) -> None:
-    """SQLAlchemy Engine and sessionmaker targets: a COMMIT lost after reaching the server is
-    reported committed, one lost before is retried; the rows exist once each."""
-    engine = sa.create_engine(_url(pgfailover_cluster, proxy, driver))
-    pgsa.instrument(engine)
-    keys = [uuid.uuid4().hex, uuid.uuid4().hex]
-
-    def by_connection(conn: sa.Connection, key: str) -> str:
-        conn.execute(sa.text(f"INSERT INTO {keys_table} (k) VALUES (:k)"), {"k": key})
-        return key
-
-    def by_session(session: Any, key: str) -> str:
-        session.execute(sa.text(f"INSERT INTO {keys_table} (k) VALUES (:k)"), {"k": key})
-        return key
-
-    try:
-        proxy.drop_on(when)  # type: ignore[arg-type]
-        assert pgfailover.TransactionRunner(engine, timeout=10)(by_connection, keys[0]) == keys[0]
-        proxy.drop_on(when)  # type: ignore[arg-type]
-        assert (
-            pgfailover.TransactionRunner(sessionmaker(engine), timeout=10)(by_session, keys[1])
-            == keys[1]
-        )
-    finally:
-        engine.dispose()
-    assert len(proxy.faults) == 2
-    assert [_count(pgfailover_cluster, keys_table, k) for k in keys] == [1, 1]
-
-
-@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
-async def test_async_engine_lost_commit_is_resolved(
-    pgfailover_cluster: LocalCluster, proxy: FaultProxy, keys_table: str, driver: str
-) -> None:
-    """AsyncEngine target: a COMMIT lost after reaching the server is reported committed."""
-    engine = create_async_engine(_url(pgfailover_cluster, proxy, driver))
-    key = uuid.uuid4().hex
-
-    async def work(conn: Any, key: str) -> str:
-        await conn.execute(sa.text(f"INSERT INTO {keys_table} (k) VALUES (:k)"), {"k": key})
-        return key
-
-    try:
-        proxy.drop_on("after_reply")
-        assert await pgfailover.AsyncTransactionRunner(engine, timeout=10)(work, key) == key
-    finally:
-        await engine.dispose()
-    assert proxy.faults
-    assert _count(pgfailover_cluster, keys_table, key) == 1
 
 
 def test_wrong_target_type_is_a_clear_type_error() -> None:
@@ -481,207 +357,3 @@ def test_record_follows_the_server_behind_pgbouncer_after_a_repoint(
     assert second.started_at == seen[-1] != seen[0]
     assert second.system_id == first.system_id  # a standby promoted: the same system
     assert _count(cluster, keys_table, "before") == _count(cluster, keys_table, "after") == 1
-
-
-def _record_statements(cluster: LocalCluster) -> dict[str, int]:
-    """The record statements run on the primary since the last reset: text -> calls."""
-    with psycopg.connect(cluster.primary.dsn(user="postgres"), autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT query, calls FROM pg_stat_statements WHERE query LIKE %s",
-            ["%pg_current_xact_id()::text%"],
-        ).fetchall()
-    return {str(query): int(calls) for query, calls in rows}
-
-
-@pytest.mark.parametrize("route", ["direct", "pgbouncer"])
-def test_record_compares_the_server_only_where_a_pooler_can_change_it(
-    pgfailover_cluster: LocalCluster, keys_table: str, route: str
-) -> None:
-    """On a direct pgfailover connection the server cannot change, so after the first
-    record the identity column is a plain NULL; through PgBouncer every record compares
-    the postmaster's start time."""
-    cluster = pgfailover_cluster
-    assert cluster.pgbouncer is not None
-    dsn = cluster.primary.dsn() if route == "direct" else cluster.pgbouncer.dsn()
-    work = _insert(keys_table)
-    with ConnectionPool[Any](
-        dsn, min_size=1, max_size=1, kwargs={"prepare_threshold": None}
-    ) as pool:
-        run_transaction(pool, work, uuid.uuid4().hex)  # the first record reads the identity
-        reset_statements(cluster)
-        for _ in range(5):
-            run_transaction(pool, work, uuid.uuid4().hex)
-    seen = _record_statements(cluster)
-    assert sum(seen.values()) == 5, seen
-    compared = sum(
-        calls for query, calls in seen.items() if "pg_postmaster_start_time() =" in query
-    )
-    assert compared == (0 if route == "direct" else 5), seen
-
-
-@pytest.mark.parametrize("route", ["direct", "pgbouncer"])
-async def test_async_record_compares_the_server_only_where_a_pooler_can_change_it(
-    pgfailover_cluster: LocalCluster, keys_table: str, route: str
-) -> None:
-    """Async twin: no comparison on a direct connection after the first record, one per
-    record through PgBouncer."""
-    cluster = pgfailover_cluster
-    assert cluster.pgbouncer is not None
-    dsn = cluster.primary.dsn() if route == "direct" else cluster.pgbouncer.dsn()
-    work = _ainsert(keys_table)
-    async with AsyncConnectionPool[Any](
-        dsn, min_size=1, max_size=1, kwargs={"prepare_threshold": None}
-    ) as pool:
-        await arun_transaction(pool, work, uuid.uuid4().hex)
-        reset_statements(cluster)
-        for _ in range(5):
-            await arun_transaction(pool, work, uuid.uuid4().hex)
-    seen = _record_statements(cluster)
-    assert sum(seen.values()) == 5, seen
-    compared = sum(
-        calls for query, calls in seen.items() if "pg_postmaster_start_time() =" in query
-    )
-    assert compared == (0 if route == "direct" else 5), seen
-
-
-def _settings(conn: psycopg.Connection[Any]) -> tuple[str, str]:
-    row = conn.execute(
-        "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')"
-    ).fetchone()
-    assert row is not None
-    return str(row[0]), str(row[1])
-
-
-async def _asettings(conn: psycopg.AsyncConnection[Any]) -> tuple[str, str]:
-    cur = await conn.execute(
-        "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')"
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    return str(row[0]), str(row[1])
-
-
-@pytest.mark.parametrize("autocommit", [False, True])
-def test_the_runner_keeps_the_connections_transaction_settings(
-    pgfailover_cluster: LocalCluster, autocommit: bool
-) -> None:
-    """The BEGIN the runner sends with the record is psycopg's own: the pool's isolation
-    level survives (serializable stays serializable), autocommit connections too."""
-
-    def configure(conn: psycopg.Connection[Any]) -> None:
-        conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
-
-    dsn = pgfailover_cluster.primary.dsn()
-    with ConnectionPool[Any](
-        dsn, min_size=1, max_size=1, kwargs={"autocommit": autocommit}, configure=configure
-    ) as pool:
-        assert run_transaction(pool, _settings) == ("serializable", "off")
-        with pool.connection() as conn:
-            assert conn.isolation_level is psycopg.IsolationLevel.SERIALIZABLE
-            for read_only, deferrable in ((None, None), (True, True), (False, False)):
-                conn.read_only, conn.deferrable = read_only, deferrable
-                # the fallback builds what psycopg itself would send
-                assert _runner.build_tx_start(
-                    conn.isolation_level, read_only, deferrable
-                ) == _runner.tx_start(conn)
-
-
-async def test_async_runner_keeps_the_connections_transaction_settings(
-    pgfailover_cluster: LocalCluster,
-) -> None:
-    """Async twin: the isolation level survives the runner's BEGIN."""
-
-    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
-
-    dsn = pgfailover_cluster.primary.dsn()
-    async with AsyncConnectionPool[Any](dsn, min_size=1, max_size=1, configure=configure) as pool:
-        assert await arun_transaction(pool, _asettings) == ("repeatable read", "off")
-
-
-def test_read_only_transactions_run_and_a_lost_commit_of_one_is_simply_retried(
-    pgfailover_cluster: LocalCluster, proxy: FaultProxy, events: list[RetryEvent]
-) -> None:
-    """On a read-only connection the runner records nothing (no xid can be assigned) and
-    the transaction is read-only; when its COMMIT is lost nothing was written, so it is run
-    again without looking up an outcome."""
-    dsn = proxy.dsn_for(pgfailover_cluster.primary)
-
-    def configure(conn: psycopg.Connection[Any]) -> None:
-        conn.read_only = True
-
-    with ConnectionPool[Any](dsn, min_size=1, max_size=1, configure=configure) as pool:
-        assert pgfailover.TransactionRunner(pool, timeout=10)(_settings) == ("read committed", "on")
-        proxy.drop_on("after_reply")
-        assert pgfailover.TransactionRunner(pool, timeout=10)(_settings) == ("read committed", "on")
-    assert proxy.faults, "the fault never fired"
-    assert [e.action for e in events] == ["retry"]
-    assert events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
-
-
-@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
-def test_engine_read_only_transactions_record_nothing_and_retry_a_lost_commit(
-    pgfailover_cluster: LocalCluster, proxy: FaultProxy, events: list[RetryEvent], driver: str
-) -> None:
-    """An engine with postgresql_readonly runs read-only transactions through the runner
-    (no record: no xid can be assigned there); a lost COMMIT of one is run again."""
-    engine = sa.create_engine(
-        _url(pgfailover_cluster, proxy, driver),
-        execution_options={"postgresql_readonly": True},
-    )
-    pgsa.instrument(engine)
-
-    def read_only(conn: sa.Connection) -> str:
-        return str(conn.execute(sa.text("SHOW transaction_read_only")).scalar_one())
-
-    try:
-        assert pgfailover.TransactionRunner(engine, timeout=10)(read_only) == "on"
-        proxy.drop_on("after_reply")
-        assert pgfailover.TransactionRunner(engine, timeout=10)(read_only) == "on"
-    finally:
-        engine.dispose()
-    assert proxy.faults, "the fault never fired"
-    assert [e.action for e in events] == ["retry"]
-
-
-async def test_async_engine_read_only_transactions_record_nothing(
-    pgfailover_cluster: LocalCluster, proxy: FaultProxy
-) -> None:
-    """Async twin (psycopg): read-only work runs through the runner."""
-    engine = create_async_engine(
-        _url(pgfailover_cluster, proxy, "psycopg"),
-        execution_options={"postgresql_readonly": True},
-    )
-
-    async def read_only(conn: Any) -> str:
-        return str((await conn.execute(sa.text("SHOW transaction_read_only"))).scalar_one())
-
-    try:
-        assert await pgfailover.AsyncTransactionRunner(engine, timeout=10)(read_only) == "on"
-    finally:
-        await engine.dispose()
-
-
-async def test_async_read_only_lost_commit_is_simply_retried(
-    pgfailover_cluster: LocalCluster, proxy: FaultProxy, events: list[RetryEvent]
-) -> None:
-    """Async twin: a read-only connection records nothing, and its lost COMMIT is run
-    again without looking up an outcome."""
-
-    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.set_read_only(True)
-
-    dsn = proxy.dsn_for(pgfailover_cluster.primary)
-    async with AsyncConnectionPool[Any](dsn, min_size=1, max_size=1, configure=configure) as pool:
-        assert await pgfailover.AsyncTransactionRunner(pool, timeout=10)(_asettings) == (
-            "read committed",
-            "on",
-        )
-        proxy.drop_on("after_reply")
-        assert await pgfailover.AsyncTransactionRunner(pool, timeout=10)(_asettings) == (
-            "read committed",
-            "on",
-        )
-    assert proxy.faults, "the fault never fired"
-    assert [e.action for e in events] == ["retry"]
-    assert events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
