@@ -66,9 +66,14 @@ def prefer_read_write(conninfo: Any, pooler: bool | None) -> Any:
 
 
 def check_options(
-    connection_class: type[Any], base: type[Any], recheck_interval: float | None
+    connection_class: type[Any],
+    base: type[Any],
+    recheck_interval: float | None,
+    pooler: bool | None,
 ) -> None:
     """``TypeError``/``ValueError`` naming the option for a bad pool argument."""
+    if pooler is not None and not isinstance(pooler, bool):
+        raise TypeError(f"pooler must be True, False or None, got {pooler!r}")
     if not (isinstance(connection_class, type) and issubclass(connection_class, base)):
         raise TypeError(
             f"connection_class must be pgfailover.{base.__name__} or a subclass of it, "

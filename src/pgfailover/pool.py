@@ -81,7 +81,7 @@ class ConnectionPool(_BasePool[CT]):
         pooler: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        _pool_common.check_options(connection_class, Connection, recheck_interval)
+        _pool_common.check_options(connection_class, Connection, recheck_interval, pooler)
         self._pgf = FailoverState(pooler=pooler, on_event=self._pgf_event)
         self._pgf_configure_user = configure
         self.recheck_interval = recheck_interval

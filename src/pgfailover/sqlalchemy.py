@@ -375,6 +375,8 @@ def instrument(
     raises ``ValueError`` (remove the first one before).
     """
     sync_engine = _sync(engine)
+    if pooler is not None and not isinstance(pooler, bool):
+        raise TypeError(f"pooler must be True, False or None, got {pooler!r}")
     if sync_engine.dialect.name != "postgresql":
         raise ValueError(
             f"instrument() needs a PostgreSQL engine, got dialect {sync_engine.dialect.name!r}"
@@ -422,18 +424,26 @@ def instrumentation_of(engine: Engine | AsyncEngine) -> Instrumentation | None:
 
 
 def _sync(engine: Engine | AsyncEngine) -> Engine:
-    """The ``Engine`` behind an ``AsyncEngine`` (without importing SQLAlchemy's asyncio
-    extension, which needs greenlet), or the engine itself."""
+    """The base ``Engine``: the one behind an ``AsyncEngine`` (without importing
+    SQLAlchemy's asyncio extension, which needs greenlet), and the one an ``OptionEngine``
+    (``engine.execution_options(...)``) proxies, since it shares that engine's pool: both
+    must resolve to one instrumentation, never a second set of pool listeners."""
     sync_engine = getattr(engine, "sync_engine", engine)
     if not isinstance(sync_engine, Engine):
         raise TypeError(f"expected an Engine or AsyncEngine, got {type(engine)!r}")
+    while isinstance(proxied := getattr(sync_engine, "_proxied", None), Engine):
+        sync_engine = proxied  # an OptionEngine: its options are per call, its pool shared
     return sync_engine
 
 
 def _seconds(name: str, value: float | None) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{name} must be a number of seconds or None, got {type(value).__name__} {value!r}"
+        )
+    if not value >= 0:
         raise ValueError(f"{name} must be a number of seconds >= 0 or None, got {value!r}")
     return float(value)
 

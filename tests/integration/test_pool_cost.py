@@ -49,3 +49,19 @@ def test_pool_rejects_a_plain_connection_class() -> None:
         ConnectionPool("", connection_class=psycopg.Connection, open=False)  # type: ignore[type-var]
     with pytest.raises(ValueError, match="recheck_interval"):
         ConnectionPool("", recheck_interval=-1, open=False)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("recheck_interval", "5", "recheck_interval must be a number of seconds or None"),
+        ("pooler", "no", "pooler must be True, False or None"),
+    ],
+)
+def test_pool_options_of_the_wrong_type_name_the_option(
+    option: str, value: object, message: str
+) -> None:
+    """A string where a number or a bool belongs raises TypeError naming the option, not a
+    comparison error from deep inside."""
+    with pytest.raises(TypeError, match=message):
+        ConnectionPool("", open=False, **{option: value})

@@ -85,13 +85,13 @@ def test_async_engine_is_instrumented_through_its_sync_engine() -> None:
         ({"recheck_interval": -1}, "recheck_interval"),
         ({"timeout": -0.5}, "timeout"),
         ({"timeout": float("nan")}, "timeout"),
-        ({"recheck_interval": "10"}, "recheck_interval"),
     ],
 )
 def test_bad_options_are_rejected_with_the_parameter_named(
     kwargs: dict[str, object], message: str
 ) -> None:
-    """Negative, NaN or non-numeric durations raise ValueError naming the parameter."""
+    """Negative or NaN durations raise ValueError naming the parameter (a non-number is a
+    TypeError: see test_options_of_the_wrong_type_or_range_name_the_option)."""
     engine = sa.create_engine(URL)
     with pytest.raises(ValueError, match=message):
         pgsa.instrument(engine, **kwargs)  # type: ignore[arg-type]
@@ -117,3 +117,40 @@ def test_listeners_are_sqlalchemy_listeners() -> None:
     engine = sa.create_engine(URL)
     instrumentation = pgsa.instrument(engine)
     assert event.contains(engine, "handle_error", instrumentation._on_error)
+
+
+def test_an_option_engine_resolves_to_its_base_engine_and_adds_no_listener() -> None:
+    """``engine.execution_options(...)`` shares the engine's pool: instrumenting it after
+    (or before) the engine returns the one instrumentation, with one set of listeners."""
+    engine = sa.create_engine(URL)
+    first = pgsa.instrument(engine)
+    count = _listeners(engine)
+    serializable = engine.execution_options(isolation_level="SERIALIZABLE")
+    assert type(serializable) is not sa.Engine
+    assert pgsa.instrument(serializable) is first
+    assert _listeners(engine) == count
+    assert pgsa.instrumentation_of(serializable) is first
+    other = sa.create_engine(URL)
+    via_options = pgsa.instrument(other.execution_options(postgresql_readonly=True))
+    assert pgsa.instrument(other) is via_options
+    assert pgsa.uninstrument(other.execution_options(isolation_level="AUTOCOMMIT"))
+    assert _listeners(other) == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error", "message"),
+    [
+        ("recheck_interval", "5", TypeError, "recheck_interval must be a number of seconds"),
+        ("timeout", "30", TypeError, "timeout must be a number of seconds"),
+        ("recheck_interval", -1, ValueError, "recheck_interval must be a number of seconds >= 0"),
+        ("pooler", "yes", TypeError, "pooler must be True, False or None"),
+    ],
+)
+def test_options_of_the_wrong_type_or_range_name_the_option(
+    option: str, value: object, error: type[Exception], message: str
+) -> None:
+    """A wrong type or value raises TypeError/ValueError naming the option and what it takes."""
+    engine = sa.create_engine(URL)
+    with pytest.raises(error, match=message):
+        pgsa.instrument(engine, **{option: value})  # type: ignore[arg-type]
+    assert pgsa.instrumentation_of(engine) is None
