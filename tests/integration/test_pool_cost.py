@@ -64,4 +64,4 @@ def test_pool_options_of_the_wrong_type_name_the_option(
     """A string where a number or a bool belongs raises TypeError naming the option, not a
     comparison error from deep inside."""
     with pytest.raises(TypeError, match=message):
-        ConnectionPool("", open=False, **{option: value})
+        ConnectionPool[Any]("", open=False, **{option: value})  # type: ignore[arg-type]
