@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from psycopg import errors
 
-from pgfailover.testing import LocalCluster
+from pgfailover.testing import LocalCluster, Node
 from pgfailover.testing.plugin import ClusterFactory
 from pgfailover.testing.simulate import make_read_only, raise_recovery_error
 
@@ -228,3 +230,78 @@ def test_reset_restores_topology_after_an_unrepaired_crash(
     assert [cluster.role(n) for n in cluster.nodes] == ["primary", "standby"]
     assert cluster.pgbouncer is not None
     assert cluster.pgbouncer.target is home
+
+
+@pytest.mark.parametrize(
+    ("driver", "scheme"),
+    [
+        ("psycopg", "postgresql+psycopg"),
+        ("psycopg_async", "postgresql+psycopg"),
+        ("psycopg2", "postgresql+psycopg2"),
+        ("asyncpg", "postgresql+asyncpg"),
+    ],
+)
+def test_url_carries_what_the_dsn_carries(
+    pgfailover_cluster: LocalCluster, driver: str, scheme: str
+) -> None:
+    """node.url(driver) and pgbouncer.url(driver) are SQLAlchemy URLs for the driver's
+    dialect with the DSN's user, password, host, port and database."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    for endpoint in (cluster.primary, cluster.pgbouncer):
+        url = sa.make_url(endpoint.url(driver))
+        dsn = psycopg.conninfo.conninfo_to_dict(endpoint.dsn())
+        assert url.drivername == scheme
+        assert (url.username, url.password, url.host, url.port, url.database) == (
+            dsn["user"],
+            dsn["password"],
+            dsn["host"],
+            int(str(dsn["port"])),
+            dsn["dbname"],
+        )
+    superuser = sa.make_url(cluster.primary.url(driver, user="postgres", dbname="postgres"))
+    assert (superuser.username, superuser.password, superuser.database) == (
+        "postgres",
+        cluster.superuser_password,
+        "postgres",
+    )
+
+
+def test_url_connects_through_sqlalchemy(pgfailover_cluster: LocalCluster) -> None:
+    """An engine built from node.url() reaches that node, and one built from
+    pgbouncer.url() reaches the primary through PgBouncer, as the application user."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    query = sa.text("SELECT current_user, current_database(), inet_server_port()")
+    expected = (cluster.user, cluster.dbname, cluster.primary.port)
+    for url in (cluster.primary.url(), cluster.pgbouncer.url()):
+        engine = sa.create_engine(url, connect_args={"prepare_threshold": None})
+        try:
+            with engine.connect() as conn:
+                assert tuple(conn.execute(query).one()) == expected
+        finally:
+            engine.dispose()
+
+
+def test_url_quotes_the_password_and_refuses_unknown_drivers() -> None:
+    """Characters that mean something in a URL are quoted, so SQLAlchemy reads the password
+    back intact; an unknown driver name is a ValueError listing the known ones."""
+    cluster = LocalCluster()  # never opened: url() only formats
+    cluster.password = "p@ss:w/rd %?#"
+    node = Node(cluster, "node0", 5432, Path("unused"))
+    url = node.url("psycopg2")
+    assert "p@ss" not in url
+    assert sa.make_url(url).password == "p@ss:w/rd %?#"
+    with pytest.raises(ValueError, match="psycopg, psycopg_async, psycopg2, asyncpg"):
+        node.url("pg8000")
+
+
+def test_no_repr_shows_a_password(pgfailover_cluster: LocalCluster) -> None:
+    """The cluster's, the nodes' and PgBouncer's reprs never contain a password (their
+    dsn() and url() strings do, by necessity)."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    secrets = (cluster.password, cluster.superuser_password)
+    for thing in (cluster, *cluster.nodes, cluster.pgbouncer):
+        assert not any(secret in repr(thing) for secret in secrets), repr(thing)
+    assert cluster.password in cluster.pgbouncer.url()

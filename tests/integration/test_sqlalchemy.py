@@ -22,7 +22,7 @@ from sqlalchemy.pool import NullPool
 import pgfailover
 import pgfailover.sqlalchemy as pgsa
 from pgfailover.errors import NoPrimaryAvailable
-from pgfailover.testing import LocalCluster
+from pgfailover.testing import LocalCluster, Node, PgBouncer
 from pgfailover.testing.plugin import ClusterFactory
 
 from .support import (
@@ -46,16 +46,8 @@ KINDS = {
 }
 
 
-def _url(cluster: LocalCluster, driver: str, host: str, port: int, **query: str) -> sa.URL:
-    return sa.URL.create(
-        f"postgresql+{driver}",
-        username=cluster.user,
-        password=cluster.password,
-        host=host,
-        port=port,
-        database=cluster.dbname,
-        query=query,
-    )
+def _url(endpoint: Node | PgBouncer, driver: str) -> sa.URL:
+    return sa.make_url(endpoint.url(driver))
 
 
 def _engine(url: sa.URL, kind: str, **kwargs: Any) -> Engine | AsyncEngine:
@@ -79,7 +71,7 @@ def _engine(url: sa.URL, kind: str, **kwargs: Any) -> Engine | AsyncEngine:
 
 def _bouncer_engine(cluster: LocalCluster, kind: str, **kwargs: Any) -> Engine | AsyncEngine:
     assert cluster.pgbouncer is not None
-    url = _url(cluster, KINDS[kind][0], cluster.pgbouncer.host, cluster.pgbouncer.port)
+    url = _url(cluster.pgbouncer, KINDS[kind][0])
     return _engine(url, kind, **kwargs)
 
 
@@ -384,7 +376,7 @@ async def test_engine_pinned_to_the_demoted_node_names_it_as_standby(
     raises NoPrimaryAvailable (the same type for every dialect) naming the node a standby."""
     cluster = pgfailover_cluster
     old_primary = cluster.primary
-    url = _url(cluster, KINDS[kind][0], old_primary.host, old_primary.port)
+    url = _url(old_primary, KINDS[kind][0])
     engine = _engine(url, kind)
     pgsa.instrument(engine, timeout=1.5)
     await _checkouts(engine, 1)  # a pooled connection for the failover to kill
@@ -406,7 +398,7 @@ async def test_wrong_password_fails_fast_with_the_drivers_error(
 ) -> None:
     """A wrong password raises the driver's authentication error at once (no retry loop)."""
     cluster = pgfailover_cluster
-    url = _url(cluster, KINDS[kind][0], cluster.primary.host, cluster.primary.port)
+    url = _url(cluster.primary, KINDS[kind][0])
     engine = _engine(url.set(password="wrong-password"), kind)
     pgsa.instrument(engine, timeout=20)
     t0 = time.monotonic()
@@ -433,7 +425,7 @@ async def test_happy_path_costs_no_extra_round_trip_per_checkout(
     cluster = pgfailover_cluster
     assert cluster.pgbouncer is not None
     node = cluster.primary if through == "direct" else cluster.pgbouncer
-    url = _url(cluster, KINDS[kind][0], node.host, node.port)
+    url = _url(node, KINDS[kind][0])
     counts = {}
     for instrumented in (False, True):
         reset_statements(cluster)

@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,14 @@ HOST = "127.0.0.1"
 SUPERUSER = "postgres"
 _POLL = 0.02
 T = TypeVar("T")
+#: The SQLAlchemy URL scheme of each driver ``url()`` knows (SQLAlchemy picks psycopg's
+#: async flavour itself for ``create_async_engine``).
+URL_SCHEMES: dict[str, str] = {
+    "psycopg": "postgresql+psycopg",
+    "psycopg_async": "postgresql+psycopg",
+    "psycopg2": "postgresql+psycopg2",
+    "asyncpg": "postgresql+asyncpg",
+}
 #: The harness's own connections: plain tuples as rows.
 Conn: TypeAlias = psycopg.Connection[tuple[Any, ...]]
 
@@ -184,6 +193,21 @@ class Node:
         """
         return self._cluster._dsn(self.host, self.port, dbname=dbname, user=user, **params)
 
+    def url(
+        self, driver: str = "psycopg", *, dbname: str | None = None, user: str | None = None
+    ) -> str:
+        """A SQLAlchemy URL string for this node (application user and database by default):
+        ``postgresql+psycopg://user:password@host:port/dbname``, every part URL-quoted.
+
+        ``driver``: ``psycopg`` or ``psycopg_async`` (both ``postgresql+psycopg``),
+        ``psycopg2`` or ``asyncpg``; ValueError for another. Only the user, password, host,
+        port and database are carried: pass driver options (``prepare_threshold``, ...) as
+        the engine's ``connect_args``. The string contains the password, as a URL must:
+        give it to ``create_engine``, never log it (SQLAlchemy's ``URL`` objects mask it in
+        their repr; the string does not).
+        """
+        return self._cluster._url(self.host, self.port, driver, dbname=dbname, user=user)
+
     def connect(self, *, superuser: bool = True, **kwargs: Any) -> Conn:
         """An autocommit psycopg connection to this node (superuser ``postgres`` by default)."""
         conninfo = self.dsn(dbname="postgres", user=SUPERUSER) if superuser else self.dsn()
@@ -236,6 +260,17 @@ class PgBouncer:
         """
         return self._cluster._dsn(self.host, self.port, dbname=dbname, user=user, **params)
 
+    def url(
+        self, driver: str = "psycopg", *, dbname: str | None = None, user: str | None = None
+    ) -> str:
+        """A SQLAlchemy URL string for a client of PgBouncer (see :meth:`Node.url`; it
+        contains the password: never log it).
+
+        In transaction mode pass ``connect_args={"prepare_threshold": None}`` (psycopg) or
+        ``{"statement_cache_size": 0}`` (asyncpg): prepared statements need PgBouncer 1.21.
+        """
+        return self._cluster._url(self.host, self.port, driver, dbname=dbname, user=user)
+
     def admin_dsn(self) -> str:
         """Conninfo of the admin console (database ``pgbouncer``, user ``postgres``)."""
         return self.dsn(dbname="pgbouncer", user=SUPERUSER)
@@ -285,8 +320,11 @@ class LocalCluster:
     settings. ``synchronous`` makes replication synchronous (a commit returns once one standby
     has flushed it): without it, like PostgreSQL's default, an ``immediate`` stop or a kill
     can lose the last acknowledged commits. ``ready_timeout`` bounds every wait, in seconds.
-    ``base_dir`` is where the
-    temporary directory goes (system default when None); ``keep_dir`` keeps it after close.
+    ``base_dir`` is where the temporary directory goes (system default when None);
+    ``keep_dir`` keeps it after close.
+    Addresses: :meth:`Node.dsn` / :meth:`PgBouncer.dsn` (libpq conninfo) and
+    :meth:`Node.url` / :meth:`PgBouncer.url` (SQLAlchemy URLs); both contain the password,
+    which no repr shows.
     """
 
     def __init__(
@@ -490,6 +528,24 @@ class LocalCluster:
             user=user,
             password=password,
             **params,
+        )
+
+    def _url(
+        self, host: str, port: int, driver: str, *, dbname: str | None, user: str | None
+    ) -> str:
+        scheme = URL_SCHEMES.get(driver)
+        if scheme is None:
+            raise ValueError(f"driver must be one of {', '.join(URL_SCHEMES)}, got {driver!r}")
+        user = user or self.user
+        password = self.superuser_password if user == SUPERUSER else self.password
+
+        def quote(part: str) -> str:
+            return urllib.parse.quote(part, safe="")
+
+        where = f"[{host}]" if ":" in host else host  # an IPv6 address
+        return (
+            f"{scheme}://{quote(user)}:{quote(password)}@{where}:{port}/"
+            f"{quote(dbname or self.dbname)}"
         )
 
     # ------------------------------------------------------------------ node operations
