@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import psycopg
@@ -65,20 +66,44 @@ def prefer_read_write(conninfo: Any, pooler: bool | None) -> Any:
     return conninfo
 
 
-def check_options(
-    connection_class: type[Any],
-    base: type[Any],
-    recheck_interval: float | None,
-    pooler: bool | None,
-) -> None:
+_failover_classes: dict[tuple[type[Any], type[Any]], type[Any]] = {}
+_failover_classes_lock = threading.Lock()
+
+
+def failover_class(
+    connection_class: type[Any], base: type[Any], driver_class: type[Any]
+) -> type[Any]:
+    """The failover-aware class for a pool's ``connection_class``.
+
+    ``base`` is pgfailover's ``Connection`` or ``AsyncConnection``, ``driver_class`` the
+    psycopg class it extends. A subclass of ``base`` is used as is; any other subclass of
+    ``driver_class`` (a
+    user's own, with its row factory or an overridden ``close()``) gets a subclass that
+    mixes pgfailover's behaviour in front of it, made once per class: ``isinstance`` holds
+    for both. Anything else raises ``TypeError``.
+    """
+    if isinstance(connection_class, type) and issubclass(connection_class, base):
+        return connection_class
+    if not (isinstance(connection_class, type) and issubclass(connection_class, driver_class)):
+        raise TypeError(
+            f"connection_class must be a {driver_class.__module__}.{driver_class.__name__} "
+            f"subclass (pgfailover.{base.__name__} or your own), got {connection_class!r}"
+        )
+    with _failover_classes_lock:
+        made: type[Any] | None = _failover_classes.get((connection_class, base))
+        if made is None:
+            made = _failover_classes[connection_class, base] = type(
+                f"Failover{connection_class.__name__}",
+                (base, connection_class),
+                {"__module__": connection_class.__module__, "__doc__": connection_class.__doc__},
+            )
+    return made
+
+
+def check_options(recheck_interval: float | None, pooler: bool | None) -> None:
     """``TypeError``/``ValueError`` naming the option for a bad pool argument."""
     if pooler is not None and not isinstance(pooler, bool):
         raise TypeError(f"pooler must be True, False or None, got {pooler!r}")
-    if not (isinstance(connection_class, type) and issubclass(connection_class, base)):
-        raise TypeError(
-            f"connection_class must be pgfailover.{base.__name__} or a subclass of it, "
-            f"got {connection_class!r}"
-        )
     if recheck_interval is not None and (
         isinstance(recheck_interval, bool) or not isinstance(recheck_interval, (int, float))
     ):

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from time import monotonic
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg_pool import ConnectionPool as _BasePool
@@ -51,12 +51,12 @@ from . import _pool_common
 from ._pool_common import FastAttempt, endpoint
 from ._state import FailoverState, finding
 from .classify import Kind, Phase, classify
-from .connection import Connection
+from .connection import Connection, _FailoverAware
 from .errors import NotWritable
 from .events import PoolEvent, _emit
 from .probe import probe
 
-CT = TypeVar("CT", bound=Connection[Any])
+CT = TypeVar("CT", bound=psycopg.Connection[Any])
 
 __all__ = ["ConnectionPool"]
 
@@ -67,8 +67,9 @@ class ConnectionPool(_BasePool[CT]):
     Extra arguments: ``recheck_interval`` (seconds; a connection idle at least this long is
     probed at checkout; 0 probes every checkout, None never; default 10), ``pooler`` (True if
     a multiplexing pooler such as PgBouncer is in front, False if not, None to detect it).
-    ``connection_class`` must be pgfailover's connection class (of the same kind: sync or
-    async) or a subclass of it.
+    ``connection_class`` is pgfailover's connection class by default; your own psycopg
+    connection subclass (of the same kind: sync or async) is accepted too, pgfailover's
+    behaviour mixed in front of it (see :func:`~pgfailover._pool_common.failover_class`).
     """
 
     def __init__(
@@ -81,7 +82,10 @@ class ConnectionPool(_BasePool[CT]):
         pooler: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        _pool_common.check_options(connection_class, Connection, recheck_interval, pooler)
+        _pool_common.check_options(recheck_interval, pooler)
+        connection_class = _pool_common.failover_class(
+            connection_class, Connection, psycopg.Connection
+        )
         self._pgf = FailoverState(pooler=pooler, on_event=self._pgf_event)
         self._pgf_configure_user = configure
         self.recheck_interval = recheck_interval
@@ -119,8 +123,9 @@ class ConnectionPool(_BasePool[CT]):
             self._pgf_connect_failed(ex)
             raise
         now = monotonic()
-        conn.pool_generation = self._pgf.generation
-        conn.pool_returned_at = now
+        aware = _aware(conn)
+        aware.pool_generation = self._pgf.generation
+        aware.pool_returned_at = now
         self._pgf.connected(now)
         return conn
 
@@ -163,15 +168,17 @@ class ConnectionPool(_BasePool[CT]):
                 conn = super().getconn(max(deadline - monotonic(), 0.0))
             except PoolTimeout as ex:
                 raise (self._pgf.no_primary(timeout) or ex) from None
+            aware = _aware(conn)
             if not self._pgf.needs_check(
-                conn.pool_generation, conn.pool_returned_at, self.recheck_interval, monotonic()
+                aware.pool_generation, aware.pool_returned_at, self.recheck_interval, monotonic()
             ):
                 return conn
             if self._pgf_checkout_ok(conn):
                 return conn
 
     def _pgf_checkout_ok(self, conn: CT) -> bool:
-        generation = conn.pool_generation
+        aware = _aware(conn)
+        generation = aware.pool_generation
         try:
             report = probe(conn, pooler=self._pgf.pooler)
         except psycopg.Error:
@@ -179,7 +186,7 @@ class ConnectionPool(_BasePool[CT]):
             return False
         self._pgf.probed(report)
         if report.writable:
-            conn.pool_generation = self._pgf.generation
+            aware.pool_generation = self._pgf.generation
             return True
         purge = self._pgf.not_primary(endpoint(conn), finding(report), monotonic(), generation)
         conn.close()
@@ -189,12 +196,14 @@ class ConnectionPool(_BasePool[CT]):
         return False
 
     def putconn(self, conn: CT) -> None:
-        conn.pool_returned_at = monotonic()
-        verdict = conn.poisoned
+        self._check_pool_putconn(conn)  # psycopg_pool's own error for a stranger
+        aware = _aware(conn)
+        aware.pool_returned_at = monotonic()
+        verdict = aware.poisoned
         if verdict is None:
             super().putconn(conn)
             return
-        purge = self._pgf.poisoned(conn.pool_generation, verdict, monotonic())
+        purge = self._pgf.poisoned(aware.pool_generation, verdict, monotonic())
         if not conn.closed:
             conn.close()
         super().putconn(conn)
@@ -206,3 +215,9 @@ class ConnectionPool(_BasePool[CT]):
 
     def _pgf_event(self, event: PoolEvent) -> None:
         _emit(dataclasses.replace(event, pool=getattr(self, "name", "")))
+
+
+def _aware(conn: psycopg.Connection[Any]) -> _FailoverAware[Any]:
+    """``conn`` as what it is in these pools: failover-aware (``connection_class`` is made
+    so in the constructor)."""
+    return cast("_FailoverAware[Any]", conn)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable
 from time import monotonic
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool as _BasePool
@@ -48,12 +48,12 @@ from . import _pool_common
 from ._pool_common import FastAttempt, endpoint
 from ._state import FailoverState, finding
 from .classify import Kind, Phase, classify
-from .connection import AsyncConnection
+from .connection import AsyncConnection, _FailoverAware
 from .errors import NotWritable
 from .events import PoolEvent, _emit
 from .probe import aprobe
 
-CT = TypeVar("CT", bound=AsyncConnection[Any])
+CT = TypeVar("CT", bound=psycopg.AsyncConnection[Any])
 
 __all__ = ["AsyncConnectionPool"]
 
@@ -64,8 +64,9 @@ class AsyncConnectionPool(_BasePool[CT]):
     Extra arguments: ``recheck_interval`` (seconds; a connection idle at least this long is
     probed at checkout; 0 probes every checkout, None never; default 10), ``pooler`` (True if
     a multiplexing pooler such as PgBouncer is in front, False if not, None to detect it).
-    ``connection_class`` must be pgfailover's connection class (of the same kind: sync or
-    async) or a subclass of it.
+    ``connection_class`` is pgfailover's connection class by default; your own psycopg
+    connection subclass (of the same kind: sync or async) is accepted too, pgfailover's
+    behaviour mixed in front of it (see :func:`~pgfailover._pool_common.failover_class`).
     """
 
     def __init__(
@@ -78,7 +79,10 @@ class AsyncConnectionPool(_BasePool[CT]):
         pooler: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        _pool_common.check_options(connection_class, AsyncConnection, recheck_interval, pooler)
+        _pool_common.check_options(recheck_interval, pooler)
+        connection_class = _pool_common.failover_class(
+            connection_class, AsyncConnection, psycopg.AsyncConnection
+        )
         self._pgf = FailoverState(pooler=pooler, on_event=self._pgf_event)
         self._pgf_configure_user = configure
         self.recheck_interval = recheck_interval
@@ -116,8 +120,9 @@ class AsyncConnectionPool(_BasePool[CT]):
             await self._pgf_connect_failed(ex)
             raise
         now = monotonic()
-        conn.pool_generation = self._pgf.generation
-        conn.pool_returned_at = now
+        aware = _aware(conn)
+        aware.pool_generation = self._pgf.generation
+        aware.pool_returned_at = now
         self._pgf.connected(now)
         return conn
 
@@ -164,15 +169,17 @@ class AsyncConnectionPool(_BasePool[CT]):
                 conn = await super().getconn(max(deadline - monotonic(), 0.0))
             except PoolTimeout as ex:
                 raise (self._pgf.no_primary(timeout) or ex) from None
+            aware = _aware(conn)
             if not self._pgf.needs_check(
-                conn.pool_generation, conn.pool_returned_at, self.recheck_interval, monotonic()
+                aware.pool_generation, aware.pool_returned_at, self.recheck_interval, monotonic()
             ):
                 return conn
             if await self._pgf_checkout_ok(conn):
                 return conn
 
     async def _pgf_checkout_ok(self, conn: CT) -> bool:
-        generation = conn.pool_generation
+        aware = _aware(conn)
+        generation = aware.pool_generation
         try:
             report = await aprobe(conn, pooler=self._pgf.pooler)
         except psycopg.Error:
@@ -180,7 +187,7 @@ class AsyncConnectionPool(_BasePool[CT]):
             return False
         self._pgf.probed(report)
         if report.writable:
-            conn.pool_generation = self._pgf.generation
+            aware.pool_generation = self._pgf.generation
             return True
         purge = self._pgf.not_primary(endpoint(conn), finding(report), monotonic(), generation)
         await conn.close()
@@ -190,12 +197,14 @@ class AsyncConnectionPool(_BasePool[CT]):
         return False
 
     async def putconn(self, conn: CT) -> None:
-        conn.pool_returned_at = monotonic()
-        verdict = conn.poisoned
+        self._check_pool_putconn(conn)  # psycopg_pool's own error for a stranger
+        aware = _aware(conn)
+        aware.pool_returned_at = monotonic()
+        verdict = aware.poisoned
         if verdict is None:
             await super().putconn(conn)
             return
-        purge = self._pgf.poisoned(conn.pool_generation, verdict, monotonic())
+        purge = self._pgf.poisoned(aware.pool_generation, verdict, monotonic())
         if not conn.closed:
             await conn.close()
         await super().putconn(conn)
@@ -207,3 +216,9 @@ class AsyncConnectionPool(_BasePool[CT]):
 
     def _pgf_event(self, event: PoolEvent) -> None:
         _emit(dataclasses.replace(event, pool=getattr(self, "name", "")))
+
+
+def _aware(conn: psycopg.AsyncConnection[Any]) -> _FailoverAware[Any]:
+    """``conn`` as what it is in these pools: failover-aware (``connection_class`` is made
+    so in the constructor)."""
+    return cast("_FailoverAware[Any]", conn)

@@ -226,3 +226,47 @@ def test_wrong_password_fails_fast_with_the_auth_error(
         assert time.monotonic() - t0 < 3.0
     assert pgfailover.classify(info.value).kind is pgfailover.Kind.CONFIGURATION
     assert "password authentication failed" in str(info.value)
+
+
+class AppConnection(psycopg.Connection[Any]):
+    """An application's own connection class: it counts its closes."""
+
+    closes = 0
+
+    def close(self) -> None:
+        AppConnection.closes += 1
+        super().close()
+
+
+def test_a_users_own_connection_class_is_kept_and_made_failover_aware(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """``connection_class=`` a plain psycopg subclass: connections are instances of it (its
+    overrides run) and of pgfailover's class, and they poison themselves like any other."""
+    dsn = pgfailover_cluster.primary.dsn()
+    with ConnectionPool[Any](dsn, connection_class=AppConnection, min_size=1, max_size=1) as pool:
+        with pool.connection() as conn:
+            assert isinstance(conn, AppConnection)
+            assert isinstance(conn, pgfailover.Connection)
+            conn.simulate_recovery()
+            with pytest.raises(psycopg.errors.FeatureNotSupported):
+                conn.execute("SELECT 1")
+            assert conn.poisoned is not None
+        stats = pool.get_stats()
+    assert stats["connections_poisoned"] == 1
+    assert AppConnection.closes >= 1  # the poisoned connection was closed through the override
+
+
+def test_returning_a_stranger_connection_raises_the_pools_own_error(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """putconn() of a connection the pool did not give out raises psycopg_pool's
+    ValueError, as psycopg_pool's own pool does."""
+    dsn = pgfailover_cluster.primary.dsn()
+    with ConnectionPool[Any](dsn, min_size=1, max_size=1) as pool:
+        stranger = psycopg.Connection.connect(dsn)
+        try:
+            with pytest.raises(ValueError, match="doesn't come from any pool"):
+                pool.putconn(stranger)
+        finally:
+            stranger.close()

@@ -43,12 +43,15 @@ def test_happy_path_costs_no_extra_round_trip_per_checkout(
     assert counts["pgfailover"] - counts["psycopg_pool"] <= 3 * opened
 
 
-def test_pool_rejects_a_plain_connection_class() -> None:
-    """connection_class must be pgfailover.Connection or a subclass: a clear TypeError."""
-    with pytest.raises(TypeError, match=r"pgfailover\.Connection"):
-        ConnectionPool("", connection_class=psycopg.Connection, open=False)  # type: ignore[type-var]
+def test_pool_rejects_what_is_not_a_psycopg_connection_class() -> None:
+    """connection_class must be a psycopg connection class of the pool's kind (sync here):
+    anything else is a clear TypeError, and so is a negative recheck_interval."""
+    with pytest.raises(TypeError, match=r"psycopg\.Connection subclass"):
+        ConnectionPool[Any]("", connection_class=psycopg.AsyncConnection, open=False)
+    with pytest.raises(TypeError, match=r"psycopg\.Connection subclass"):
+        ConnectionPool[Any]("", connection_class=dict, open=False)
     with pytest.raises(ValueError, match="recheck_interval"):
-        ConnectionPool("", recheck_interval=-1, open=False)
+        ConnectionPool[Any]("", recheck_interval=-1, open=False)
 
 
 @pytest.mark.parametrize(
