@@ -39,7 +39,8 @@ def test_drill_shows_naive_stacks_stuck_and_protected_ones_writing_through(
     """Behind PgBouncer in session mode the naive stacks never write again after the
     failover, the protected ones resume within 0.5 s of the repoint with no write lost,
     duplicated or invented, the runner stacks see no failure at all, the exit status is 0,
-    and the printed table, the JSON and the PNG agree."""
+    the printed table, the JSON and the PNG agree, and the config records the conditions of
+    the timings (repoint delay, PgBouncer's server_login_retry)."""
     json_path, png_path = tmp_path / "drill.json", tmp_path / "drill.png"
     argv = ["drill", "-q", "--before", "1.5", "--repoint-delay", "1", "--after", "2.5"]
     code = main([*argv, "--json", str(json_path), "--plot", str(png_path)])
@@ -61,6 +62,9 @@ def test_drill_shows_naive_stacks_stuck_and_protected_ones_writing_through(
     assert stacks["pgfailover pool + runner"].failed == 0
     assert stacks["SQLAlchemy instrumented + runner"].failed == 0
     assert [mark.name for mark in report.marks][-1] == "PgBouncer repointed"
+    assert report.config["repoint_delay"] == 1.0
+    assert report.config["server_login_retry"] == 0.1
+    assert "  server_login_retry: 0.1\n" in out
 
     rows = _table(out)
     data = json.loads(json_path.read_text())

@@ -232,6 +232,17 @@ def test_reset_restores_topology_after_an_unrepaired_crash(
     assert cluster.pgbouncer.target is home
 
 
+def test_pgbouncer_waits_a_tenth_of_a_second_after_a_failed_server_login_by_default(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """The harness's PgBouncer runs with server_login_retry 0.1 s (PgBouncer reads the
+    fraction), not 1 s: a failed login during a failover then blocks new server logins for
+    a tenth of a second, as in a PgBouncer tuned for fast failover."""
+    assert pgfailover_cluster.pgbouncer is not None
+    config = {row["key"]: row["value"] for row in pgfailover_cluster.pgbouncer.admin("SHOW CONFIG")}
+    assert config["server_login_retry"] == "0.1"
+
+
 @pytest.mark.parametrize(
     ("driver", "scheme"),
     [

@@ -177,12 +177,12 @@ def run_drill(
         "starting a local cluster: primary + streaming standby"
         + (f" + PgBouncer ({pool_mode} mode)" if pool_mode else " (direct multi-host DSN)")
     )
-    with LocalCluster(
-        standbys=1,
-        pgbouncer=pool_mode,
-        server_login_retry=0.1,
-        synchronous=options.synchronous,
-    ) as cluster:
+    # PgBouncer as the harness configures it (server_login_retry 0.1 s), recorded in the
+    # report's config: it bounds how soon after a failed login PgBouncer tries again.
+    with LocalCluster(standbys=1, pgbouncer=pool_mode, synchronous=options.synchronous) as cluster:
+        login_retry = (
+            cluster.pgbouncer.settings["server_login_retry"] if cluster.pgbouncer else None
+        )
         with cluster.primary.connect(superuser=False) as conn:
             conn.execute(
                 f"CREATE TABLE {TABLE} (k bigint NOT NULL, stack text NOT NULL);"
@@ -245,6 +245,7 @@ def run_drill(
         "target": options.target,
         "stop": options.stop,
         "repoint_delay": options.repoint_delay if pool_mode else None,
+        "server_login_retry": None if login_retry is None else float(login_retry),
         "before": options.before,
         "after": options.after,
         "rate": options.rate,

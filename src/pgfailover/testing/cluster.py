@@ -315,13 +315,16 @@ class LocalCluster:
             cluster.failover()
 
     ``pgbouncer`` is the pool mode, or None for no PgBouncer. ``server_login_retry`` is
-    PgBouncer's wait after a failed server login (1 s here; PgBouncer's own 15 s default
-    would dominate every timing). ``pgbouncer_settings`` and ``pg_settings`` add or override
-    settings. ``synchronous`` makes replication synchronous (a commit returns once one standby
-    has flushed it): without it, like PostgreSQL's default, an ``immediate`` stop or a kill
-    can lose the last acknowledged commits. ``ready_timeout`` bounds every wait, in seconds.
-    ``base_dir`` is where the temporary directory goes (system default when None);
-    ``keep_dir`` keeps it after close.
+    PgBouncer's wait, in seconds (fractions allowed), after a failed server login: until it
+    has passed, new clients of that database get an error at once. 0.1 s here, as a
+    PgBouncer tuned for fast failover would have: its own default (15 s), or even 1 s,
+    dominates every failover timing, since a server login often fails during a failover
+    (the old primary shutting down, the new one not yet promoted). ``pgbouncer_settings``
+    and ``pg_settings`` add or override settings. ``synchronous`` makes replication
+    synchronous (a commit returns once one standby has flushed it): without it, like
+    PostgreSQL's default, an ``immediate`` stop or a kill can lose the last acknowledged
+    commits. ``ready_timeout`` bounds every wait, in seconds. ``base_dir`` is where the
+    temporary directory goes (system default when None); ``keep_dir`` keeps it after close.
     Addresses: :meth:`Node.dsn` / :meth:`PgBouncer.dsn` (libpq conninfo) and
     :meth:`Node.url` / :meth:`PgBouncer.url` (SQLAlchemy URLs); both contain the password,
     which no repr shows.
@@ -333,7 +336,7 @@ class LocalCluster:
         standbys: int = 1,
         synchronous: bool = False,
         pgbouncer: PoolMode | None = "transaction",
-        server_login_retry: float = 1,
+        server_login_retry: float = 0.1,
         pgbouncer_settings: Mapping[str, object] | None = None,
         pg_settings: Mapping[str, object] | None = None,
         pg_bindir: str | os.PathLike[str] | None = None,
