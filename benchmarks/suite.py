@@ -8,8 +8,10 @@
 Starts its own ``LocalCluster``s (loopback only) and tears them down on exit, on error, on
 Ctrl-C and on SIGTERM. Prints to stdout a header (machine, versions, the exact command) and
 one markdown section per part, ready to paste into benchmarks/RESULTS.md; progress goes to
-stderr. ``--json`` writes every raw figure too. On 2 cores a full run takes about 4.5
-minutes (the happy path about 3), ``--quick`` about 45 seconds.
+stderr. ``--json`` writes every raw figure too. On a quiet 2-core machine the happy part
+should take about 3 minutes and a full run about 4 (estimated from the per-transaction
+times of the 2026-11-24 run; at a load average of 5-6 the happy part took 9.5 minutes),
+``--quick`` about a minute.
 
 (a) happy path (``happy``): on one primary, one thread, four components, each as naive,
     pgfailover and naive twin (the A/A control); rounds of the pair (naive, pgfailover)
