@@ -8,6 +8,8 @@ delivers :class:`FailoverEvent` records. The test bed lives in :mod:`pgfailover.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._runner import transaction
 from .classify import (
     RECOVERY_MESSAGE,
@@ -21,7 +23,7 @@ from .classify import (
     sqlstate_of,
 )
 from .connection import AsyncConnection, Connection
-from .errors import CommitOutcomeUnknown, NotWritable
+from .errors import CommitOutcomeUnknown, InvalidConninfo, NotWritable
 from .events import (
     Event,
     EventHook,
@@ -37,6 +39,11 @@ from .policy import Decision, RetryPolicy
 from .probe import Role, RoleReport, aprobe, probe
 from .retry import TransactionRunner, run_transaction
 from .retry_async import AsyncTransactionRunner, arun_transaction
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers
+    from .errors import NoPrimaryAvailable
+    from .pool import ConnectionPool
+    from .pool_async import AsyncConnectionPool
 
 _POOL_NAMES = ("AsyncConnectionPool", "ConnectionPool", "NoPrimaryAvailable")
 _POOL_MODULES = {
@@ -78,6 +85,7 @@ __all__ = [  # includes the lazily imported pool names
     "Event",
     "EventHook",
     "FailoverEvent",
+    "InvalidConninfo",
     "Kind",
     "NoPrimaryAvailable",
     "NodeInfo",

@@ -9,6 +9,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool.base import AttemptWithBackoff
 
+from ._secrets import scrub, secret_candidates
+from .errors import InvalidConninfo
 from .policy import RECONNECT_POLICY
 
 
@@ -60,7 +62,13 @@ def prefer_read_write(conninfo: Any, pooler: bool | None) -> Any:
     pooler: libpq's check reads ParameterStatus, which a pooler may serve stale)."""
     if not isinstance(conninfo, str) or pooler is True:
         return conninfo
-    params = conninfo_to_dict(conninfo)
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as ex:
+        raise InvalidConninfo(
+            "cannot parse the connection string: "
+            + scrub(str(ex).strip(), secret_candidates(conninfo))
+        ) from None
     if "," in str(params.get("host", "")) and "target_session_attrs" not in params:
         return make_conninfo(conninfo, target_session_attrs="read-write")
     return conninfo

@@ -44,6 +44,16 @@ class NoPrimaryAvailable(_TimeoutBase):
         return (type(self), (self.timeout, self.hosts))
 
 
+class InvalidConninfo(psycopg.ProgrammingError, ValueError):
+    """A connection string or URL cannot be parsed, or its host, hostaddr and port lists do
+    not match.
+
+    A ``psycopg.ProgrammingError`` (what psycopg raises for the same string) and a
+    ``ValueError``. The message says what is wrong and never contains a password: libpq's
+    own parse errors, which may quote a piece of the string, are scrubbed.
+    """
+
+
 class NotWritable(psycopg.OperationalError):
     """A new connection reached a server that cannot take writes (a standby, or a primary
     whose sessions default to read-only).

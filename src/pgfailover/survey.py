@@ -44,6 +44,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import tuple_row
 
+from ._secrets import scrub, secret_candidates
+from .errors import InvalidConninfo
 from .probe import PROBE_SQL, Role, report_from_row, role_from_parameters
 
 #: Seconds the survey waits past ``timeout`` for a host that connected to answer its query.
@@ -76,17 +78,8 @@ ErrorKind = Literal[
 ]
 
 # Conninfo keywords whose value is a secret.
-_SECRET_KEYS = ("password", "sslpassword")
 # Multi-host routing options that would make a single-host probe refuse a host.
 _ROUTING_KEYS = ("target_session_attrs", "load_balance_hosts")
-
-
-class InvalidConninfo(ValueError):
-    """The DSN cannot be parsed or its host, hostaddr and port lists do not match.
-
-    The message never contains a password (libpq's own parse errors, which may quote a piece
-    of the string, are scrubbed).
-    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +229,7 @@ def split_hosts(conninfo: str) -> list[HostTarget]:
     except psycopg.Error as ex:
         reason = _first_line(str(ex)) or type(ex).__name__
         raise InvalidConninfo(
-            "cannot parse the connection string: " + _scrub(reason, _secret_candidates(conninfo))
+            "cannot parse the connection string: " + scrub(reason, secret_candidates(conninfo))
         ) from None
     hosts = _split(params.get("host"))
     hostaddrs = _split(params.get("hostaddr"))
@@ -289,37 +282,6 @@ def _check_hostaddr(value: str) -> None:
 
 
 # Where passwords hide in a raw DSN: keyword values (quoted or not) and URL userinfo.
-_KEYWORD_SECRET_RE = re.compile(
-    r"""(?:^|\s)(?:ssl)?password\s*=\s*('(?:[^'\\]|\\.)*'?|\S+)""", re.IGNORECASE
-)
-_URL_SECRET_RE = re.compile(r"""^[a-z][a-z0-9+.\-]*://[^:/@\s]*:([^@/\s]*)@""", re.IGNORECASE)
-_URL_QUERY_SECRET_RE = re.compile(r"""[?&](?:ssl)?password=([^&\s]*)""", re.IGNORECASE)
-
-
-def _secret_candidates(conninfo: str) -> list[str]:
-    """Every string of ``conninfo`` that may be a password (parsed or not)."""
-    found: list[str] = []
-    for regex in (_KEYWORD_SECRET_RE, _URL_SECRET_RE, _URL_QUERY_SECRET_RE):
-        for match in regex.finditer(conninfo):
-            value = match.group(1)
-            found += [value, value.strip("'")]
-    try:
-        params = conninfo_to_dict(conninfo)
-    except psycopg.Error:
-        params = {}
-    found.extend(str(params[key]) for key in _SECRET_KEYS if params.get(key))
-    return sorted({s for s in found if s}, key=len, reverse=True)
-
-
-def _scrub(message: str, secrets: Iterable[str]) -> str:
-    """``message`` with every quoted piece containing a secret, then the secret, masked."""
-    for secret in secrets:
-        if secret in message:
-            message = re.sub(r'"[^"]*' + re.escape(secret) + r'[^"]*"', '"***"', message)
-            message = message.replace(secret, "***")
-    return message
-
-
 # ------------------------------------------------------------------------------ decisions
 
 
@@ -592,7 +554,7 @@ def error_info(exc: BaseException, secrets: Iterable[str] = (), *, connected: bo
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     failures = [m.group(1) for line in lines if (m := _SERVER_FAILED_RE.search(line))]
     message = failures[-1] if failures else (lines[0] if lines else type(exc).__name__)
-    message = _scrub(" ".join(message.split()), secrets)
+    message = scrub(" ".join(message.split()), secrets)
     lowered = str(exc).lower()
     sqlstate = getattr(exc, "sqlstate", None)
     kind: ErrorKind = "other"
@@ -673,7 +635,7 @@ def survey(conninfo: str, *, timeout: float = 3.0) -> list[HostReport]:
     if not timeout > 0 or math.isinf(timeout):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     targets = split_hosts(conninfo)
-    secrets = _secret_candidates(conninfo)
+    secrets = secret_candidates(conninfo)
     results: dict[int, HostObservation] = {}
     done = threading.Condition()
 

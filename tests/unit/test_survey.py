@@ -13,12 +13,13 @@ from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict
 
 from pgfailover import survey
+from pgfailover._secrets import secret_candidates
+from pgfailover.errors import InvalidConninfo
 from pgfailover.survey import (
     ErrorInfo,
     HostObservation,
     HostReport,
     HostTarget,
-    InvalidConninfo,
     assess,
     error_info,
     exit_code,
@@ -541,7 +542,7 @@ def test_error_message_never_contains_a_secret() -> None:
 def test_password_never_appears_in_any_output() -> None:
     """Table and JSON of reports whose errors mentioned the password do not contain it."""
     ex = psycopg.OperationalError(f"connection failed: password={SECRET} rejected")
-    error = error_info(ex, survey._secret_candidates(f"host=a password={SECRET}"), connected=False)
+    error = error_info(ex, secret_candidates(f"host=a password={SECRET}"), connected=False)
     reports = assess([_primary(), _seen(2, None, error=error)])
     assert SECRET not in format_report(reports)
     assert SECRET not in to_json(reports)
