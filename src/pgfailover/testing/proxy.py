@@ -105,6 +105,12 @@ from .errors import HarnessError
 
 logger = logging.getLogger("pgfailover.testing.proxy")
 
+#: The selector's timeout resolution (epoll's: whole milliseconds, rounded up).
+_SELECTOR_RESOLUTION = 0.001
+#: The longest sleep while a delayed message is due in less than that: bounds both the
+#: error of a sub-millisecond latency and how late a newly ready socket is noticed.
+_FINE_STEP = 0.0002
+
 #: When a matched connection is dropped: see the module documentation.
 When: TypeAlias = Literal["before", "after_forward", "after_reply"]
 #: ``"all"``: every connection, open or future; ``"new"``: connections accepted after the
@@ -862,7 +868,7 @@ class FaultProxy:
         assert self._sel is not None
         try:
             while not self._stopping:
-                for key, mask in self._sel.select(self._next_timeout()):
+                for key, mask in self._wait_events():
                     self._dispatch(key, mask)
                 self._run_commands()
                 self._pump_all()
@@ -894,6 +900,22 @@ class FaultProxy:
                 future.set_exception(ex)
             for conn in list(self._conns.values()):
                 self._update_interest(conn)
+
+    def _wait_events(self) -> list[tuple[selectors.SelectorKey, int]]:
+        """The ready sockets, waiting at most until the next delayed message is due.
+
+        epoll's timeout has a resolution of 1 ms (rounded up), which would turn a latency of
+        0.25 ms into 1 ms: a wait shorter than that is a non-blocking look followed by a
+        sleep of at most :data:`_FINE_STEP`.
+        """
+        assert self._sel is not None
+        timeout = self._next_timeout()
+        if timeout is None or timeout >= _SELECTOR_RESOLUTION or timeout == 0:
+            return self._sel.select(timeout)
+        events = self._sel.select(0)
+        if not events:
+            time.sleep(min(timeout, _FINE_STEP))
+        return events
 
     def _next_timeout(self) -> float | None:
         if self._blackholed:
