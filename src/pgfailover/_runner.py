@@ -166,20 +166,34 @@ def check_dialect(dialect: Any) -> None:
         )
 
 
+_CO_COROUTINE = inspect.CO_COROUTINE
+
+
 def check_sync_work(work: Callable[..., Any]) -> None:
     """``TypeError`` for a coroutine function given to a sync runner (it would commit an
-    empty transaction and return a coroutine nobody awaits)."""
-    if inspect.iscoroutinefunction(work):
+    empty transaction and return a coroutine nobody awaits). A plain function costs one
+    attribute read; anything else (a partial, a method, a callable object) is left to
+    ``inspect``."""
+    code = getattr(work, "__code__", None)
+    if code is not None:
+        is_coroutine = bool(code.co_flags & _CO_COROUTINE)
+    else:
+        is_coroutine = inspect.iscoroutinefunction(work)
+    if is_coroutine:
         raise TypeError(
             f"{_name(work)} is a coroutine function: run it with an async target and "
             "AsyncTransactionRunner / arun_transaction"
         )
 
 
+_PLAIN_RESULTS = frozenset({type(None), bool, int, float, str, bytes, tuple, list, dict})
+
+
 def sync_result(result: object, work: Callable[..., Any]) -> None:
     """``TypeError`` if a sync work returned an awaitable (an async callable that
-    :func:`check_sync_work` could not tell): the transaction is rolled back, not committed."""
-    if inspect.isawaitable(result):
+    :func:`check_sync_work` could not tell): the transaction is rolled back, not committed.
+    The common results (None, numbers, strings, containers) cost one set lookup."""
+    if type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result):
         close = getattr(result, "close", None)
         if close is not None:
             close()  # a coroutine never awaited: close it to avoid the runtime warning
@@ -261,13 +275,13 @@ def begin_statement(conn: Any, idempotent: bool) -> tuple[bytes, ServerIdentity 
 
     psycopg's own BEGIN (isolation level, read-only, deferrable kept) followed by the
     record; BEGIN alone in a read-only transaction (it cannot assign an xid, and a lost
-    COMMIT of it lost nothing) and for idempotent work (a lost COMMIT is simply retried);
-    ``b""`` for idempotent work on a connection that is not in autocommit mode: psycopg
-    begins the transaction itself with the work's first statement, as it would without a
-    runner.
+    COMMIT of it lost nothing) and for idempotent work on an autocommit connection (a lost
+    COMMIT is simply retried; on other connections idempotent work sends nothing here:
+    psycopg begins the transaction itself with the work's first statement, as it would
+    without a runner).
     """
     if idempotent:
-        return (tx_start(conn) if conn.autocommit else b""), None
+        return tx_start(conn), None  # called in autocommit mode only (see the runners)
     begin = tx_start(conn)
     if conn.read_only:
         return begin, None
@@ -382,14 +396,14 @@ class Failed(Exception):
 
 
 class Run:
-    """The state of one runner call, shared by the sync and async loops.
+    """The state of one runner call after its first failure, shared by the sync and async
+    loops: the happy path builds neither this nor a started policy.
 
-    The policy is started (a copy with the start time) at the first failure only: the
-    happy path builds no policy object.
+    ``started`` is when the call began (``time.monotonic()``): the deadline counts from it.
     """
 
-    def __init__(self, policy: RetryPolicy) -> None:
-        self.started = time.monotonic()
+    def __init__(self, policy: RetryPolicy, started: float) -> None:
+        self.started = started
         self._policy = policy
         self._started_policy: RetryPolicy | None = None
         self.deadline = None if policy.timeout is None else self.started + policy.timeout

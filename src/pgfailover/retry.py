@@ -61,7 +61,6 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import psycopg
-from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
 from . import _runner
@@ -133,12 +132,16 @@ class TransactionRunner:
         """
         _runner.check_sync_work(work)
         shell, idempotent = self._shell, self.policy.idempotent
-        run = Run(self.policy)
+        started, timeout = time.monotonic(), self.policy.timeout
+        run: Run | None = None  # made at the first failure: the happy path needs none
         while True:
             try:
-                result = shell.attempt(work, args, kwargs, run.remaining(), idempotent)
-                return cast("T", result)
+                return shell.attempt(  # type: ignore[no-any-return]
+                    work, args, kwargs, timeout, idempotent
+                )
             except Failed as failed:
+                if run is None:
+                    run = Run(self.policy, started)
                 decision = run.decide(failed)
                 if decision.needs_outcome:
                     outcome, detail = self._settle(run, failed)
@@ -151,6 +154,7 @@ class TransactionRunner:
                 run.report(decision, failed, "retry")
                 time.sleep(decision.wait)
                 run.policy = decision.policy
+                timeout = run.remaining()
 
     def wraps(self, work: Callable[Concatenate[Any, P], T]) -> Callable[P, T]:
         """``work`` bound to this runner: calling the result runs ``self(work, ...)``."""
@@ -221,9 +225,9 @@ def _record(conn: psycopg.Connection[Any], idempotent: bool) -> _runner.Recorded
     when nothing is recorded. psycopg reads the transaction status from the server's
     replies, so it sends no BEGIN of its own afterwards, whatever the connection's
     autocommit setting, and ``commit()`` sends COMMIT."""
+    if idempotent and not conn.autocommit:
+        return None  # psycopg begins with the work's first statement, as without a runner
     sql, known = _runner.begin_statement(conn, idempotent)
-    if not sql:
-        return None
     with conn.lock:
         row = conn.wait(_runner.begin_and_record(conn, sql))
     return _runner.remember(conn, row, known)
@@ -236,19 +240,6 @@ def _observe(conn: psycopg.Connection[Any], xid: str) -> Observation:
     conn.rollback()
     assert row is not None
     return Observation.from_row(row)
-
-
-@contextlib.contextmanager
-def _transactional(conn: psycopg.Connection[Any]) -> Iterator[None]:
-    """On the way out of an attempt, a transaction left open is rolled back."""
-    try:
-        yield
-    finally:
-        if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
-            try:
-                conn.rollback()
-            except psycopg.Error:  # the connection broke: the pool discards it
-                logger.debug("cannot roll back after an attempt", exc_info=True)
 
 
 def _run_work(work: Callable[..., T], conn: Any, args: Any, kwargs: Any) -> T:
@@ -278,16 +269,16 @@ class _PoolShell:
         try:
             with self.pool.connection(timeout=timeout) as conn:
                 phase, used = Phase.TRANSACTION, conn
-                with _transactional(conn):
-                    recorded = _record(conn, idempotent)
-                    result = _run_work(work, conn, args, kwargs)
-                    phase = Phase.COMMIT
-                    conn.commit()
-                    return result
+                recorded = _record(conn, idempotent)
+                result = _run_work(work, conn, args, kwargs)
+                # Leaving the block commits (psycopg's connection context: COMMIT on the
+                # way out, ROLLBACK after an exception), and the pool takes it back.
+                phase = Phase.COMMIT
         except Exception as ex:
             record = _runner.parse_recorded(recorded, used)
             read_only = bool(getattr(used, "read_only", False))
             raise Failed(ex, phase, record, result, used, read_only) from ex
+        return result
 
     def observe(
         self, record: CommitRecord, timeout: float | None, check: Any

@@ -54,11 +54,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import psycopg
-from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
 from . import _runner
@@ -133,12 +133,16 @@ class AsyncTransactionRunner:
         else:
             _runner.check_sync_work(work)
         shell, idempotent = self._shell, self.policy.idempotent
-        run = Run(self.policy)
+        started, timeout = time.monotonic(), self.policy.timeout
+        run: Run | None = None  # made at the first failure: the happy path needs none
         while True:
             try:
-                result = await shell.attempt(work, args, kwargs, run.remaining(), idempotent)
-                return cast("T", result)
+                return await shell.attempt(  # type: ignore[no-any-return]
+                    work, args, kwargs, timeout, idempotent
+                )
             except Failed as failed:
+                if run is None:
+                    run = Run(self.policy, started)
                 decision = run.decide(failed)
                 if decision.needs_outcome:
                     outcome, detail = await self._settle(run, failed)
@@ -151,6 +155,7 @@ class AsyncTransactionRunner:
                 run.report(decision, failed, "retry")
                 await asyncio.sleep(decision.wait)
                 run.policy = decision.policy
+                timeout = run.remaining()
 
     def wraps(self, work: Callable[Concatenate[Any, P], Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """``work`` bound to this runner: calling the result runs ``self(work, ...)``."""
@@ -226,9 +231,9 @@ async def _record(conn: psycopg.AsyncConnection[Any], idempotent: bool) -> _runn
     when nothing is recorded. psycopg reads the transaction status from the server's
     replies, so it sends no BEGIN of its own afterwards, whatever the connection's
     autocommit setting, and ``commit()`` sends COMMIT."""
+    if idempotent and not conn.autocommit:
+        return None  # psycopg begins with the work's first statement, as without a runner
     sql, known = _runner.begin_statement(conn, idempotent)
-    if not sql:
-        return None
     async with conn.lock:
         row = await conn.wait(_runner.begin_and_record(conn, sql))
     return _runner.remember(conn, row, known)
@@ -241,19 +246,6 @@ async def _observe(conn: psycopg.AsyncConnection[Any], xid: str) -> Observation:
     await conn.rollback()
     assert row is not None
     return Observation.from_row(row)
-
-
-@contextlib.asynccontextmanager
-async def _transactional(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
-    """On the way out of an attempt, a transaction left open is rolled back."""
-    try:
-        yield
-    finally:
-        if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
-            try:
-                await conn.rollback()
-            except psycopg.Error:  # the connection broke: the pool discards it
-                logger.debug("cannot roll back after an attempt", exc_info=True)
 
 
 async def _run_work(work: Callable[..., Awaitable[T]], conn: Any, args: Any, kwargs: Any) -> T:
@@ -292,16 +284,16 @@ class _PoolShell:
         try:
             async with self.pool.connection(timeout=timeout) as conn:
                 phase, used = Phase.TRANSACTION, conn
-                async with _transactional(conn):
-                    recorded = await _record(conn, idempotent)
-                    result = await _run_work(work, conn, args, kwargs)
-                    phase = Phase.COMMIT
-                    await conn.commit()
-                    return result
+                recorded = await _record(conn, idempotent)
+                result = await _run_work(work, conn, args, kwargs)
+                # Leaving the block commits (psycopg's connection context: COMMIT on the
+                # way out, ROLLBACK after an exception), and the pool takes it back.
+                phase = Phase.COMMIT
         except Exception as ex:
             record = _runner.parse_recorded(recorded, used)
             read_only = bool(getattr(used, "read_only", False))
             raise Failed(ex, phase, record, result, used, read_only) from ex
+        return result
 
     async def observe(
         self, record: CommitRecord, timeout: float | None, check: Any
