@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import pgfailover.testing
 
 #: Every module of the harness; only the package and its plugin may load without a fixture.
@@ -18,12 +20,13 @@ HARNESS = sorted(
     if path.stem not in {"__init__", "plugin"}
 )
 
-# Loaded with -p, before the plugins of installed packages: records every atexit hook and,
-# at the end of the session, every imported module.
+# Loaded with -p, before the plugins of installed packages: records every atexit hook, and
+# when each test starts (its fixtures set up) the imported modules and the hooks so far.
 SPY = """
 import atexit, json, sys
 
 hooks = []
+seen = {}
 _register = atexit.register
 
 
@@ -35,20 +38,33 @@ def register(fn, *args, **kwargs):
 atexit.register = register
 
 
+def pytest_runtest_call(item):
+    seen[item.name] = {"modules": sorted(sys.modules), "hooks": list(hooks)}
+
+
 def pytest_sessionfinish(session):
+    seen["plugin"] = session.config.pluginmanager.has_plugin("pgfailover")
     with open("report.json", "w") as f:
-        json.dump({
-            "plugin": session.config.pluginmanager.has_plugin("pgfailover"),
-            "modules": sorted(sys.modules),
-            "hooks": hooks,
-        }, f)
+        json.dump(seen, f)
+"""
+# Run in this order: the first test uses no fixture of ours, the second requests one.
+TRIVIAL = """
+def test_without_fixture():
+    pass
+
+
+def test_with_fixture(pgfailover_cluster_factory):
+    assert pgfailover_cluster_factory
 """
 
 
-def _run_pytest(tmp_path: Path, test_source: str) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What a pytest run of TRIVIAL in a fresh directory imported, test by test."""
+    tmp_path = tmp_path_factory.mktemp("plugin")
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "pgf_spy.py").write_text(SPY)
-    (tmp_path / "test_trivial.py").write_text(test_source)
+    (tmp_path / "test_trivial.py").write_text(TRIVIAL)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pgf_spy"],
@@ -60,25 +76,24 @@ def _run_pytest(tmp_path: Path, test_source: str) -> dict[str, Any]:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    report: dict[str, Any] = json.loads((tmp_path / "report.json").read_text())
-    assert report["plugin"], "the pgfailover plugin was not loaded"
-    return report
+    seen: dict[str, Any] = json.loads((tmp_path / "report.json").read_text())
+    assert seen["plugin"], "the pgfailover plugin was not loaded"
+    return seen
 
 
-def test_plugin_imports_no_harness_module_without_a_fixture(tmp_path: Path) -> None:
-    """A pytest run using no pgfailover fixture imports no harness module and registers no
-    exit hook of ours."""
-    report = _run_pytest(tmp_path, "def test_nothing():\n    pass\n")
-    assert "pgfailover.testing.plugin" in report["modules"]
-    assert [m for m in HARNESS if m in report["modules"]] == []
-    assert "pwd" not in report["modules"]
-    assert [h for h in report["hooks"] if h.startswith("pgfailover")] == []
+def test_plugin_imports_no_harness_module_without_a_fixture(report: dict[str, Any]) -> None:
+    """Until a pgfailover fixture is used, a pytest run has imported no harness module and
+    registered no exit hook of ours."""
+    before = report["test_without_fixture"]
+    assert "pgfailover.testing.plugin" in before["modules"]
+    assert [m for m in HARNESS if m in before["modules"]] == []
+    assert "pwd" not in before["modules"]
+    assert [h for h in before["hooks"] if h.startswith("pgfailover")] == []
 
 
-def test_plugin_imports_the_harness_when_a_fixture_is_used(tmp_path: Path) -> None:
+def test_plugin_imports_the_harness_when_a_fixture_is_used(report: dict[str, Any]) -> None:
     """Requesting the cluster factory (without opening a cluster) loads the harness: the
     check above can see it."""
-    source = "def test_uses(pgfailover_cluster_factory):\n    assert pgfailover_cluster_factory\n"
-    report = _run_pytest(tmp_path, source)
-    assert "pgfailover.testing.cluster" in report["modules"]
-    assert [h for h in report["hooks"] if h.startswith("pgfailover")] != []
+    after = report["test_with_fixture"]
+    assert "pgfailover.testing.cluster" in after["modules"]
+    assert [h for h in after["hooks"] if h.startswith("pgfailover")] != []
