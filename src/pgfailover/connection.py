@@ -31,6 +31,7 @@ from psycopg.abc import PQGen, QueryNoTemplate
 from psycopg.pq import Format, TransactionStatus
 from psycopg.rows import Row
 
+from . import _watchdog
 from .classify import RECOVERY_MESSAGE, Phase, Verdict, attach_verdict, classify
 from .events import FailoverEvent, NodeInfo, _emit, caller_stack, diagnostics_of
 
@@ -65,9 +66,26 @@ class _FailoverAware(BaseConnection[Row]):
     #: Set by pgfailover pools: ``time.monotonic()`` when the connection was last returned.
     pool_returned_at: float = 0.0
 
+    #: Seconds a statement may run with no sign of life before the process's watchdog asks
+    #: the server, on a new side connection, whether it is alive; if it does not answer
+    #: within :attr:`probe_timeout`, the statement's connection is cut (its waiter wakes
+    #: with a connection error). A live server's slow statement is never cut. None: never
+    #: ask. So a statement in flight on a dead, blackholed or frozen server ends within
+    #: about ``silence_limit + 2 * probe_timeout`` seconds (see :mod:`pgfailover._watchdog`).
+    silence_limit: float | None = 5.0
+    #: Bound, in seconds, of the side connection's connect and of its ``SELECT 1``.
+    probe_timeout: float = 3.0
+
+    _pgf_ops: int = 0  # operations waited for: the watchdog sees progress by it
+    _pgf_deadline: float | None = None  # monotonic; the watchdog cuts an operation after it
+    _pgf_cut_reason: str | None = None  # why the watchdog cut this connection
     _pgf_committing: bool = False
     _pgf_simulating: bool = False
     _pgf_passthrough: object = None  # the commit/rollback generator simulation lets through
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _watchdog.watch(self)
 
     def simulate_recovery(self, enabled: bool = True) -> None:
         """Behave as if the node had just entered recovery (a test aid).
@@ -152,6 +170,8 @@ class _FailoverAware(BaseConnection[Row]):
             action += "; the primary must be found again"
         if sys.version_info >= (3, 11):
             ex.add_note(f"pgfailover: {verdict.kind.value} on {node}: {verdict.reason}")
+            if self._pgf_cut_reason is not None:
+                ex.add_note(f"pgfailover: the watchdog cut this connection: {self._pgf_cut_reason}")
         if self.poisoned is not None:
             return  # one event per connection
         self.poisoned = verdict
@@ -196,6 +216,7 @@ class Connection(_FailoverAware[Row], psycopg.Connection[Row]):
 
     def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
         before = self.pgconn.transaction_status
+        self._pgf_ops += 1
         if self._pgf_simulating:
             gen = self._pgf_maybe_simulate(gen, before)
         try:
@@ -210,6 +231,7 @@ class AsyncConnection(_FailoverAware[Row], psycopg.AsyncConnection[Row]):
 
     async def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
         before = self.pgconn.transaction_status
+        self._pgf_ops += 1
         if self._pgf_simulating:
             gen = self._pgf_maybe_simulate(gen, before)
         try:

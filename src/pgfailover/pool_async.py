@@ -200,6 +200,7 @@ class AsyncConnectionPool(_BasePool[CT]):
         self._check_pool_putconn(conn)  # psycopg_pool's own error for a stranger
         aware = _aware(conn)
         aware.pool_returned_at = monotonic()
+        aware._pgf_deadline = None  # a runner's deadline ends with its checkout
         verdict = aware.poisoned
         if verdict is None:
             await super().putconn(conn)

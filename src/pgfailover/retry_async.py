@@ -64,6 +64,7 @@ from psycopg.rows import tuple_row
 from . import _runner
 from ._runner import Failed, Run, conclude, needs_check
 from .classify import Phase, classify
+from .connection import _FailoverAware
 from .outcome import OBSERVE_SQL, CommitRecord, Observation, Outcome
 from .policy import RetryPolicy
 
@@ -281,9 +282,12 @@ class _PoolShell:
         idempotent: bool,
     ) -> Any:
         phase, recorded, result, used = Phase.CONNECT, None, None, None
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             async with self.pool.connection(timeout=timeout) as conn:
                 phase, used = Phase.TRANSACTION, conn
+                if deadline is not None and isinstance(conn, _FailoverAware):
+                    conn._pgf_deadline = deadline  # the watchdog cuts a statement past it
                 recorded = await _record(conn, idempotent)
                 result = await _run_work(work, conn, args, kwargs)
                 # Leaving the block commits (psycopg's connection context: COMMIT on the
@@ -293,6 +297,9 @@ class _PoolShell:
             record = _runner.parse_recorded(recorded, used)
             read_only = bool(getattr(used, "read_only", False))
             raise Failed(ex, phase, record, result, used, read_only) from ex
+        finally:
+            if isinstance(used, _FailoverAware) and used._pgf_deadline is deadline:
+                used._pgf_deadline = None  # pgfailover's pools clear it on return already
         return result
 
     async def observe(
