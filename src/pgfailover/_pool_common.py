@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -20,19 +22,34 @@ class FastAttempt(AttemptWithBackoff):
     The waits come from :data:`~pgfailover.policy.RECONNECT_POLICY` (full jitter, caps
     50 ms x1.5 up to 200 ms; 0 in the policy's testing mode): psycopg_pool's own schedule
     starts at 1 s and doubles, so after a repoint the pool could sit for seconds before
-    trying again, while a failover is exactly when the primary comes back quickly. The
-    attempt gives up ``timeout`` seconds after its first wait, as psycopg_pool's does.
+    trying again, while a failover is exactly when the primary comes back quickly.
+
+    While ``misconfigured()`` is true (the last failure was an authentication or
+    configuration error: retrying fast cannot help and floods the server's log), the waits
+    are psycopg_pool's own (1 s +/-10 %, doubling), never shorter. The attempt gives up
+    ``timeout`` seconds after its first wait, as psycopg_pool's does.
     """
 
-    def __init__(self, *, timeout: float) -> None:
+    def __init__(self, *, timeout: float, misconfigured: Callable[[], bool]) -> None:
         super().__init__(timeout=timeout)
         self.retries = 0
+        self._misconfigured = misconfigured
+        self._slow = 0.0  # psycopg_pool's delay, grown while misconfigured
 
     def update_delay(self, now: float) -> None:
         if self.retries == 0:
             self.give_up_at = now + self.timeout
         self.retries += 1
-        wait = RECONNECT_POLICY.backoff(self.retries)
+        if self._misconfigured():
+            if self._slow == 0.0:
+                jitter = 1.0 + random.uniform(-self.DELAY_JITTER, self.DELAY_JITTER)  # noqa: S311
+                self._slow = self.INITIAL_DELAY * jitter
+            else:
+                self._slow *= self.DELAY_BACKOFF
+            wait = self._slow
+        else:
+            self._slow = 0.0
+            wait = RECONNECT_POLICY.backoff(self.retries)
         self.delay = min(wait, max(0.0, self.give_up_at - now))
 
 

@@ -356,6 +356,30 @@ _MESSAGE_RULES: Final[tuple[tuple[tuple[str, ...], _Rule], ...]] = (
         ),
     ),
     (
+        (
+            # a value libpq cannot use (psycopg 3.3 reports port=abc as OperationalError)
+            "invalid integer value",
+            "invalid value for parameter",
+            "invalid sslmode value",
+            "invalid target_session_attrs value",
+            # a name that does not resolve: a wrong host name, not an outage
+            "failed to resolve host",
+            "could not translate host name",
+            # TLS demanded of a server that does not offer it, or the reverse
+            "server does not support ssl, but ssl was required",
+            "ssl connection is required",
+            # not a PostgreSQL server on that port
+            "received invalid response to ssl negotiation",
+            "expected authentication request from server",
+            "invalid length of startup packet",
+            "unsupported frontend protocol",
+        ),
+        _config(
+            "no SQLSTATE, but the message says the connection's configuration cannot work "
+            "(a bad value, an unresolvable host, a TLS mismatch, or not a PostgreSQL server)"
+        ),
+    ),
+    (
         ("terminating connection due to administrator command",),
         _lost("no SQLSTATE, but the message says the server terminated the connection (as 57P01)"),
     ),

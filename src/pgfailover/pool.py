@@ -129,6 +129,9 @@ class ConnectionPool(_BasePool[CT]):
         self._pgf.connected(now)
         return conn
 
+    def _pgf_misconfigured(self) -> bool:
+        return self._pgf.fatal is not None
+
     def _pgf_connect_failed(self, ex: psycopg.Error) -> None:
         verdict = classify(ex, phase=Phase.CONNECT)
         conninfo = self._resolve_conninfo()
@@ -142,7 +145,9 @@ class ConnectionPool(_BasePool[CT]):
                 client.fail(ex)
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
-        attempt = attempt or FastAttempt(timeout=self.reconnect_timeout)
+        attempt = attempt or FastAttempt(
+            timeout=self.reconnect_timeout, misconfigured=self._pgf_misconfigured
+        )
         now = monotonic()
         if not self._pgf.may_connect(now):
             attempt.update_delay(now)

@@ -126,6 +126,9 @@ class AsyncConnectionPool(_BasePool[CT]):
         self._pgf.connected(now)
         return conn
 
+    def _pgf_misconfigured(self) -> bool:
+        return self._pgf.fatal is not None
+
     async def _pgf_connect_failed(self, ex: psycopg.Error) -> None:
         verdict = classify(ex, phase=Phase.CONNECT)
         conninfo = await self._resolve_conninfo()
@@ -141,7 +144,9 @@ class AsyncConnectionPool(_BasePool[CT]):
     async def _add_connection(
         self, attempt: AttemptWithBackoff | None, growing: bool = False
     ) -> None:
-        attempt = attempt or FastAttempt(timeout=self.reconnect_timeout)
+        attempt = attempt or FastAttempt(
+            timeout=self.reconnect_timeout, misconfigured=self._pgf_misconfigured
+        )
         now = monotonic()
         if not self._pgf.may_connect(now):
             attempt.update_delay(now)

@@ -270,3 +270,55 @@ def test_returning_a_stranger_connection_raises_the_pools_own_error(
                 pool.putconn(stranger)
         finally:
             stranger.close()
+
+
+class CountingConnection(pgfailover.Connection[Any]):
+    """Counts the connection attempts a pool makes."""
+
+    attempts = 0
+
+    @classmethod
+    def connect(cls, *args: Any, **kwargs: Any) -> Any:
+        CountingConnection.attempts += 1
+        return super().connect(*args, **kwargs)
+
+
+def test_a_wrong_password_reconnects_no_faster_than_psycopg_pools_schedule(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """With a wrong password the pool retries on psycopg_pool's own schedule (1 s, doubling:
+    at most 3 attempts per missing connection in 3.5 s), not the failover schedule, and a
+    request fails at once with the driver's error."""
+    dsn = pgfailover_cluster.primary.dsn(password="wrong-password")
+    CountingConnection.attempts = 0
+    with ConnectionPool[Any](
+        dsn, connection_class=CountingConnection, min_size=2, max_size=2, timeout=20
+    ) as pool:
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            pool.getconn()
+        assert time.monotonic() - started < 5.0  # not the request's 20 s timeout
+        time.sleep(3.5)  # the window whose attempts are counted
+        attempts = CountingConnection.attempts
+    assert 2 <= attempts <= 3 * 2, attempts
+
+
+@pytest.mark.parametrize(
+    "conninfo",
+    [
+        "host=127.0.0.1 port=abc dbname=app",
+        "host=no-such-host.invalid dbname=app",
+    ],
+    ids=["bad-port", "unresolvable-host"],
+)
+def test_configuration_errors_reach_the_caller_at_once(conninfo: str) -> None:
+    """A value libpq cannot use or a host name that does not resolve is a configuration
+    error: the request fails with the driver's error long before its timeout, instead of
+    waiting for a primary that cannot appear."""
+    with ConnectionPool[Any](conninfo, min_size=1, timeout=20) as pool:
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as info:
+            pool.getconn()
+        waited = time.monotonic() - started
+    assert waited < 5.0, f"waited {waited:.1f} s for a configuration error"
+    assert pgfailover.classify(info.value).kind is pgfailover.Kind.CONFIGURATION

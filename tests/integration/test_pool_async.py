@@ -286,3 +286,55 @@ async def test_returning_a_stranger_connection_raises_the_pools_own_error(
                 await pool.putconn(stranger)
         finally:
             await stranger.close()
+
+
+class CountingConnection(pgfailover.AsyncConnection[Any]):
+    """Counts the connection attempts a pool makes."""
+
+    attempts = 0
+
+    @classmethod
+    async def connect(cls, *args: Any, **kwargs: Any) -> Any:
+        CountingConnection.attempts += 1
+        return await super().connect(*args, **kwargs)
+
+
+async def test_a_wrong_password_reconnects_no_faster_than_psycopg_pools_schedule(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """With a wrong password the pool retries on psycopg_pool's own schedule (1 s, doubling:
+    at most 3 attempts per missing connection in 3.5 s), not the failover schedule, and a
+    request fails at once with the driver's error."""
+    dsn = pgfailover_cluster.primary.dsn(password="wrong-password")
+    CountingConnection.attempts = 0
+    async with AsyncConnectionPool[Any](
+        dsn, connection_class=CountingConnection, min_size=2, max_size=2, timeout=20
+    ) as pool:
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            await pool.getconn()
+        assert time.monotonic() - started < 5.0  # not the request's 20 s timeout
+        await asyncio.sleep(3.5)  # the window whose attempts are counted
+        attempts = CountingConnection.attempts
+    assert 2 <= attempts <= 3 * 2, attempts
+
+
+@pytest.mark.parametrize(
+    "conninfo",
+    [
+        "host=127.0.0.1 port=abc dbname=app",
+        "host=no-such-host.invalid dbname=app",
+    ],
+    ids=["bad-port", "unresolvable-host"],
+)
+async def test_configuration_errors_reach_the_caller_at_once(conninfo: str) -> None:
+    """A value libpq cannot use or a host name that does not resolve is a configuration
+    error: the request fails with the driver's error long before its timeout, instead of
+    waiting for a primary that cannot appear."""
+    async with AsyncConnectionPool[Any](conninfo, min_size=1, timeout=20) as pool:
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as info:
+            await pool.getconn()
+        waited = time.monotonic() - started
+    assert waited < 5.0, f"waited {waited:.1f} s for a configuration error"
+    assert pgfailover.classify(info.value).kind is pgfailover.Kind.CONFIGURATION
