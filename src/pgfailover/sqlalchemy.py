@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import weakref
@@ -208,6 +209,7 @@ class Instrumentation:
     ) -> Any:
         timeout = self.options.timeout
         deadline = time.monotonic() + timeout
+        cparams = _bounded(dialect, cparams, timeout)
         retries = 0
         last_error: BaseException | None = None
         while True:
@@ -451,6 +453,26 @@ def _seconds(name: str, value: float | None) -> float | None:
 def _default_timeout(engine: Engine) -> float:
     timeout = getattr(engine.pool, "_timeout", None)
     return float(timeout) if isinstance(timeout, int | float) and timeout > 0 else 30.0
+
+
+#: Each driver's own bound of one connection attempt, and its unit.
+_CONNECT_BOUNDS = {
+    "psycopg": "connect_timeout",
+    "psycopg2": "connect_timeout",
+    "asyncpg": "timeout",
+}
+
+
+def _bounded(dialect: Dialect, cparams: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """``cparams`` with a bound on one connection attempt when the caller set none: the
+    engine waits ``timeout`` seconds for a primary in all, while the drivers' own defaults
+    (130 s for libpq's longest wait, 60 s for asyncpg) would let a single attempt to a
+    silent host outlast it. libpq's minimum is 2 s. The caller's own value is kept."""
+    key = _CONNECT_BOUNDS.get(dialect.driver)
+    if key is None or key in cparams or ("dsn" in cparams and key in str(cparams["dsn"])):
+        return cparams
+    bound = max(2, math.ceil(timeout)) if key == "connect_timeout" else max(timeout, 0.1)
+    return {**cparams, key: bound}
 
 
 def _disconnection(message: str, purge: bool) -> exc.DisconnectionError:

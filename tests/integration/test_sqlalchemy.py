@@ -24,6 +24,7 @@ import pgfailover.sqlalchemy as pgsa
 from pgfailover.errors import NoPrimaryAvailable
 from pgfailover.testing import LocalCluster, Node, PgBouncer
 from pgfailover.testing.plugin import ClusterFactory
+from pgfailover.testing.proxy import FaultProxy
 
 from .support import (
     WRITERS,
@@ -409,6 +410,28 @@ async def test_wrong_password_fails_fast_with_the_drivers_error(
     assert pgfailover.classify(error).kind is pgfailover.Kind.CONFIGURATION
     assert "password authentication failed" in str(error)
     assert "wrong-password" not in str(error)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_a_silent_host_ends_the_wait_within_the_engines_timeout(
+    pgfailover_cluster: LocalCluster, kind: str
+) -> None:
+    """A host that accepts connections but never answers (a blackholed proxy): the
+    checkout fails with NoPrimaryAvailable within the engine's timeout, because each
+    connection attempt is bounded by it (the drivers' defaults are 60-130 s)."""
+    with FaultProxy(pgfailover_cluster.primary) as proxy:
+        proxy.blackhole()
+        url = _url(pgfailover_cluster.primary, KINDS[kind][0])
+        url = url.set(host=proxy.host, port=proxy.port)
+        engine = _engine(url, kind)
+        pgsa.instrument(engine, timeout=3)
+        t0 = time.monotonic()
+        error = await _checkout_error(engine)
+        elapsed = time.monotonic() - t0
+        proxy.restore()
+        await _dispose(engine)
+    assert isinstance(error, NoPrimaryAvailable), repr(error)
+    assert elapsed < 3 + 4.0, f"waited {elapsed:.1f} s with a 3 s timeout"
 
 
 # ------------------------------------------------------------------------- happy path
