@@ -106,3 +106,11 @@ def reset_statements(cluster: LocalCluster) -> None:
     """Zero the primary's pg_stat_statements counters."""
     with psycopg.connect(cluster.primary.dsn(user="postgres"), autocommit=True) as conn:
         conn.execute("SELECT pg_stat_statements_reset()")
+
+
+def count_key(cluster: LocalCluster, table: str, key: str) -> int:
+    """How many rows of ``table`` on the primary have ``k = key``."""
+    with cluster.primary.connect(superuser=False) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table} WHERE k = %s", [key]).fetchone()
+    assert row is not None
+    return int(row[0])

@@ -9,7 +9,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,47 +23,9 @@ from pgfailover.outcome import ServerIdentity, parse_record, record_sql
 from pgfailover.pool import ConnectionPool
 from pgfailover.retry import run_transaction
 from pgfailover.testing import LocalCluster
-from pgfailover.testing.proxy import FaultProxy
 from pgfailover.testing.trace import round_trips
 
-WHEN_COMMITTED = ("after_forward", "after_reply")  # the COMMIT reached the server
-
-
-@pytest.fixture
-def keys_table(pgfailover_cluster: LocalCluster) -> str:
-    """A table of unique keys on the primary."""
-    name = f"k_{uuid.uuid4().hex[:10]}"
-    with pgfailover_cluster.primary.connect(superuser=False) as conn:
-        conn.execute(f"CREATE TABLE {name} (k text PRIMARY KEY)")
-    return name
-
-
-@pytest.fixture
-def proxy(pgfailover_cluster: LocalCluster) -> Iterator[FaultProxy]:
-    """A fault-injection proxy in front of the primary."""
-    with FaultProxy(pgfailover_cluster.primary) as p:
-        yield p
-
-
-@pytest.fixture
-def events() -> Iterator[list[RetryEvent]]:
-    """Retry events delivered to a subscribed hook during the test."""
-    seen: list[RetryEvent] = []
-
-    def hook(event: Any) -> None:
-        if isinstance(event, RetryEvent):
-            seen.append(event)
-
-    unsubscribe = pgfailover.subscribe(hook)
-    yield seen
-    unsubscribe()
-
-
-def _count(cluster: LocalCluster, table: str, key: str) -> int:
-    with cluster.primary.connect(superuser=False) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table} WHERE k = %s", [key]).fetchone()
-        assert row is not None
-        return int(row[0])
+from .support import count_key
 
 
 def _insert(table: str) -> Any:
@@ -87,7 +48,7 @@ def _ainsert(table: str) -> Any:
 
 
 def test_application_error_propagates_unchanged_and_is_not_retried(
-    pgfailover_cluster: LocalCluster, keys_table: str, events: list[RetryEvent]
+    pgfailover_cluster: LocalCluster, keys_table: str, retry_events: list[RetryEvent]
 ) -> None:
     """A unique violation is the program's business: raised as is, after one attempt."""
     key = uuid.uuid4().hex
@@ -95,11 +56,11 @@ def test_application_error_propagates_unchanged_and_is_not_retried(
         run_transaction(pool, _insert(keys_table), key)
         with pytest.raises(psycopg.errors.UniqueViolation):
             run_transaction(pool, _insert(keys_table), key)
-    assert [e.action for e in events] == ["give up"]
+    assert [e.action for e in retry_events] == ["give up"]
 
 
 def test_decorator_retries_a_standby_error_until_the_deadline_then_raises_it(
-    pgfailover_cluster: LocalCluster, keys_table: str, events: list[RetryEvent]
+    pgfailover_cluster: LocalCluster, keys_table: str, retry_events: list[RetryEvent]
 ) -> None:
     """On a node that stays a standby, the decorated function retries with backoff until its
     timeout, then raises the driver's own 25006 with a note of the attempts made."""
@@ -118,9 +79,9 @@ def test_decorator_retries_a_standby_error_until_the_deadline_then_raises_it(
 
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as info:
             write("k1")
-    assert len(events) >= 3
-    assert events[-1].action == "give up"
-    assert all(e.action == "retry" for e in events[:-1])
+    assert len(retry_events) >= 3
+    assert retry_events[-1].action == "give up"
+    assert all(e.action == "retry" for e in retry_events[:-1])
     assert any("gave up after" in note for note in getattr(info.value, "__notes__", []))
 
 
@@ -211,7 +172,7 @@ def _eventually_more(checker: Checker, n: int, timeout: float = 20.0) -> None:
 
 
 def test_checker_workload_survives_fast_failovers_with_no_failure(
-    sync_cluster: LocalCluster, events: list[RetryEvent]
+    sync_cluster: LocalCluster, retry_events: list[RetryEvent]
 ) -> None:
     """4 workers insert unique keys through the runner across three fast failovers: no worker
     sees a failure, every acknowledged key exists exactly once, and no key is duplicated."""
@@ -233,12 +194,12 @@ def test_checker_workload_survives_fast_failovers_with_no_failure(
     assert not checker.failed, checker.failed
     assert not checker.unknown, checker.unknown
     assert summary["acked"] == summary["rows"] >= 120
-    assert any(e.action == "retry" for e in events), "no failover reached a worker"
-    print(f"fast failovers: {summary}, events: {Counter(e.action for e in events)}")
+    assert any(e.action == "retry" for e in retry_events), "no failover reached a worker"
+    print(f"fast failovers: {summary}, retry_events: {Counter(e.action for e in retry_events)}")
 
 
 def test_checker_workload_never_loses_or_duplicates_across_crashes(
-    sync_cluster: LocalCluster, events: list[RetryEvent]
+    sync_cluster: LocalCluster, retry_events: list[RetryEvent]
 ) -> None:
     """The same workload across an immediate-stop failover and a kill + promote: every
     acknowledged key exists exactly once, and a key reported failed without
@@ -263,9 +224,10 @@ def test_checker_workload_never_loses_or_duplicates_across_crashes(
         _eventually_more(checker, 30)
     summary = checker.verify(cluster)
     assert summary["acked"] >= 90
-    assert any(e.action == "retry" for e in events), "no crash reached a worker"
+    assert any(e.action == "retry" for e in retry_events), "no crash reached a worker"
     failed = Counter(v.split(":")[0] for v in checker.failed.values())
-    print(f"crashes: {summary}, events: {Counter(e.action for e in events)}, failed: {failed}")
+    actions = Counter(e.action for e in retry_events)
+    print(f"crashes: {summary}, retry events: {actions}, failed: {failed}")
 
 
 # ------------------------------------------------------------------ happy-path cost
@@ -356,4 +318,4 @@ def test_record_follows_the_server_behind_pgbouncer_after_a_repoint(
     assert first.started_at == seen[0]
     assert second.started_at == seen[-1] != seen[0]
     assert second.system_id == first.system_id  # a standby promoted: the same system
-    assert _count(cluster, keys_table, "before") == _count(cluster, keys_table, "after") == 1
+    assert count_key(cluster, keys_table, "before") == count_key(cluster, keys_table, "after") == 1

@@ -13,7 +13,6 @@ transaction settings survive the runner's BEGIN.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -31,48 +30,11 @@ from pgfailover.retry import run_transaction
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.proxy import FaultProxy
 
-from .support import reset_statements
+from .support import count_key, reset_statements
 
 ENGINE_DRIVERS = ["psycopg", "psycopg2"]
 
 WHEN_COMMITTED = ("after_forward", "after_reply")  # the COMMIT reached the server
-
-
-@pytest.fixture
-def keys_table(pgfailover_cluster: LocalCluster) -> str:
-    """A table of unique keys on the primary."""
-    name = f"k_{uuid.uuid4().hex[:10]}"
-    with pgfailover_cluster.primary.connect(superuser=False) as conn:
-        conn.execute(f"CREATE TABLE {name} (k text PRIMARY KEY)")
-    return name
-
-
-@pytest.fixture
-def proxy(pgfailover_cluster: LocalCluster) -> Iterator[FaultProxy]:
-    """A fault-injection proxy in front of the primary."""
-    with FaultProxy(pgfailover_cluster.primary) as p:
-        yield p
-
-
-@pytest.fixture
-def events() -> Iterator[list[RetryEvent]]:
-    """RetryEvents delivered to a subscribed hook during the test."""
-    seen: list[RetryEvent] = []
-
-    def hook(event: Any) -> None:
-        if isinstance(event, RetryEvent):
-            seen.append(event)
-
-    unsubscribe = pgfailover.subscribe(hook)
-    yield seen
-    unsubscribe()
-
-
-def _count(cluster: LocalCluster, table: str, key: str) -> int:
-    with cluster.primary.connect(superuser=False) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table} WHERE k = %s", [key]).fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 def _insert(table: str) -> Any:
@@ -112,7 +74,7 @@ def test_lost_commit_is_resolved_and_the_row_exists_once(
     pgfailover_cluster: LocalCluster,
     proxy: FaultProxy,
     keys_table: str,
-    events: list[RetryEvent],
+    retry_events: list[RetryEvent],
     when: str,
 ) -> None:
     """The connection dies around COMMIT: if the COMMIT reached the server the runner
@@ -125,10 +87,10 @@ def test_lost_commit_is_resolved_and_the_row_exists_once(
         runner = pgfailover.TransactionRunner(pool, timeout=10)
         assert runner(_insert(keys_table), key) == key
     assert proxy.faults, "the fault never fired"
-    assert _count(pgfailover_cluster, keys_table, key) == 1
-    actions = [e.action for e in events]
+    assert count_key(pgfailover_cluster, keys_table, key) == 1
+    actions = [e.action for e in retry_events]
     assert actions == (["committed"] if when in WHEN_COMMITTED else ["retry"])
-    assert events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
+    assert retry_events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
 
 
 def _record_statements(cluster: LocalCluster) -> dict[str, int]:
@@ -194,7 +156,7 @@ def test_the_runner_keeps_the_connections_transaction_settings(
 
 
 def test_read_only_transactions_run_and_a_lost_commit_of_one_is_simply_retried(
-    pgfailover_cluster: LocalCluster, proxy: FaultProxy, events: list[RetryEvent]
+    pgfailover_cluster: LocalCluster, proxy: FaultProxy, retry_events: list[RetryEvent]
 ) -> None:
     """On a read-only connection the runner records nothing (no xid can be assigned) and
     the transaction is read-only; when its COMMIT is lost nothing was written, so it is run
@@ -210,8 +172,8 @@ def test_read_only_transactions_run_and_a_lost_commit_of_one_is_simply_retried(
         proxy.drop_on("after_reply")
         assert runner(_settings) == ("read committed", "on")
     assert proxy.faults, "the fault never fired"
-    assert [e.action for e in events] == ["retry"]
-    assert events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
+    assert [e.action for e in retry_events] == ["retry"]
+    assert retry_events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
 
 
 # ------------------------------------------------------------------ SQLAlchemy
@@ -251,12 +213,12 @@ def test_engine_and_session_lost_commit_is_resolved(
     finally:
         engine.dispose()
     assert len(proxy.faults) == 2
-    assert [_count(pgfailover_cluster, keys_table, k) for k in keys] == [1, 1]
+    assert [count_key(pgfailover_cluster, keys_table, k) for k in keys] == [1, 1]
 
 
 @pytest.mark.parametrize("driver", ENGINE_DRIVERS)
 def test_engine_read_only_transactions_record_nothing_and_retry_a_lost_commit(
-    pgfailover_cluster: LocalCluster, proxy: FaultProxy, events: list[RetryEvent], driver: str
+    pgfailover_cluster: LocalCluster, proxy: FaultProxy, retry_events: list[RetryEvent], driver: str
 ) -> None:
     """An engine with postgresql_readonly runs read-only transactions through the runner
     (no record: no xid can be assigned there); a lost COMMIT of one is run again."""
@@ -277,4 +239,4 @@ def test_engine_read_only_transactions_record_nothing_and_retry_a_lost_commit(
     finally:
         engine.dispose()
     assert proxy.faults, "the fault never fired"
-    assert [e.action for e in events] == ["retry"]
+    assert [e.action for e in retry_events] == ["retry"]

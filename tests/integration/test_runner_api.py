@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -20,7 +19,7 @@ from pgfailover.pool_async import AsyncConnectionPool
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.proxy import FaultProxy
 
-from .support import reset_statements
+from .support import count_key, reset_statements
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +31,6 @@ def keys(pgfailover_cluster: LocalCluster) -> str:
     with pgfailover_cluster.primary.connect(superuser=False) as conn:
         conn.execute(f"CREATE TABLE {name} (k text PRIMARY KEY, note text)")
     return name
-
-
-def _count(cluster: LocalCluster, table: str, key: str) -> int:
-    with cluster.primary.connect(superuser=False) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table} WHERE k = %s", [key]).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def _url(dsn: str, driver: str = "psycopg") -> sa.URL:
@@ -74,7 +66,7 @@ def test_work_arguments_named_like_policy_options_reach_the_work(
         assert runner(work, "b", timeout=1.0, attempts=1) == "b"
     assert result == "a"
     assert seen == {"timeout": 1.0, "attempts": 1}
-    assert _count(pgfailover_cluster, keys, "a") == _count(pgfailover_cluster, keys, "b") == 1
+    assert count_key(pgfailover_cluster, keys, "a") == count_key(pgfailover_cluster, keys, "b") == 1
 
 
 def test_decorated_function_keeps_its_signature_for_mypy(
@@ -91,7 +83,11 @@ def test_decorated_function_keeps_its_signature_for_mypy(
 
         assert_type(add("xyz", note="n"), int)
         assert add("abc", note="n") == 3
-    assert _count(pgfailover_cluster, keys, "xyz") == _count(pgfailover_cluster, keys, "abc") == 1
+    assert (
+        count_key(pgfailover_cluster, keys, "xyz")
+        == count_key(pgfailover_cluster, keys, "abc")
+        == 1
+    )
 
 
 def test_targets_are_chosen_by_type_subclasses_and_option_engines_included(
@@ -121,7 +117,7 @@ def test_targets_are_chosen_by_type_subclasses_and_option_engines_included(
     finally:
         engine.dispose()
     for key in ("sub", "plain", "opt"):
-        assert _count(pgfailover_cluster, keys, key) == 1
+        assert count_key(pgfailover_cluster, keys, key) == 1
 
 
 def test_an_async_work_on_a_sync_runner_is_refused_and_writes_nothing(
@@ -145,7 +141,7 @@ def test_an_async_work_on_a_sync_runner_is_refused_and_writes_nothing(
             pgfailover.run_transaction(pool, Sneaky(), "s")
         with pytest.raises(TypeError, match="needs a plain def"):
             pgfailover.transaction(pool)(work)
-    assert _count(pgfailover_cluster, keys, "c") == _count(pgfailover_cluster, keys, "s") == 0
+    assert count_key(pgfailover_cluster, keys, "c") == count_key(pgfailover_cluster, keys, "s") == 0
 
 
 async def test_a_sync_work_on_an_async_runner_is_refused(
@@ -197,13 +193,6 @@ def test_non_postgresql_engines_and_bad_options_are_refused_up_front(tmp_path: A
         )
 
 
-@pytest.fixture
-def proxy(pgfailover_cluster: LocalCluster) -> Iterator[FaultProxy]:
-    """A fault-injection proxy in front of the primary."""
-    with FaultProxy(pgfailover_cluster.primary) as p:
-        yield p
-
-
 def test_idempotent_work_records_nothing_and_a_lost_commit_is_simply_retried(
     pgfailover_cluster: LocalCluster, keys: str, proxy: FaultProxy
 ) -> None:
@@ -231,4 +220,4 @@ def test_idempotent_work_records_nothing_and_a_lost_commit_is_simply_retried(
         proxy.drop_on("after_forward")  # the next COMMIT reaches the server, its reply is lost
         assert runner(upsert, "lost") == "lost"
         assert proxy.faults
-    assert _count(pgfailover_cluster, keys, "lost") == 1
+    assert count_key(pgfailover_cluster, keys, "lost") == 1

@@ -10,7 +10,6 @@ transaction settings survive the runner's BEGIN.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -26,7 +25,7 @@ from pgfailover.retry_async import arun_transaction
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.proxy import FaultProxy
 
-from .support import reset_statements
+from .support import count_key, reset_statements
 
 if True:  # ASYNC
     from sqlalchemy.ext.asyncio import async_sessionmaker as sessions
@@ -41,43 +40,6 @@ else:
     ENGINE_DRIVERS = ["psycopg", "psycopg2"]
 
 WHEN_COMMITTED = ("after_forward", "after_reply")  # the COMMIT reached the server
-
-
-@pytest.fixture
-def keys_table(pgfailover_cluster: LocalCluster) -> str:
-    """A table of unique keys on the primary."""
-    name = f"k_{uuid.uuid4().hex[:10]}"
-    with pgfailover_cluster.primary.connect(superuser=False) as conn:
-        conn.execute(f"CREATE TABLE {name} (k text PRIMARY KEY)")
-    return name
-
-
-@pytest.fixture
-def proxy(pgfailover_cluster: LocalCluster) -> Iterator[FaultProxy]:
-    """A fault-injection proxy in front of the primary."""
-    with FaultProxy(pgfailover_cluster.primary) as p:
-        yield p
-
-
-@pytest.fixture
-def events() -> Iterator[list[RetryEvent]]:
-    """RetryEvents delivered to a subscribed hook during the test."""
-    seen: list[RetryEvent] = []
-
-    def hook(event: Any) -> None:
-        if isinstance(event, RetryEvent):
-            seen.append(event)
-
-    unsubscribe = pgfailover.subscribe(hook)
-    yield seen
-    unsubscribe()
-
-
-def _count(cluster: LocalCluster, table: str, key: str) -> int:
-    with cluster.primary.connect(superuser=False) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table} WHERE k = %s", [key]).fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 def _insert(table: str) -> Any:
@@ -117,7 +79,7 @@ async def test_lost_commit_is_resolved_and_the_row_exists_once(
     pgfailover_cluster: LocalCluster,
     proxy: FaultProxy,
     keys_table: str,
-    events: list[RetryEvent],
+    retry_events: list[RetryEvent],
     when: str,
 ) -> None:
     """The connection dies around COMMIT: if the COMMIT reached the server the runner
@@ -130,10 +92,10 @@ async def test_lost_commit_is_resolved_and_the_row_exists_once(
         runner = pgfailover.AsyncTransactionRunner(pool, timeout=10)
         assert await runner(_insert(keys_table), key) == key
     assert proxy.faults, "the fault never fired"
-    assert _count(pgfailover_cluster, keys_table, key) == 1
-    actions = [e.action for e in events]
+    assert count_key(pgfailover_cluster, keys_table, key) == 1
+    actions = [e.action for e in retry_events]
     assert actions == (["committed"] if when in WHEN_COMMITTED else ["retry"])
-    assert events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
+    assert retry_events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
 
 
 def _record_statements(cluster: LocalCluster) -> dict[str, int]:
@@ -199,7 +161,7 @@ async def test_the_runner_keeps_the_connections_transaction_settings(
 
 
 async def test_read_only_transactions_run_and_a_lost_commit_of_one_is_simply_retried(
-    pgfailover_cluster: LocalCluster, proxy: FaultProxy, events: list[RetryEvent]
+    pgfailover_cluster: LocalCluster, proxy: FaultProxy, retry_events: list[RetryEvent]
 ) -> None:
     """On a read-only connection the runner records nothing (no xid can be assigned) and
     the transaction is read-only; when its COMMIT is lost nothing was written, so it is run
@@ -215,8 +177,8 @@ async def test_read_only_transactions_run_and_a_lost_commit_of_one_is_simply_ret
         proxy.drop_on("after_reply")
         assert await runner(_settings) == ("read committed", "on")
     assert proxy.faults, "the fault never fired"
-    assert [e.action for e in events] == ["retry"]
-    assert events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
+    assert [e.action for e in retry_events] == ["retry"]
+    assert retry_events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
 
 
 # ------------------------------------------------------------------ SQLAlchemy
@@ -256,12 +218,12 @@ async def test_engine_and_session_lost_commit_is_resolved(
     finally:
         await engine.dispose()
     assert len(proxy.faults) == 2
-    assert [_count(pgfailover_cluster, keys_table, k) for k in keys] == [1, 1]
+    assert [count_key(pgfailover_cluster, keys_table, k) for k in keys] == [1, 1]
 
 
 @pytest.mark.parametrize("driver", ENGINE_DRIVERS)
 async def test_engine_read_only_transactions_record_nothing_and_retry_a_lost_commit(
-    pgfailover_cluster: LocalCluster, proxy: FaultProxy, events: list[RetryEvent], driver: str
+    pgfailover_cluster: LocalCluster, proxy: FaultProxy, retry_events: list[RetryEvent], driver: str
 ) -> None:
     """An engine with postgresql_readonly runs read-only transactions through the runner
     (no record: no xid can be assigned there); a lost COMMIT of one is run again."""
@@ -282,4 +244,4 @@ async def test_engine_read_only_transactions_record_nothing_and_retry_a_lost_com
     finally:
         await engine.dispose()
     assert proxy.faults, "the fault never fired"
-    assert [e.action for e in events] == ["retry"]
+    assert [e.action for e in retry_events] == ["retry"]

@@ -8,7 +8,6 @@ Written once; ``tools/async_to_sync.py`` generates ``test_watchdog.py`` (the syn
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -24,13 +23,6 @@ from pgfailover.testing.proxy import FaultProxy
 #: minimum connect_timeout). The bound the docs state is silence + 2 x probe + a tick.
 SILENCE, PROBE = 0.5, 2.0
 BOUND = SILENCE + 2 * PROBE + 1.0
-
-
-@pytest.fixture
-def proxy(pgfailover_cluster: LocalCluster) -> Iterator[FaultProxy]:
-    """A fault-injection proxy in front of the primary."""
-    with FaultProxy(pgfailover_cluster.primary) as p:
-        yield p
 
 
 async def _connect(dsn: str) -> pgfailover.AsyncConnection[Any]:
