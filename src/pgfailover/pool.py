@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from time import monotonic
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import ConnectionPool as _BasePool
@@ -123,7 +123,7 @@ class ConnectionPool(_BasePool[CT]):
             self._pgf_connect_failed(ex)
             raise
         now = monotonic()
-        aware = _aware(conn)
+        aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
         aware.pool_generation = self._pgf.generation
         aware.pool_returned_at = now
         self._pgf.connected(now)
@@ -173,7 +173,7 @@ class ConnectionPool(_BasePool[CT]):
                 conn = super().getconn(max(deadline - monotonic(), 0.0))
             except PoolTimeout as ex:
                 raise (self._pgf.no_primary(timeout) or ex) from None
-            aware = _aware(conn)
+            aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
             if not self._pgf.needs_check(
                 aware.pool_generation, aware.pool_returned_at, self.recheck_interval, monotonic()
             ):
@@ -182,7 +182,7 @@ class ConnectionPool(_BasePool[CT]):
                 return conn
 
     def _pgf_checkout_ok(self, conn: CT) -> bool:
-        aware = _aware(conn)
+        aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
         generation = aware.pool_generation
         try:
             report = probe(conn, pooler=self._pgf.pooler)
@@ -202,7 +202,7 @@ class ConnectionPool(_BasePool[CT]):
 
     def putconn(self, conn: CT) -> None:
         self._check_pool_putconn(conn)  # psycopg_pool's own error for a stranger
-        aware = _aware(conn)
+        aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
         aware.pool_returned_at = monotonic()
         aware._pgf_deadline = None  # a runner's deadline ends with its checkout
         verdict = aware.poisoned
@@ -221,9 +221,3 @@ class ConnectionPool(_BasePool[CT]):
 
     def _pgf_event(self, event: PoolEvent) -> None:
         _emit(dataclasses.replace(event, pool=getattr(self, "name", "")))
-
-
-def _aware(conn: psycopg.Connection[Any]) -> _FailoverAware[Any]:
-    """``conn`` as what it is in these pools: failover-aware (``connection_class`` is made
-    so in the constructor)."""
-    return cast("_FailoverAware[Any]", conn)
