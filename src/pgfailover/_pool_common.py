@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -107,6 +108,8 @@ def failover_class(
     mixes pgfailover's behaviour in front of it, made once per class: ``isinstance`` holds
     for both. Anything else raises ``TypeError``.
     """
+    # A parametrized class (Connection[DictRow]) is a generic alias: its class is the origin.
+    connection_class = typing.get_origin(connection_class) or connection_class
     if isinstance(connection_class, type) and issubclass(connection_class, base):
         return connection_class
     if not (isinstance(connection_class, type) and issubclass(connection_class, driver_class)):

@@ -205,7 +205,10 @@ class ConnectionPool(_BasePool[CT]):
         aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
         aware.pool_returned_at = monotonic()
         aware._pgf_deadline = None  # a runner's deadline ends with its checkout
-        verdict = aware.poisoned
+        try:
+            verdict = aware.poisoned
+        except AttributeError:  # not ours after all (a wrapped connect): never poisoned
+            verdict = None
         if verdict is None:
             super().putconn(conn)
             return

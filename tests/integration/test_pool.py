@@ -322,3 +322,42 @@ def test_configuration_errors_reach_the_caller_at_once(conninfo: str) -> None:
         waited = time.monotonic() - started
     assert waited < 5.0, f"waited {waited:.1f} s for a configuration error"
     assert pgfailover.classify(info.value).kind is pgfailover.Kind.CONFIGURATION
+
+
+def test_a_parametrized_connection_class_is_accepted(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """``connection_class=Class[Row]`` (a generic alias, as psycopg_pool accepts) works for
+    pgfailover's class and for a user's own; the connections are failover-aware."""
+    dsn = pgfailover_cluster.primary.dsn()
+    for cls in (pgfailover.Connection[Any], AppConnection):
+        with (
+            ConnectionPool[Any](dsn, connection_class=cls, min_size=1, max_size=1) as pool,
+            pool.connection() as conn,
+        ):
+            assert isinstance(conn, pgfailover.Connection)
+            conn.execute("SELECT 1")
+
+
+class ForeignConnection(pgfailover.Connection[Any]):
+    """A connection class whose ``connect`` hands out a plain psycopg connection, as a
+    wrapped or patched ``connect`` can."""
+
+    @classmethod
+    def connect(cls, *args: Any, **kwargs: Any) -> Any:
+        return psycopg.Connection.connect(*args, **kwargs)
+
+
+def test_a_plain_connection_given_out_still_goes_back_to_the_pool(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """A connection that is not failover-aware after all (a wrapped ``connect``) is used
+    and returned like any other: putconn never strands it."""
+    dsn = pgfailover_cluster.primary.dsn()
+    with ConnectionPool[Any](
+        dsn, connection_class=ForeignConnection, min_size=1, max_size=1, timeout=5
+    ) as pool:
+        for _ in range(3):  # with max_size=1, a stranded connection would time out here
+            with pool.connection() as conn:
+                assert not isinstance(conn, pgfailover.Connection)
+                conn.execute("SELECT 1")
