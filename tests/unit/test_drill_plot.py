@@ -63,7 +63,7 @@ def drill(per_stack: int, duration: float = 30.0) -> DrillReport:
             else:
                 ops.append(Op(name, start, end, key, True))
                 found[key] = 0 if not protected and i % 997 == 0 else 1
-    return build_report({"mode": "pgbouncer"}, MARKS, 13.0, (0.0, duration), STACKS, ops, found)
+    return build_report({"target": "session"}, MARKS, 13.0, (0.0, duration), STACKS, ops, found)
 
 
 def test_render_writes_a_png_of_the_documented_size(tmp_path: Path) -> None:
@@ -155,3 +155,10 @@ def test_failover_step_labels_do_not_overlap_when_steps_are_10_ms_apart(n_stacks
     for extent in extents:
         assert frame.contains(extent.x0, extent.y0), (frame, extent)
         assert frame.contains(extent.x1, extent.y1), (frame, extent)
+
+
+def test_the_title_names_what_the_stacks_wrote_through() -> None:
+    """The title counts the stacks that wrote through and names the drill's --target (the
+    key the drill's config really has)."""
+    titles = [ax.get_title() for ax in figure(drill(10)).axes]
+    assert any(title.endswith("(target: session)") for title in titles), titles

@@ -311,11 +311,12 @@ def _draw_failover(ax: Axes, report: DrillReport, x_end: float) -> list[Artist]:
 
 
 def _title(report: DrillReport) -> str:
-    """'pgfailover drill: k of n stacks wrote through' plus the mode when the config has one."""
+    """'pgfailover drill: k of n stacks wrote through' plus what the stacks wrote through
+    (the drill's ``--target``: a PgBouncer mode or ``direct``) when the config says."""
     through = sum(1 for stack in report.stacks if stack.wrote_through)
     title = f"pgfailover drill: {through} of {len(report.stacks)} stacks wrote through"
-    mode = report.config.get("mode")
-    return f"{title} (mode: {mode})" if isinstance(mode, str) and mode else title
+    target = report.config.get("target")
+    return f"{title} (target: {target})" if isinstance(target, str) and target else title
 
 
 def _mark_labels(ax: Axes, marks: Sequence[Mark]) -> list[Text]:
