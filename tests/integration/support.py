@@ -77,10 +77,10 @@ _bouncer_clusters: dict[str, LocalCluster] = {}
 def bouncer_cluster(factory: ClusterFactory, mode: str) -> LocalCluster:
     """A cluster behind PgBouncer in ``mode``, reset, with PgBouncer's login retry at 0.1 s.
 
-    After a failed server login PgBouncer refuses new ones for ``server_login_retry`` (1 s in
-    the harness): with it, every recovery that hits a failed login takes ~1 s whatever the
-    client does. These tests measure the client, so they shorten PgBouncer's wait. One
-    cluster per mode is shared by every test of the session.
+    After a failed server login PgBouncer refuses new ones for ``server_login_retry`` (the
+    harness's default is 0.1 s, PgBouncer's own 15 s): these tests measure the client, so
+    they say the short wait explicitly. One cluster per mode is shared by every test of the
+    session.
     """
     cluster = _bouncer_clusters.get(mode)
     if cluster is None:
