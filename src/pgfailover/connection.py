@@ -43,6 +43,11 @@ RECOVERY_ERROR_SQL = (
     "USING ERRCODE = 'feature_not_supported'; END $$"
 )
 
+#: What :meth:`_FailoverAware.simulate_recovery` lets through: commit() and rollback().
+_PASSTHROUGH = frozenset(
+    {BaseConnection._commit_gen.__code__, BaseConnection._rollback_gen.__code__}
+)
+
 _IDLE = TransactionStatus.IDLE
 _INERROR = TransactionStatus.INERROR
 _IN_BLOCK = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
@@ -81,7 +86,6 @@ class _FailoverAware(BaseConnection[Row]):
     _pgf_cut_reason: str | None = None  # why the watchdog cut this connection
     _pgf_committing: bool = False
     _pgf_simulating: bool = False
-    _pgf_passthrough: object = None  # the commit/rollback generator simulation lets through
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -113,34 +117,12 @@ class _FailoverAware(BaseConnection[Row]):
             is_commit = command.startswith((b"COMMIT", b"PREPARE TRANSACTION"))
         else:  # a str: psycopg encodes it
             is_commit = command.startswith(("COMMIT", "commit", "PREPARE TRANSACTION"))
-        if not is_commit:
-            return super()._exec_command(command, result_format)
-        return self._commit_tracked(super()._exec_command(command, result_format))
-
-    def _commit_gen(self) -> PQGen[None]:
-        gen = super()._commit_gen()
-        self._pgf_passthrough = gen
-        return gen
-
-    def _rollback_gen(self) -> PQGen[None]:
-        gen = super()._rollback_gen()
-        self._pgf_passthrough = gen
-        return gen
-
-    def _commit_tracked(self, gen: PQGen[Any]) -> PQGen[Any]:
-        self._pgf_committing = True
-        try:
-            result = yield from gen
-        except psycopg.Error:
-            raise  # the flag stays set: wait() classifies the failure, then clears it
-        except BaseException:
-            self._pgf_committing = False
-            raise
-        self._pgf_committing = False
-        return result
+        if is_commit:
+            self._pgf_committing = True  # wait() classifies a failure with it, then clears it
+        return super()._exec_command(command, result_format)
 
     def _pgf_maybe_simulate(self, gen: PQGen[RV], before: int) -> PQGen[RV]:
-        if gen is self._pgf_passthrough or before == _INERROR:
+        if getattr(gen, "gi_code", None) in _PASSTHROUGH or before == _INERROR:
             return gen
         gen.close()
         return cast("PQGen[RV]", super()._exec_command(RECOVERY_ERROR_SQL))
@@ -224,6 +206,8 @@ class Connection(_FailoverAware[Row], psycopg.Connection[Row]):
         except psycopg.Error as ex:
             self._pgf_failed(ex, before)
             raise
+        finally:
+            self._pgf_committing = False
 
 
 class AsyncConnection(_FailoverAware[Row], psycopg.AsyncConnection[Row]):
@@ -239,3 +223,5 @@ class AsyncConnection(_FailoverAware[Row], psycopg.AsyncConnection[Row]):
         except psycopg.Error as ex:
             self._pgf_failed(ex, before)
             raise
+        finally:
+            self._pgf_committing = False

@@ -168,19 +168,21 @@ class AsyncConnectionPool(_BasePool[CT]):
             raise fatal.with_traceback(None)
         if timeout is None:
             timeout = self.timeout
-        deadline = monotonic() + timeout
+        start = monotonic()  # also "now" for the idle check: a few µs early is fine
+        wait = timeout
         while True:
             try:
-                conn = await super().getconn(max(deadline - monotonic(), 0.0))
+                conn = await super().getconn(wait)
             except PoolTimeout as ex:
                 raise (self._pgf.no_primary(timeout) or ex) from None
             aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
             if not self._pgf.needs_check(
-                aware.pool_generation, aware.pool_returned_at, self.recheck_interval, monotonic()
+                aware.pool_generation, aware.pool_returned_at, self.recheck_interval, start
             ):
                 return conn
             if await self._pgf_checkout_ok(conn):
                 return conn
+            wait = max(start + timeout - monotonic(), 0.0)
 
     async def _pgf_checkout_ok(self, conn: CT) -> bool:
         aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
@@ -202,7 +204,6 @@ class AsyncConnectionPool(_BasePool[CT]):
         return False
 
     async def putconn(self, conn: CT) -> None:
-        self._check_pool_putconn(conn)  # psycopg_pool's own error for a stranger
         aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
         aware.pool_returned_at = monotonic()
         aware._pgf_deadline = None  # a runner's deadline ends with its checkout
