@@ -156,6 +156,8 @@ class Watchdog:
             watched = list(self._conns.items())
         silent: dict[str, list[_FailoverAware[Any]]] = {}
         for conn, watch in watched:
+            if conn._pgf_cut_reason is not None:
+                continue  # cut already: its waiter is waking up, nothing more to do
             try:
                 active = not conn.closed and conn.pgconn.transaction_status == _ACTIVE
             except Exception:  # finished under our feet: nothing to watch
