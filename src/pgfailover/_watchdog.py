@@ -38,6 +38,7 @@ import contextlib
 import enum
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -49,8 +50,6 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg.pq import TransactionStatus
-
-from ._protocol import simple_query
 
 if TYPE_CHECKING:
     from .connection import _FailoverAware
@@ -200,6 +199,8 @@ class Watchdog:
             for conn in conns:
                 self.cuts += 1
                 cut(conn, f"no answer for {conn.silence_limit:g} s, and {why}")
+        except Exception:  # a probe must never die silently: the next look asks again
+            logger.exception("the watchdog's side probe of %s failed", endpoint)
         finally:
             with self._lock:
                 self._probing.discard(endpoint)
@@ -245,17 +246,35 @@ def side_probe(conn: Any, timeout: float) -> str | None:
     if side is None:
         return None
     try:
-        side.wait(simple_query(side, b"SELECT 1"), timeout=timeout)
-    except psycopg.errors._WaitTimeout:
-        if getattr(conn, "via_pooler", None) is not False:
-            return None
-        return f"a new connection to it got no answer within {timeout:g} s"
+        answered = _answers(side, timeout)
     except psycopg.Error as ex:
         return f"a new connection to it failed ({type(ex).__name__})"
     finally:
         with contextlib.suppress(Exception):
             side.pgconn.finish()  # never wait on it: it may be the stuck one now
-    return None
+    if answered or getattr(conn, "via_pooler", None) is not False:
+        return None
+    return f"a new connection to it got no answer within {timeout:g} s"
+
+
+def _answers(side: psycopg.Connection[Any], timeout: float) -> bool:
+    """Whether the server answers ``SELECT 1`` on ``side`` within ``timeout`` seconds (any
+    answer counts, an error included: it is alive). libpq's non-blocking calls and a
+    ``select()`` with a deadline: no psycopg wait, whose timeout argument not every psycopg
+    3.3 release has."""
+    pgconn = side.pgconn
+    pgconn.send_query(b"SELECT 1")
+    deadline = time.monotonic() + timeout
+    while True:
+        pgconn.consume_input()
+        if not pgconn.is_busy():
+            while pgconn.get_result() is not None:
+                pass
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        select.select([pgconn.socket], [], [], remaining)
 
 
 def _side_connect(conn: Any, timeout: float) -> psycopg.Connection[Any] | None:
