@@ -167,7 +167,9 @@ class FailoverState:
             return True
         if recheck_interval is None:
             return False
-        return now - returned_at >= recheck_interval
+        # 0 always checks: ``now`` may be taken before a wait for a connection handed over
+        # just after its return, which would make its idle time look negative.
+        return recheck_interval == 0 or now - returned_at >= recheck_interval
 
     def no_primary(self, timeout: float) -> NoPrimaryAvailable | None:
         """The error for a request that timed out during an outage, None outside one."""

@@ -203,6 +203,8 @@ class ConnectionPool(_BasePool[CT]):
         return False
 
     def putconn(self, conn: CT) -> None:
+        if getattr(conn, "_pool", None) is not self:
+            self._check_pool_putconn(conn)  # psycopg_pool's error, before we touch a stranger
         aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
         aware.pool_returned_at = monotonic()
         aware._pgf_deadline = None  # a runner's deadline ends with its checkout

@@ -361,3 +361,26 @@ def test_a_plain_connection_given_out_still_goes_back_to_the_pool(
             with pool.connection() as conn:
                 assert not isinstance(conn, pgfailover.Connection)
                 conn.execute("SELECT 1")
+
+
+def test_a_poisoned_connection_returned_to_the_wrong_pool_leaves_that_pool_alone(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """putconn() of another pool's poisoned connection raises psycopg_pool's ValueError
+    before anything else: the wrong pool neither closes it nor purges itself."""
+    dsn = pgfailover_cluster.primary.dsn()
+    with (
+        ConnectionPool[Any](dsn, min_size=1, max_size=1, name="owner") as owner,
+        ConnectionPool[Any](dsn, min_size=1, max_size=1, name="other") as other,
+    ):
+        conn = owner.getconn()
+        conn.simulate_recovery()
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute("SELECT 1")
+        assert conn.poisoned is not None
+        with pytest.raises(ValueError, match="it comes from pool 'owner'"):
+            other.putconn(conn)
+        assert not conn.closed
+        assert other.get_stats()["generations_purged"] == 0
+        assert other.get_stats()["connections_poisoned"] == 0
+        owner.putconn(conn)

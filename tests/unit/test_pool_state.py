@@ -116,3 +116,11 @@ def test_pool_events_are_delivered_outside_the_state_lock() -> None:
     state.poisoned(0, READ_ONLY, now=1.0)
     state.connected(now=2.0)
     assert [s["generations_purged"] for s in seen] == [1, 1]
+
+
+def test_recheck_interval_zero_checks_even_a_connection_returned_after_now() -> None:
+    """0 means every checkout: also for a connection handed over after the caller read
+    the clock (returned_at later than now)."""
+    state = FailoverState(pooler=None)
+    assert state.needs_check(0, returned_at=10.5, recheck_interval=0, now=10.0)
+    assert not state.needs_check(0, returned_at=10.5, recheck_interval=5, now=10.0)
