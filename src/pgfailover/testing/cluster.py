@@ -388,6 +388,8 @@ class LocalCluster:
         self._primary: Node | None = None
         self._ports: list[int] = []
         self._closed = False
+        #: Frozen nodes (by name) and the PIDs :meth:`freeze` stopped, postmaster first.
+        self._frozen: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalCluster:
@@ -458,6 +460,7 @@ class LocalCluster:
         if self._closed:
             return
         self._closed = True
+        self._thaw_all()  # a stopped process would never act on the signals below
         procs: list[ServerProcess] = []
         if self.pgbouncer and self.pgbouncer.process:
             self.pgbouncer.process.signal(signal.SIGTERM)
@@ -598,6 +601,7 @@ class LocalCluster:
             raise ValueError(f"stop mode must be smart, fast or immediate, got {mode!r}")
         watch = _Stopwatch()
         with watch.phase("stop"):
+            self._thaw_quietly(node)  # a frozen server would never act on the signal
             if node.process and node.running:
                 node.process.stop(_STOP_SIGNALS[mode], timeout=self.ready_timeout)
         return watch.result()
@@ -608,10 +612,54 @@ class LocalCluster:
         with watch.phase("kill"):
             if node.process and node.running:
                 node.process.signal(signal.SIGKILL)
+                self._thaw_quietly(node)  # frozen children would never see their parent die
                 node.process.wait(self.ready_timeout)
                 if not node.process.wait_group_gone(self.ready_timeout):
                     node.process.kill_group()
         return watch.result()
+
+    def freeze(self, node: Node) -> Timings:
+        """Freeze ``node`` as a hung machine would: SIGSTOP its postmaster, then every process
+        under it (backends, WAL sender or receiver, background workers).
+
+        The server keeps its sockets, so the kernel still accepts new TCP connections and
+        acknowledges every byte sent, but nothing answers: a statement in flight waits, a
+        new connection gets no start-up reply. :meth:`thaw` resumes it; :meth:`reset`,
+        :meth:`stop`, :meth:`kill` and :meth:`close` thaw it first, so no teardown waits on
+        a stopped process. Freezing a frozen node is a no-op; HarnessError if ``node`` is
+        not running. Phase: ``freeze``.
+        """
+        watch = _Stopwatch()
+        with watch.phase("freeze"):
+            if node.name in self._frozen:
+                return watch.result()
+            pid = node.pid
+            if pid is None:
+                raise HarnessError(f"{node.name} is not running: there is nothing to freeze")
+            stopped = [pid]
+            self._frozen[node.name] = stopped
+            os.kill(pid, signal.SIGSTOP)  # first: a stopped postmaster forks no new child
+            # A child forked just before the stop appears in a later scan: scan until none is
+            # new (a stopped process cannot fork, so this ends).
+            while fresh := [p for p in _descendants(pid) if p not in stopped]:
+                for child in fresh:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGSTOP)
+                    stopped.append(child)
+        return watch.result()
+
+    def thaw(self, node: Node) -> Timings:
+        """Resume a node :meth:`freeze` stopped (SIGCONT to every process it stopped and any
+        process now under the postmaster); it answers again at once. A no-op if the node is
+        not frozen. Phase: ``thaw``."""
+        watch = _Stopwatch()
+        with watch.phase("thaw"):
+            self._thaw_quietly(node)
+        return watch.result()
+
+    def frozen(self, node: Node) -> bool:
+        """Whether ``node`` is frozen (by :meth:`freeze`, not thawed since)."""
+        return node.name in self._frozen
 
     def promote(self, node: Node) -> Timings:
         """Promote the standby ``node`` and wait until it accepts writes; it becomes ``primary``."""
@@ -721,9 +769,13 @@ class LocalCluster:
         """Restore the known topology cheaply: every node running, ``node0`` primary, the others
         its streaming standbys, PgBouncer running and pointing at ``node0``.
 
-        Costs one role query per node when the topology is already right.
+        Frozen nodes are thawed first. Costs one role query per node when the topology is
+        already right.
         """
         watch = _Stopwatch()
+        if self._frozen:
+            with watch.phase("thaw"):
+                self._thaw_all()
         home = self.nodes[0]
         roles = {n.name: self.role(n) for n in self.nodes}
         primaries = [n for n in self.nodes if roles[n.name] == "primary"]
@@ -759,6 +811,20 @@ class LocalCluster:
         return watch.result()
 
     # ------------------------------------------------------------------ internals
+    def _thaw_quietly(self, node: Node) -> None:
+        stopped = self._frozen.pop(node.name, None)
+        if stopped is None:
+            return
+        # Whatever the postmaster forked meanwhile is resumed too (none should exist).
+        pids = stopped + [p for p in _descendants(stopped[0]) if p not in stopped]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def _thaw_all(self) -> None:
+        for node in self.nodes:
+            self._thaw_quietly(node)
+
     def _env(self) -> dict[str, str]:
         return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -1032,6 +1098,32 @@ class LocalCluster:
     def __repr__(self) -> str:
         nodes = ", ".join(f"{n.name}@{n.port}" for n in self.nodes)
         return f"<LocalCluster [{nodes}] primary={self._primary and self._primary.name}>"
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every live process under ``pid`` (children, their children...), parents
+    first, found by scanning ``/proc`` for parent PIDs. Only the harness's own servers are
+    ever looked up, so only processes it started are found."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found.extend(kids)
+        todo.extend(kids)
+    return found
 
 
 def _close_open_clusters() -> None:
