@@ -31,6 +31,7 @@ from .events import (
     NodeInfo,
     PoolEvent,
     RetryEvent,
+    TopologyEvent,
     subscribe,
     unsubscribe,
 )
@@ -44,6 +45,12 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers
     from .errors import NoPrimaryAvailable
     from .pool import ConnectionPool
     from .pool_async import AsyncConnectionPool
+    from .topology import (
+        AsyncHostListTopology,
+        AsyncPatroniTopology,
+        HostListTopology,
+        PatroniTopology,
+    )
 
 _POOL_NAMES = ("AsyncConnectionPool", "ConnectionPool", "NoPrimaryAvailable")
 _POOL_MODULES = {
@@ -52,14 +59,27 @@ _POOL_MODULES = {
     "NoPrimaryAvailable": "errors",
 }
 
+#: Topology sources, imported on first use (they bring urllib and the in-band checks).
+_TOPOLOGY_NAMES = (
+    "AsyncHostListTopology",
+    "AsyncPatroniTopology",
+    "HostListTopology",
+    "PatroniTopology",
+)
+
 
 def __getattr__(name: str) -> object:
     """Import the optional integrations on first use: the pools need the ``pool`` extra
-    (psycopg_pool), :mod:`pgfailover.sqlalchemy` the ``sqlalchemy`` extra."""
+    (psycopg_pool), :mod:`pgfailover.sqlalchemy` the ``sqlalchemy`` extra; the topology
+    sources (:mod:`pgfailover.topology`) need nothing extra."""
     if name == "sqlalchemy":
         import importlib  # noqa: PLC0415 - lazy: the sqlalchemy extra is optional
 
         return importlib.import_module(".sqlalchemy", __name__)
+    if name in _TOPOLOGY_NAMES:
+        from . import topology  # noqa: PLC0415 - lazy: only clusters with a topology need it
+
+        return getattr(topology, name)
     if name in _POOL_NAMES:
         import importlib  # noqa: PLC0415 - lazy: the pool extra is optional
 
@@ -73,10 +93,12 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'pgfailover' has no attribute {name!r}")
 
 
-__all__ = [  # includes the lazily imported pool names
+__all__ = [  # includes the lazily imported pool and topology names
     "RECOVERY_MESSAGE",
     "AsyncConnection",
     "AsyncConnectionPool",
+    "AsyncHostListTopology",
+    "AsyncPatroniTopology",
     "AsyncTransactionRunner",
     "CommitOutcomeUnknown",
     "Connection",
@@ -85,12 +107,14 @@ __all__ = [  # includes the lazily imported pool names
     "Event",
     "EventHook",
     "FailoverEvent",
+    "HostListTopology",
     "InvalidConninfo",
     "Kind",
     "NoPrimaryAvailable",
     "NodeInfo",
     "NotWritable",
     "Outcome",
+    "PatroniTopology",
     "Phase",
     "PoolEvent",
     "RetryCondition",
@@ -98,6 +122,7 @@ __all__ = [  # includes the lazily imported pool names
     "RetryPolicy",
     "Role",
     "RoleReport",
+    "TopologyEvent",
     "TransactionRunner",
     "Verdict",
     "aprobe",

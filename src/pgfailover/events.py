@@ -155,16 +155,44 @@ class PoolEvent:
         return f"pool {self.pool}: {self.action}{how} (generation {self.generation}){why}"
 
 
+@dataclass(frozen=True, slots=True)
+class TopologyEvent:
+    """A topology source (:mod:`pgfailover.topology`) saw something a human should know.
+
+    ``action`` is ``in-band fallback`` (the Patroni REST API failed: the last known members
+    are checked in-band instead; emitted once until the API answers again), ``REST API
+    answers again``, ``fenced`` (an endpoint that says it is a writable primary was refused:
+    it is not the leader, or is on an older timeline) or ``split brain`` (in-band checks
+    found several primaries; ``detail`` says which one was chosen, if any). ``source`` names
+    the source (its class and where it looks), ``leader`` is the leader's ``host:port``
+    when one is known, ``detail`` says what was seen. Nothing in it holds a password.
+    """
+
+    action: str
+    source: str
+    detail: str = ""
+    leader: str | None = None
+    timestamp: float = field(default_factory=time.time)
+    monotonic: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        """One line: source, action, what was seen, the leader."""
+        leader = f" (leader {self.leader})" if self.leader else ""
+        detail = f": {self.detail}" if self.detail else ""
+        return f"topology {self.source}: {self.action}{detail}{leader}"
+
+
 #: Everything a hook can receive.
-Event = FailoverEvent | RetryEvent | PoolEvent
+Event = FailoverEvent | RetryEvent | PoolEvent | TopologyEvent
 
 
 class EventHook(Protocol):
     """A subscriber: called once per event, in the thread (or task) that hit the failure.
 
     It receives a :class:`FailoverEvent` (a connection found its node unusable), a
-    :class:`RetryEvent` (a unit of work failed; what happens next) or a :class:`PoolEvent`
-    (a pool purged a generation, or reached a primary again); tell them apart with
+    :class:`RetryEvent` (a unit of work failed; what happens next), a :class:`PoolEvent`
+    (a pool purged a generation, or reached a primary again) or a :class:`TopologyEvent`
+    (a topology source fell back, fenced a node, saw a split brain); tell them apart with
     ``isinstance``.
     """
 
@@ -225,12 +253,12 @@ def _emit(event: Event) -> None:
     """Log ``event`` once and deliver it to every subscribed hook.
 
     Failover events are logged at WARNING with the caller's stack; retry events at INFO
-    when the work goes on, at WARNING when it gives up; pool events at WARNING, without a
-    stack (they are the pool's, not a caller's).
+    when the work goes on, at WARNING when it gives up; pool and topology events at
+    WARNING, without a stack (they are the pool's or the source's, not a caller's).
     """
     if isinstance(event, RetryEvent) and event.action == "retry":
         logger.info("%s", event.summary(), extra={"pgfailover_event": event})
-    elif isinstance(event, PoolEvent):
+    elif isinstance(event, (PoolEvent, TopologyEvent)):
         logger.warning("%s", event.summary(), extra={"pgfailover_event": event})
     else:
         logger.warning(
