@@ -55,15 +55,19 @@ def normalize_url(url: str) -> str:
     if not isinstance(url, str):
         raise TypeError(f"a Patroni REST API URL must be a string, got {type(url).__name__}")
     parts = urllib.parse.urlsplit(url.strip())
+    if "@" in parts.netloc:
+        raise ValueError(
+            "a Patroni REST API URL must not hold credentials (GET /cluster needs none):"
+            f" give http://{parts.netloc.rpartition('@')[2]}"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        shown = parts._replace(netloc=parts.hostname or "").geturl() if parts.netloc else url
-        if "@" in url:
-            shown = "(a URL with credentials)"
-        raise ValueError(f"a Patroni REST API URL must look like http://host:8008, got {shown!r}")
+        raise ValueError(f"a Patroni REST API URL must look like http://host:8008, got {url!r}")
     try:
         parts.port  # noqa: B018 - validates the port
     except ValueError:
-        raise ValueError(f"invalid port in Patroni REST API URL for {parts.hostname}") from None
+        raise ValueError(
+            f"a Patroni REST API URL must look like http://host:8008, got {url!r} (bad port)"
+        ) from None
     path = parts.path.rstrip("/")
     for endpoint in ("/cluster", "/patroni"):
         if path.endswith(endpoint):
