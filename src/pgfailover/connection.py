@@ -27,12 +27,14 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg._connection_base import BaseConnection
-from psycopg.abc import PQGen, QueryNoTemplate
+from psycopg.abc import ConnDict, PQGen, QueryNoTemplate
 from psycopg.pq import Format, TransactionStatus
 from psycopg.rows import Row
 
 from . import _watchdog
+from ._secrets import scrub, secret_candidates
 from .classify import RECOVERY_MESSAGE, Phase, Verdict, attach_verdict, classify
+from .errors import InvalidConninfo
 from .events import FailoverEvent, NodeInfo, _emit, caller_stack, diagnostics_of
 
 RV = TypeVar("RV")
@@ -182,6 +184,14 @@ class _FailoverAware(BaseConnection[Row]):
             return NodeInfo(None, None, None, self.via_pooler, self.server_address)
 
 
+def _invalid_conninfo(ex: psycopg.ProgrammingError, conninfo: str) -> InvalidConninfo:
+    """psycopg's parse error for ``conninfo`` as :class:`InvalidConninfo`, without the
+    password (libpq's URL errors quote the whole URL)."""
+    reason = " ".join(str(ex).split())
+    secrets = secret_candidates(conninfo) if isinstance(conninfo, str) else []
+    return InvalidConninfo("cannot parse the connection string: " + scrub(reason, secrets))
+
+
 # The parents' wait(), bound once: a plain function call is cheaper than super() on every
 # operation of every connection.
 _sync_wait = psycopg.Connection.wait
@@ -195,6 +205,14 @@ class Connection(_FailoverAware[Row], psycopg.Connection[Row]):
     ``psycopg_pool.ConnectionPool(connection_class=pgfailover.Connection)``, SQLAlchemy's
     ``creator``. See :attr:`poisoned`, :attr:`via_pooler`, :meth:`simulate_recovery`.
     """
+
+    @classmethod
+    def _get_connection_params(cls, conninfo: str, **kwargs: Any) -> ConnDict:
+        # A conninfo psycopg cannot parse raises InvalidConninfo without the password.
+        try:
+            return super()._get_connection_params(conninfo, **kwargs)
+        except psycopg.ProgrammingError as ex:
+            raise _invalid_conninfo(ex, conninfo) from None
 
     def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
         before = self.pgconn.transaction_status
@@ -212,6 +230,14 @@ class Connection(_FailoverAware[Row], psycopg.Connection[Row]):
 
 class AsyncConnection(_FailoverAware[Row], psycopg.AsyncConnection[Row]):
     """Async twin of :class:`Connection`, a real :class:`psycopg.AsyncConnection`."""
+
+    @classmethod
+    async def _get_connection_params(cls, conninfo: str, **kwargs: Any) -> ConnDict:
+        # A conninfo psycopg cannot parse raises InvalidConninfo without the password.
+        try:
+            return await super()._get_connection_params(conninfo, **kwargs)
+        except psycopg.ProgrammingError as ex:
+            raise _invalid_conninfo(ex, conninfo) from None
 
     async def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
         before = self.pgconn.transaction_status
