@@ -373,6 +373,11 @@ _MESSAGE_RULES: Final[tuple[tuple[tuple[str, ...], _Rule], ...]] = (
             "expected authentication request from server",
             "invalid length of startup packet",
             "unsupported frontend protocol",
+            # PgBouncer refusing a login: its admin console for a user that is neither in
+            # admin_users nor in stats_users, a database or user it does not know
+            "fatal:  not allowed",
+            "no such database:",
+            "no such user:",
         ),
         _config(
             "no SQLSTATE, but the message says the connection's configuration cannot work "
@@ -404,6 +409,12 @@ _CONNINFO_MESSAGES: Final = (
     "bad value for connect_timeout",
     "invalid integer value",
     "invalid port number",
+    # libpq's URL parser (its message quotes the URL: see pgfailover.InvalidConninfo)
+    "in uri",
+    "percent-encoded",
+    "unterminated quoted string",
+    # pgfailover.InvalidConninfo
+    "cannot parse the connection string",
 )
 _INVALID_VALUE_RE: Final = re.compile(r"invalid [a-z_]+ value")
 _CONNINFO: Final = _config("invalid connection parameters: fix the configuration")
