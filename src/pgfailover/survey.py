@@ -531,6 +531,8 @@ _MESSAGE_CODES: tuple[tuple[str, ErrorKind, str], ...] = (
     ('role "', "auth", "28000"),  # role "x" does not exist
     ('database "', "no-database", "3D000"),  # database "x" does not exist
     ("no such database", "no-database", "3D000"),  # PgBouncer's wording
+    ("fatal:  not allowed", "auth", "28000"),  # PgBouncer's admin console refusing the user
+    ("no such user", "auth", "28000"),  # PgBouncer's wording
     ("the database system is", "unavailable", "57P03"),
     ("too many clients", "unavailable", "53300"),
     ("remaining connection slots", "unavailable", "53300"),
