@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import re
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
@@ -298,11 +299,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _masked(arg: str) -> str:
+    """A stray command-line argument as an error may show it: a URL's password and
+    everything after a ``password=`` (one argument, spaces included) masked."""
+    from ._secrets import scrub, secret_candidates
+
+    arg = scrub(arg, secret_candidates(arg))
+    return re.sub(r"(password\s*=\s*).*", r"\1***", arg, flags=re.IGNORECASE | re.DOTALL)
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of sub-command ``name`` (its ``error()`` prints that command's usage)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found = action.choices[name]
+            assert isinstance(found, argparse.ArgumentParser)
+            return found
+    raise KeyError(name)  # pragma: no cover - every command is registered by build_parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (argparse exits with status 2 itself on
     bad options, and 0 after ``--help`` or ``--version``)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # argparse would blame the program: the sub-command's usage says more
+        _subparser(parser, args.command).error(
+            "unrecognized arguments: " + " ".join(_masked(arg) for arg in extras)
+        )
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -315,8 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             with _log_level(quiet, logging.ERROR):
                 return _run_drill(args)
         if args.command == "probe":
+            from .errors import InvalidConninfo
             from .survey import run_command as run_probe
+            from .survey import split_hosts
 
+            try:
+                split_hosts(args.dsn)
+            except InvalidConninfo as ex:  # its message never holds the password
+                _subparser(parser, "probe").error(f"argument dsn: {ex}")
             return run_probe(args)
         if args.command == "demo":
             from .testing.demo import run
