@@ -41,12 +41,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: The sizes: faults per scenario and the stacks' settings.
 SIZES: dict[str, dict[str, int]] = {
-    "full": {"crashes": 50, "async_crashes": 20, "switchovers": 50, "blackholes": 2, "freezes": 2},
+    "full": {"crashes": 50, "async_crashes": 50, "switchovers": 50, "blackholes": 2, "freezes": 2},
     "ci": {"crashes": 3, "async_crashes": 3, "switchovers": 5, "blackholes": 1, "freezes": 1},
 }
 SETTINGS: dict[str, Settings] = {
     # The library's defaults for the watchdog (5 s silence, 3 s probe): the stated bound.
-    "full": Settings(workers=2, rate=25.0, runner_timeout=30.0, pool_timeout=5.0),
+    "full": Settings(workers=2, rate=50.0, runner_timeout=30.0, pool_timeout=5.0),
     # Smaller bounds, as the CI-sized tests configure them.
     "ci": Settings(
         workers=1,

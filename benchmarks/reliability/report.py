@@ -168,6 +168,7 @@ def summary_table(run: Run) -> str:
         "what was done",
         "times",
         "calls",
+        "in flight at a fault",
         "acknowledged",
         "failed",
         "CommitOutcomeUnknown",
@@ -188,6 +189,7 @@ def summary_table(run: Run) -> str:
                 s.done,
                 s.times,
                 s.total("calls"),
+                s.total("caught"),
                 s.total("acked"),
                 s.total("failed"),
                 s.total("unknown"),
@@ -207,8 +209,8 @@ def summary_table(run: Run) -> str:
             if f.present
             else f"{f.path} not present: not run"
         )
-        rows.append([f.scenario, "", what, f.tests, *[""] * 11])
-    return _table(header, rows, [False] * 3 + [True] * 12)
+        rows.append([f.scenario, "", what, f.tests, *[""] * 12])
+    return _table(header, rows, [False] * 3 + [True] * 13)
 
 
 def stack_table(result: ScenarioResult) -> str:
@@ -216,6 +218,7 @@ def stack_table(result: ScenarioResult) -> str:
     header = [
         "stack",
         "calls",
+        "in flight at a fault",
         "acknowledged",
         "failed",
         "CommitOutcomeUnknown",
@@ -231,6 +234,7 @@ def stack_table(result: ScenarioResult) -> str:
         [
             s.stack,
             s.calls,
+            s.caught,
             s.acked,
             s.failed,
             s.unknown,
@@ -244,7 +248,7 @@ def stack_table(result: ScenarioResult) -> str:
         ]
         for s in result.stacks
     ]
-    return _table(header, rows, [False] + [True] * 10 + [False])
+    return _table(header, rows, [False] + [True] * 11 + [False])
 
 
 def _machine_line(m: dict[str, Any]) -> str:
@@ -276,9 +280,11 @@ def markdown(run: Run) -> str:
         " without a unique key, and runs the checker workload through eight stacks at once:"
         " a pgfailover pool, the same under the transaction runner, an instrumented"
         " SQLAlchemy engine, the same under the runner, each sync (threads) and async (tasks)."
-        " Every call inserts one unique key. A call is *acknowledged* when it returned"
-        " success. At the end every key is looked up on the final primary: *lost* are"
-        " acknowledged keys missing there, *duplicated* keys present twice, *phantom* keys"
+        " Every call inserts one unique key. *In flight at a fault*: calls that had begun"
+        " and not ended when a fault began (what the faults really hit). A call is"
+        " *acknowledged* when it returned success. At the end every key is looked up on the"
+        " final primary: *lost* are acknowledged keys missing there, *duplicated* keys"
+        " present twice, *phantom* keys"
         " present although their call failed (f) or raised CommitOutcomeUnknown (u), both"
         " allowed since the caller was not told success, or without a call that ended (x,"
         " never allowed). *Stuck* are calls that took longer than their bound (runner"

@@ -136,6 +136,8 @@ class Record:
         #: The longest wait of a call during a fault (:meth:`Workload.fault`): from the
         #: fault's start, or the call's if later, to the call's end.
         self.fault_to_end = 0.0
+        #: Calls in flight at the instant a fault began.
+        self.caught = 0
         self.in_flight_since: float | None = None
 
     def begin(self) -> tuple[int, float] | None:
@@ -161,6 +163,7 @@ class Record:
             self.stuck += 1
         if fault is not None and started < fault[1] and ended > fault[0]:
             self.fault_to_end = max(self.fault_to_end, ended - max(started, fault[0]))
+            self.caught += started <= fault[0]
 
     def keys(self, prefix: str, outcome: int) -> set[str]:
         """Keys of the calls that ended with ``outcome``."""
@@ -542,7 +545,8 @@ class StackResult:
     more than once. ``phantom_failed`` / ``phantom_unknown``: keys present although the call
     failed / raised CommitOutcomeUnknown (allowed: the outcome was not a success).
     ``phantom_unexplained``: present but never the subject of a call that ended (a call
-    still in flight at the end). ``stuck``: calls that took longer than their bound, or never
+    still in flight at the end). ``caught``: calls in flight at the instant a fault began
+    (how many the faults really hit). ``stuck``: calls that took longer than their bound, or never
     ended. ``slowest_s``: the longest call. ``fault_to_end_s``: the longest time from a
     fault's start to the end of a call in flight then (0 when no fault was marked).
     """
@@ -557,6 +561,7 @@ class StackResult:
     phantom_failed: int = 0
     phantom_unknown: int = 0
     phantom_unexplained: int = 0
+    caught: int = 0
     stuck: int = 0
     slowest_s: float = 0.0
     fault_to_end_s: float = 0.0
@@ -589,6 +594,7 @@ def verify(workload: Workload, counts: dict[str, int]) -> list[StackResult]:
             failed |= record.keys(prefix, FAILED)
             unknown |= record.keys(prefix, UNKNOWN)
             res.calls += record.calls
+            res.caught += record.caught
             res.stuck += record.stuck + (record.in_flight_since is not None)
             res.slowest_s = max(res.slowest_s, record.slowest)
             res.fault_to_end_s = max(res.fault_to_end_s, record.fault_to_end)
