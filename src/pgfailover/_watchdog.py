@@ -30,12 +30,20 @@ How it works (decisions in :func:`judge`, pure; the thread does the I/O):
 Through a multiplexing pooler a side connection that is made but gets no answer is not
 proof (the pooler may have no free server connection): the connection is then left to its
 deadline, if any.
+
+Connections that are not pgfailover's (the DBAPI connections of an instrumented SQLAlchemy
+engine: psycopg, psycopg2, asyncpg) are watched through a :class:`Watchable`, which says
+from the driver's own state whether an operation is in flight, counts operations where the
+driver does, and gives the socket to cut and a conninfo for the side probe. The same
+:func:`judge` decides for both kinds; a pgfailover connection's path is unchanged (its
+operation count stays one integer increment, and nothing else is asked of it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import os
 import select
@@ -43,13 +51,13 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
-from psycopg.pq import TransactionStatus
+from psycopg.pq import Conninfo, TransactionStatus
 
 if TYPE_CHECKING:
     from .connection import _FailoverAware
@@ -117,12 +125,59 @@ def judge(
     return Action.NOTHING
 
 
+class Watchable:
+    """A connection that is not a pgfailover connection, as the watchdog sees it.
+
+    Subclasses read the driver's own state: :meth:`in_flight` (an operation waits for the
+    server), :attr:`_pgf_ops` (an operation count; a constant where the driver keeps none:
+    then an operation is *silent* once it has been seen in flight at every look for
+    ``silence_limit``, so a connection kept busy by many short statements may be asked
+    about, harmlessly, now and then), :meth:`socket_fd`, :meth:`endpoint` and
+    :meth:`conninfo`. None of them may block or do I/O: the watchdog thread calls them
+    while another thread or event loop uses the connection.
+
+    The watchdog holds it weakly: whoever registers it keeps it alive as long as its
+    connection lives. ``silence_limit``/``probe_timeout`` mean what they mean on
+    :class:`pgfailover.Connection`; ``via_pooler`` too (None: unknown).
+    """
+
+    def __init__(self, silence_limit: float | None, probe_timeout: float) -> None:
+        self.silence_limit = silence_limit
+        self.probe_timeout = probe_timeout
+        self.via_pooler: bool | None = None
+        self._pgf_deadline: float | None = None  # monotonic; an operation past it is cut
+        self._pgf_cut_reason: str | None = None  # why the watchdog cut the connection
+
+    @property
+    def _pgf_ops(self) -> int:
+        """Operations the driver has performed (a change means progress); 0 if it cannot
+        say."""
+        return 0
+
+    def in_flight(self) -> bool:
+        """Whether an operation is waiting for the server (False once closed)."""
+        raise NotImplementedError
+
+    def socket_fd(self) -> int:
+        """The file descriptor of the connection's socket (OSError or any error: closed)."""
+        raise NotImplementedError
+
+    def endpoint(self) -> str:
+        """``host:port`` the connection was opened to."""
+        raise NotImplementedError
+
+    def conninfo(self) -> str:
+        """A libpq conninfo reaching the same server with the same credentials. Holds the
+        password: never log it."""
+        raise NotImplementedError
+
+
 class Watchdog:
     """The process's watchdog (see the module doc); :func:`watch` registers connections."""
 
     def __init__(self, tick: float = TICK) -> None:
         self.tick = tick
-        self._conns: weakref.WeakKeyDictionary[_FailoverAware[Any], Watch] = (
+        self._conns: weakref.WeakKeyDictionary[_FailoverAware[Any] | Watchable, Watch] = (
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
@@ -132,7 +187,7 @@ class Watchdog:
         self.probes_run = 0
         self.cuts = 0
 
-    def watch(self, conn: _FailoverAware[Any]) -> None:
+    def watch(self, conn: _FailoverAware[Any] | Watchable) -> None:
         """Watch ``conn`` until it is garbage; starts the thread on first use."""
         with self._lock:
             self._conns[conn] = Watch()
@@ -153,12 +208,15 @@ class Watchdog:
     def _look(self, now: float) -> None:
         with self._lock:
             watched = list(self._conns.items())
-        silent: dict[str, list[_FailoverAware[Any]]] = {}
+        silent: dict[str, list[_FailoverAware[Any] | Watchable]] = {}
         for conn, watch in watched:
             if conn._pgf_cut_reason is not None:
                 continue  # cut already: its waiter is waking up, nothing more to do
             try:
-                active = not conn.closed and conn.pgconn.transaction_status == _ACTIVE
+                if isinstance(conn, Watchable):
+                    active = conn.in_flight()
+                else:
+                    active = not conn.closed and conn.pgconn.transaction_status == _ACTIVE
             except Exception:  # finished under our feet: nothing to watch
                 logger.debug("a watched connection cannot say its status", exc_info=True)
                 active = False
@@ -187,7 +245,7 @@ class Watchdog:
                 daemon=True,
             ).start()
 
-    def _probe(self, endpoint: str, conns: Iterable[_FailoverAware[Any]]) -> None:
+    def _probe(self, endpoint: str, conns: Iterable[_FailoverAware[Any] | Watchable]) -> None:
         try:
             conns = list(conns)
             first = conns[0]
@@ -208,7 +266,9 @@ class Watchdog:
 
 def _endpoint(conn: Any) -> str:
     try:
-        return f"{conn.info.host}:{conn.info.port}"
+        return (
+            conn.endpoint() if isinstance(conn, Watchable) else f"{conn.info.host}:{conn.info.port}"
+        )
     except Exception:  # finished: any key will do, the probe will find it closed
         return "unknown"
 
@@ -227,6 +287,25 @@ def side_conninfo(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) 
     options["port"] = str(conn.info.port)
     options.pop("hostaddr", None)
     return make_conninfo("", **options)
+
+
+def conninfo_of(options: Mapping[str, object]) -> str:
+    """A conninfo of ``options`` (libpq keywords; None values skipped) for a side
+    connection: keywords psycopg's libpq does not know (another driver's libpq may be newer)
+    and those a side connection must not copy (routing, bounds) are left out. Holds the
+    password if given: never log it."""
+    known = _libpq_keywords()
+    kept = {
+        k: str(v)
+        for k, v in options.items()
+        if v is not None and k in known and k not in _DROPPED_OPTIONS
+    }
+    return make_conninfo("", **kept)
+
+
+@functools.cache
+def _libpq_keywords() -> frozenset[str]:
+    return frozenset(opt.keyword.decode() for opt in Conninfo.get_defaults())
 
 
 def side_probe(conn: Any, timeout: float) -> str | None:
@@ -280,7 +359,7 @@ def _answers(side: psycopg.Connection[Any], timeout: float) -> bool:
 def _side_connect(conn: Any, timeout: float) -> psycopg.Connection[Any] | None:
     """A new connection to ``conn``'s server (None if ``conn`` was finished meanwhile)."""
     try:
-        conninfo = side_conninfo(conn)
+        conninfo = conn.conninfo() if isinstance(conn, Watchable) else side_conninfo(conn)
     except Exception as ex:  # the silent connection was finished meanwhile
         logger.debug("cannot build the side conninfo: %s", type(ex).__name__)
         return None
@@ -292,13 +371,13 @@ def _side_connect(conn: Any, timeout: float) -> psycopg.Connection[Any] | None:
     )
 
 
-def cut(conn: _FailoverAware[Any], reason: str) -> None:
+def cut(conn: _FailoverAware[Any] | Watchable, reason: str) -> None:
     """Shut ``conn``'s socket down: whoever waits on it wakes with a connection error.
 
     ``reason`` is kept on the connection, which adds it to the error's notes.
     """
     try:
-        fd = conn.pgconn.socket
+        fd = conn.socket_fd() if isinstance(conn, Watchable) else conn.pgconn.socket
     except Exception:  # already finished: nothing to wake
         return
     conn._pgf_cut_reason = reason
@@ -314,6 +393,6 @@ def cut(conn: _FailoverAware[Any], reason: str) -> None:
 WATCHDOG = Watchdog()
 
 
-def watch(conn: _FailoverAware[Any]) -> None:
+def watch(conn: _FailoverAware[Any] | Watchable) -> None:
     """Register ``conn`` with the process's watchdog."""
     WATCHDOG.watch(conn)

@@ -35,6 +35,19 @@ What it changes:
   checks above. This replaces the blind ``pool_pre_ping`` (``;`` passes on a standby);
   ``pool_pre_ping=True`` may stay on and still catches dead connections.
 
+- **Statements in flight on a silent server** (the process's watchdog, as for
+  :class:`pgfailover.Connection`): each new DBAPI connection is registered with it. An
+  operation in flight with no sign of life for ``silence_limit`` seconds makes it ask the
+  server, on a side connection bounded by ``probe_timeout``, whether it answers; a live
+  server's slow statement is left alone, a silent one gets the connection's socket shut
+  down, so the call fails with the driver's connection error, which ``handle_error``
+  classifies as a lost connection (invalidated, the outage recorded). A statement on a
+  dead, blackholed or frozen server thus ends within about
+  ``silence_limit + 2 * probe_timeout`` seconds (11 s by default). In flight means: libpq's
+  transaction status is ACTIVE (psycopg, psycopg2); a cursor execution holds the
+  adapter's lock, or its COMMIT/ROLLBACK is under way (asyncpg). The happy path costs
+  nothing per statement.
+
 Each connection invalidated for a failover produces one
 :class:`~pgfailover.events.FailoverEvent` (logged once on ``pgfailover.events``).
 :meth:`Instrumentation.stats` returns the counters. ``instrument()`` is idempotent and
@@ -47,6 +60,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import sys
 import threading
 import time
 import weakref
@@ -60,6 +75,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
 
+from . import _watchdog
 from ._state import FailoverState, finding
 from .classify import Kind, Phase, Verdict, attach_verdict, classify
 from .connection import _FailoverAware
@@ -85,6 +101,7 @@ _GENERATION = "pgfailover.generation"  # record.info: the engine generation it w
 _VIA_POOLER = "pgfailover.via_pooler"  # record.info: what the first query probe found
 _REPORTED = "pgfailover.reported"  # record.info: an event was emitted for this connection
 _SERVER = "pgfailover.server"  # record.info: host:port of the server behind, per last query
+_WATCHED = "pgfailover.watched"  # record.info: the DBAPI connection's watchdog handle
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +111,8 @@ class Options:
     recheck_interval: float | None
     timeout: float
     pooler: bool | None
+    silence_limit: float | None
+    probe_timeout: float
 
 
 class Instrumentation:
@@ -162,6 +181,10 @@ class Instrumentation:
             phase=_phase(ctx, proxied, driver),
         )
         attach_verdict(original, verdict)
+        watched = proxied.info.get(_WATCHED) if proxied is not None else None
+        cut = watched._pgf_cut_reason if watched is not None else None
+        if cut is not None and sys.version_info >= (3, 11):
+            original.add_note(f"pgfailover: the watchdog cut this connection: {cut}")
         if not verdict.discard_connection or proxied is None:
             return None
         ctx.is_disconnect = True
@@ -245,6 +268,7 @@ class Instrumentation:
                 raise
             self.state.connect_failed(_endpoint_of_params(cparams), verdict, time.monotonic())
             return None, ex
+        watched = self._watch(dialect, dbapi_conn)  # the probe below is watched too
         validate = self.state.outage_since is not None or not self._null_pool()
         report = None
         if validate:
@@ -265,13 +289,41 @@ class Instrumentation:
             self.state.connected(time.monotonic())
         now = time.monotonic()
         info = conn_rec.info  # a new DBAPI connection: forget what was known of the old one
-        for key in (_REPORTED, _VIA_POOLER, _SERVER):
+        for key in (_REPORTED, _VIA_POOLER, _SERVER, _WATCHED):
             info.pop(key, None)
         info[_CHECKED_AT] = now
         info[_GENERATION] = self.state.generation
+        if watched is not None:
+            info[_WATCHED] = watched  # keeps it watched as long as the record holds it
+            if report is not None and report.via_pooler is not None:
+                watched.via_pooler = report.via_pooler
         if report is not None:
             _remember(info, report)
         return dbapi_conn, None
+
+    def _watch(self, dialect: Dialect, dbapi_conn: Any) -> _watchdog.Watchable | None:
+        """Register a new DBAPI connection with the process's watchdog (see the module
+        doc); None when it is off, the driver is not one we know, or the connection is a
+        pgfailover connection (watched already)."""
+        silence_limit = self.options.silence_limit
+        if silence_limit is None:
+            return None
+        driver = _driver(dbapi_conn)
+        probe_timeout = self.options.probe_timeout
+        watched: _watchdog.Watchable
+        if isinstance(driver, _FailoverAware):
+            return None
+        if isinstance(driver, psycopg.Connection | psycopg.AsyncConnection):
+            watched = _PsycopgWatched(driver, silence_limit, probe_timeout)
+        elif dialect.driver == "psycopg2":
+            watched = _Psycopg2Watched(driver, silence_limit, probe_timeout)
+        elif dialect.driver == "asyncpg":
+            watched = _AsyncpgWatched(dbapi_conn, driver, silence_limit, probe_timeout)
+        else:
+            return None
+        watched.via_pooler = self.state.pooler
+        _watchdog.watch(watched)
+        return watched
 
     # -- checkout
     def _on_checkout(
@@ -357,6 +409,8 @@ def instrument(
     recheck_interval: float | None = 10.0,
     timeout: float | None = None,
     pooler: bool | None = None,
+    silence_limit: float | None = 5.0,
+    probe_timeout: float = 3.0,
 ) -> Instrumentation:
     """Make ``engine`` (an ``Engine`` or ``AsyncEngine``) survive failovers; see the module doc.
 
@@ -371,6 +425,14 @@ def instrument(
         pooler: True if a multiplexing pooler (PgBouncer) is in front of the servers: roles
             are always queried; False if not: ParameterStatus is trusted (no round trip);
             None (default) detects it per connection with the first probe.
+        silence_limit: seconds an operation may be in flight with no sign of life before
+            the process's watchdog asks the server, on a side connection, whether it is
+            alive; one that does not answer gets the connection cut (see the module doc).
+            A statement on a dead, blackholed or frozen server ends within about
+            ``silence_limit + 2 * probe_timeout`` seconds. None turns the watchdog off for
+            this engine. Default 5 s, as :attr:`pgfailover.Connection.silence_limit`.
+        probe_timeout: seconds that bound the side connection's connect and its
+            ``SELECT 1`` (a connect is given at least 2 s, libpq's minimum). Default 3 s.
 
     Returns the :class:`Instrumentation` (counters, :meth:`~Instrumentation.remove`).
     Calling it again on the same engine returns the same object; with different options it
@@ -388,6 +450,8 @@ def instrument(
         timeout=_seconds("timeout", _default_timeout(sync_engine) if timeout is None else timeout)
         or 0.0,
         pooler=pooler,
+        silence_limit=_positive("silence_limit", silence_limit, off=True),
+        probe_timeout=_positive("probe_timeout", probe_timeout, off=False) or 0.0,
     )
     with _registry_lock:
         existing = _registry.get(sync_engine)
@@ -447,6 +511,18 @@ def _seconds(name: str, value: float | None) -> float | None:
         )
     if not value >= 0:
         raise ValueError(f"{name} must be a number of seconds >= 0 or None, got {value!r}")
+    return float(value)
+
+
+def _positive(name: str, value: float | None, *, off: bool) -> float | None:
+    """``value`` as seconds > 0; None only when ``off`` (the option can be turned off)."""
+    if value is None and off:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        allowed = "a number of seconds > 0 or None" if off else "a number of seconds > 0"
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
+    if not (0 < value < math.inf):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
     return float(value)
 
 
@@ -576,6 +652,9 @@ def _remember(info: dict[Any, Any], report: RoleReport) -> None:
     """Keep what a probe learnt about a pooled connection in its record's ``info``."""
     if report.via_pooler is not None:
         info[_VIA_POOLER] = report.via_pooler
+        watched = info.get(_WATCHED)
+        if watched is not None:
+            watched.via_pooler = report.via_pooler
     if report.server_address is not None:
         info[_SERVER] = report.server_address
 
@@ -585,3 +664,124 @@ def _close_quietly(dbapi_conn: Any) -> None:
         dbapi_conn.close()
     except Exception:  # already broken: nothing to free
         logger.debug("closing a rejected connection failed", exc_info=True)
+
+
+# ------------------------------------------------------------- the watchdog's view
+
+_ACTIVE = psycopg.pq.TransactionStatus.ACTIVE
+_PSYCOPG2_ACTIVE = 1  # psycopg2.extensions.TRANSACTION_STATUS_ACTIVE (libpq's PQTRANS_ACTIVE)
+
+
+class _PsycopgWatched(_watchdog.Watchable):
+    """A psycopg 3 connection (sync or async) as the watchdog sees it: libpq's status."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+        silence_limit: float,
+        probe_timeout: float,
+    ) -> None:
+        super().__init__(silence_limit, probe_timeout)
+        self._conn = conn
+
+    def in_flight(self) -> bool:
+        return not self._conn.closed and self._conn.pgconn.transaction_status == _ACTIVE
+
+    def socket_fd(self) -> int:
+        return self._conn.pgconn.socket
+
+    def endpoint(self) -> str:
+        return f"{self._conn.info.host}:{self._conn.info.port}"
+
+    def conninfo(self) -> str:
+        return _watchdog.side_conninfo(self._conn)
+
+
+class _Psycopg2Watched(_watchdog.Watchable):
+    """A psycopg2 connection as the watchdog sees it: libpq's status, read through
+    ``conn.info`` (no lock: psycopg2 releases the GIL while it waits)."""
+
+    def __init__(self, conn: Any, silence_limit: float, probe_timeout: float) -> None:
+        super().__init__(silence_limit, probe_timeout)
+        self._conn = conn
+
+    def in_flight(self) -> bool:
+        conn = self._conn
+        return bool(conn.closed == 0 and conn.info.transaction_status == _PSYCOPG2_ACTIVE)
+
+    def socket_fd(self) -> int:
+        return int(self._conn.fileno())
+
+    def endpoint(self) -> str:
+        info = self._conn.info
+        return f"{info.host}:{info.port}"
+
+    def conninfo(self) -> str:
+        info = self._conn.info
+        options: dict[str, object] = dict(info.dsn_parameters)
+        options.pop("hostaddr", None)
+        options.update(host=info.host, port=info.port, password=info.password)
+        return _watchdog.conninfo_of(options)
+
+
+class _AsyncpgWatched(_watchdog.Watchable):
+    """An asyncpg connection behind SQLAlchemy's adapter, as the watchdog sees it.
+
+    asyncpg keeps no status a thread can read, so: a cursor execution holds the adapter's
+    ``_execute_mutex``; a COMMIT or ROLLBACK of the adapter's transaction is under way when
+    asyncpg has let go of it as the connection's top transaction (it does so right before
+    sending) while it is still started. Progress: the protocol's ``queries_count``.
+    """
+
+    def __init__(self, adapter: Any, conn: Any, silence_limit: float, probe_timeout: float) -> None:
+        super().__init__(silence_limit, probe_timeout)
+        self._adapter = adapter
+        self._conn = conn
+
+    @property
+    def _pgf_ops(self) -> int:
+        return int(getattr(self._conn._protocol, "queries_count", 0))
+
+    def in_flight(self) -> bool:
+        conn, adapter = self._conn, self._adapter
+        if conn.is_closed():
+            return False
+        mutex = getattr(adapter, "_execute_mutex", None)
+        if mutex is not None and mutex.locked():
+            return True
+        xact = getattr(adapter, "_transaction", None)
+        return (
+            xact is not None
+            and getattr(conn, "_top_xact", xact) is None
+            and getattr(getattr(xact, "_state", None), "name", None) == "STARTED"
+        )
+
+    def socket_fd(self) -> int:
+        return int(self._conn._transport.get_extra_info("socket").fileno())
+
+    def endpoint(self) -> str:
+        host, port = self._address()
+        return f"{host}:{port}"
+
+    def _address(self) -> tuple[str, str]:
+        addr = self._conn._addr
+        if isinstance(addr, tuple):
+            return str(addr[0]), str(addr[1])
+        path = str(addr)  # a Unix socket: <dir>/.s.PGSQL.<port>
+        return os.path.dirname(path), path.rsplit(".", 1)[-1]
+
+    def conninfo(self) -> str:
+        params = self._conn._params
+        host, port = self._address()
+        password = getattr(params, "password", None)
+        sslmode = getattr(getattr(params, "sslmode", None), "name", None)
+        return _watchdog.conninfo_of(
+            {
+                "host": host,
+                "port": port,
+                "user": getattr(params, "user", None),
+                "password": password if isinstance(password, str) else None,
+                "dbname": getattr(params, "database", None),
+                "sslmode": sslmode.replace("_", "-") if isinstance(sslmode, str) else None,
+            }
+        )
