@@ -14,6 +14,7 @@ are thin loops around the pieces here:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
@@ -31,11 +32,15 @@ from .classify import Phase, Verdict
 from .errors import CommitOutcomeUnknown
 from .events import RetryEvent, _emit, caller_stack
 from .outcome import (
+    IDENTITY_SQL,
+    MARKER_CALL,
     OBSERVE_SQL,
+    UNMARKED_RECORD_SQL,
     CommitRecord,
     Observation,
     Outcome,
     ServerIdentity,
+    parse_identity,
     parse_record,
     record_sql,
     resolve,
@@ -289,21 +294,50 @@ def begin_statement(conn: Any, idempotent: bool) -> tuple[bytes, ServerIdentity 
     return _begin_sql(begin, known, _direct(conn)), known
 
 
-def begin_and_record(conn: Any, sql: bytes) -> PQGen[Row | None]:
+def begin_and_record(conn: Any, sql: bytes) -> PQGen[tuple[Row | None, bool]]:
     """Send BEGIN and the record as one simple-protocol message; return the record's row
-    (None if ``sql`` is a BEGIN alone).
+    (None if ``sql`` is a BEGIN alone), and whether the record was sent again without the
+    WAL marker.
 
     Driven by the connection's own ``wait()``, so a pgfailover connection classifies a
     failure here like any other (a server error is raised inside the generator, as
     psycopg's cursors do). The row is the bytes the server sent: no cursor, no loaders;
     it is parsed only if the COMMIT is lost (:func:`parse_recorded`).
+
+    A role that may not execute the marker's function gets a permission error for the
+    record: the transaction is rolled back and begun again with the unmarked record, which
+    reads the server's identity (and so the privilege) anew: the caller must then forget
+    the identity it built ``sql`` with (one extra round trip, once per connection).
     """
-    results = yield from simple_query(conn, sql)
+    try:
+        results = yield from simple_query(conn, sql)
+    except psycopg.errors.InsufficientPrivilege:
+        if MARKER_CALL not in sql:
+            raise
+        _warn_unmarked()
+        yield from simple_query(conn, b"ROLLBACK")
+        begin = sql[: sql.index(b"; SELECT ")]
+        results = yield from simple_query(conn, begin + b"; " + UNMARKED_RECORD_SQL.encode())
+        return _second_row(results), True
     if len(results) == 1:
-        return None
+        return None, False
+    return _second_row(results), False
+
+
+def _second_row(results: list[Any]) -> Row:
     if len(results) != 2:
         raise psycopg.InternalError("BEGIN and the record did not return two results")
     return row_of(results[1])
+
+
+@functools.cache  # once per process
+def _warn_unmarked() -> None:
+    logger.warning(
+        "this role may not execute pg_logical_emit_message: the runner records "
+        "transactions without the WAL marker, and a COMMIT lost in a crash and failover "
+        "may then stay unknown (grant EXECUTE on pg_logical_emit_message(boolean, text, "
+        "text), or pass check_committed=)"
+    )
 
 
 def remember(conn: Any, row: Row | None, known: ServerIdentity | None) -> Recorded | None:
@@ -354,6 +388,13 @@ def record_sqlalchemy(conn: Any) -> CommitRecord:
     check_dialect(conn.dialect)
     info = conn.connection.info
     known = info.get(IDENTITY_KEY)
+    if known is None:
+        # The first record on this connection: read the identity (and whether the role may
+        # write the marker) first, since a denied marker would abort the caller's
+        # transaction (see outcome.record_sql). One round trip, once per connection.
+        known = parse_identity(str(conn.exec_driver_sql(IDENTITY_SQL).scalar_one()))
+        if not known.marker:
+            _warn_unmarked()
     row = conn.exec_driver_sql(record_sql(known)).one()
     values = [None if value is None else str(value) for value in row]
     record, info[IDENTITY_KEY] = parse_record(values, known)

@@ -230,8 +230,8 @@ def _record(conn: psycopg.Connection[Any], idempotent: bool) -> _runner.Recorded
         return None  # psycopg begins with the work's first statement, as without a runner
     sql, known = _runner.begin_statement(conn, idempotent)
     with conn.lock:
-        row = conn.wait(_runner.begin_and_record(conn, sql))
-    return _runner.remember(conn, row, known)
+        row, unmarked = conn.wait(_runner.begin_and_record(conn, sql))
+    return _runner.remember(conn, row, None if unmarked else known)
 
 
 def _observe(conn: psycopg.Connection[Any], xid: str) -> Observation:

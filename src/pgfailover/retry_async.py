@@ -236,8 +236,8 @@ async def _record(conn: psycopg.AsyncConnection[Any], idempotent: bool) -> _runn
         return None  # psycopg begins with the work's first statement, as without a runner
     sql, known = _runner.begin_statement(conn, idempotent)
     async with conn.lock:
-        row = await conn.wait(_runner.begin_and_record(conn, sql))
-    return _runner.remember(conn, row, known)
+        row, unmarked = await conn.wait(_runner.begin_and_record(conn, sql))
+    return _runner.remember(conn, row, None if unmarked else known)
 
 
 async def _observe(conn: psycopg.AsyncConnection[Any], xid: str) -> Observation:

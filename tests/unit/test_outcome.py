@@ -12,11 +12,13 @@ import pytest
 from pgfailover.outcome import (
     BEGIN_SQL,
     RECORD_SQL,
+    UNMARKED_RECORD_SQL,
     CommitRecord,
     Observation,
     Outcome,
     ServerIdentity,
     lsn_value,
+    parse_identity,
     parse_record,
     record_sql,
     resolve,
@@ -186,9 +188,20 @@ def test_crash_restart_that_replayed_past_the_start_trusts_aborted() -> None:
 
 @pytest.mark.parametrize("replay_end", [START, PAST_START], ids=["at-start", "past-start"])
 def test_crash_restart_committed_may_be_a_reused_xid(replay_end: str) -> None:
-    """After a crash restart, 'committed' is not proof: the xid may have been reused."""
-    outcome, _ = resolve(record(), crash_restarted(replay_end, "committed"))
+    """After a crash restart, 'committed' is not proof without a marker: the xid may have
+    been reused."""
+    outcome, reason = resolve(record(), crash_restarted(replay_end, "committed"))
     assert outcome is Outcome.UNKNOWN
+    assert "pg_logical_emit_message" in reason  # says what would settle it
+
+
+@pytest.mark.parametrize("replay_end", [START, PAST_START], ids=["at-marker", "past-marker"])
+def test_crash_restart_that_replayed_the_marker_trusts_committed(replay_end: str) -> None:
+    """Crash recovery that replayed the marker carrying the xid: the number was never
+    given again, so 'committed' is ours."""
+    outcome, reason = resolve(record(marked=True), crash_restarted(replay_end, "committed"))
+    assert outcome is Outcome.COMMITTED
+    assert "marker" in reason
 
 
 @pytest.mark.parametrize(
@@ -234,11 +247,30 @@ def test_fork_after_the_start_and_xid_not_committed_is_not_committed(
 
 @pytest.mark.parametrize("fork", [START, PAST_START], ids=["at-start", "past-start"])
 def test_fork_after_the_start_and_xid_committed_is_unknown(fork: str) -> None:
-    """Forked at or after the start, 'committed' may be a reused xid: UNKNOWN."""
+    """Forked at or after the start of an unmarked record, 'committed' may be a reused
+    xid: UNKNOWN."""
     outcome, reason = resolve(record(), failed_over(fork, "committed"))
     assert outcome is Outcome.UNKNOWN
     assert "committed" in reason
     assert XID in reason
+
+
+@pytest.mark.parametrize("fork", [START, PAST_START], ids=["at-marker", "past-marker"])
+def test_fork_after_the_marker_and_xid_committed_is_committed(fork: str) -> None:
+    """Forked at or after the end of the marker carrying the xid: the new primary replayed
+    it, so its next xid is past ours and its 'committed' is our transaction's."""
+    outcome, reason = resolve(record(marked=True), failed_over(fork, "committed"))
+    assert outcome is Outcome.COMMITTED
+    assert XID in reason
+    assert fork in reason
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_fork_before_the_marker_is_not_committed_whatever_the_status(status: str | None) -> None:
+    """Forked before the marker ends: the COMMIT (after the marker) is not in the new
+    history, even if the number reads 'committed' there (somebody else's)."""
+    outcome, _ = resolve(record(marked=True), failed_over(BEFORE_START, status))
+    assert outcome is Outcome.NOT_COMMITTED
 
 
 def test_fork_after_the_start_and_xid_too_old_is_unknown() -> None:
@@ -358,7 +390,7 @@ def test_timeline_of_reads_the_first_eight_hex_digits() -> None:
 
 
 STARTED = "1714000000.5"  # the postmaster's start, epoch
-IDENTITY = f"{STARTED} {SYSTEM}"
+IDENTITY = f"{STARTED} {SYSTEM} true"  # ... and the role may write the marker
 WALFILE = "000000030000001600000083"
 
 
@@ -369,12 +401,28 @@ def row(*, identity: str | None = IDENTITY, epoch: str = "1714564800.123456") ->
 
 def test_parse_record_reads_every_field_and_the_identity() -> None:
     """A record row gives the xid, system id, timeline, position, exact server time, and
-    the postmaster's identity (start time, system id)."""
+    the postmaster's identity (start time, system id, marker privilege); the record is
+    marked when the identity it was written with allowed the marker."""
     got, identity = parse_record(row(), endpoint="db1.example:5432")
-    assert got == CommitRecord(XID, SYSTEM, 3, "16/B374D848", BEGAN, "db1.example:5432")
+    expected = CommitRecord(XID, SYSTEM, 3, "16/B374D848", BEGAN, "db1.example:5432", True)
+    assert got == expected
     assert got.server_time.tzinfo is not None
     started = datetime(2024, 4, 24, 23, 6, 40, 500000, tzinfo=timezone.utc)
-    assert identity == ServerIdentity(started, SYSTEM)
+    assert identity == ServerIdentity(started, SYSTEM, marker=True)
+    unmarked, identity = parse_record(row(identity=f"{STARTED} {SYSTEM} false"))
+    assert not unmarked.marked
+    assert not identity.marker
+
+
+def test_parse_record_marks_by_the_identity_the_statement_was_written_with() -> None:
+    """Behind a pooler the server may change between records: the position column was
+    chosen by the known identity, so ``marked`` follows it, not the new server's."""
+    unmarked_known = ServerIdentity(BEGAN, OTHER_SYSTEM, marker=False)
+    got, identity = parse_record(row(), unmarked_known)
+    assert not got.marked
+    assert identity.marker  # the next record on this connection writes the marker
+    marked_known = ServerIdentity(BEGAN, SYSTEM, marker=True)
+    assert parse_record(row(identity=None), marked_known)[0].marked
 
 
 def test_parse_record_keeps_microseconds_and_short_fractions_exact() -> None:
@@ -418,6 +466,9 @@ def test_parse_record_replaces_the_known_identity_when_the_server_changed() -> N
         (row(identity="1.5"), None),
         (row(identity=f"{STARTED} sys"), None),
         (row(identity=f"x {SYSTEM}"), None),
+        (row(identity=f"x {SYSTEM} true"), None),
+        (row(identity=f"{STARTED} {SYSTEM}"), None),
+        (row(identity=f"{STARTED} {SYSTEM} yes"), None),
     ],
 )
 def test_parse_record_rejects_malformed_rows(
@@ -433,7 +484,7 @@ def test_record_sql_reads_the_control_file_only_for_an_unknown_server() -> None:
     postmaster's start time differs (an ISO 8601 literal, parsed alike in any DateStyle)."""
     plain = record_sql()
     assert "pg_control_system" in plain
-    assert "CASE" not in plain
+    assert "pg_postmaster_start_time() =" not in plain
     cached = record_sql(ServerIdentity(BEGAN, SYSTEM))
     expected = (
         "CASE WHEN pg_catalog.pg_postmaster_start_time() = '2024-05-01T12:00:00.123456+00:00'"
@@ -442,6 +493,34 @@ def test_record_sql_reads_the_control_file_only_for_an_unknown_server() -> None:
     assert cached.index("pg_current_xact_id") < cached.index("pg_current_wal_insert_lsn")
     assert BEGIN_SQL == "BEGIN; " + RECORD_SQL
     assert plain == RECORD_SQL
+
+
+def test_record_sql_writes_the_marker_as_the_known_identity_says() -> None:
+    """An unknown server gets the marker (a role that may not write it gets a permission
+    error and is recorded again unmarked); a known one gets what its identity allows;
+    ``marker=`` overrides. No statement tests the privilege per transaction."""
+    marker = "pg_logical_emit_message(true, 'pgfailover', '')"
+    assert marker in record_sql()
+    allowed = record_sql(ServerIdentity(BEGAN, SYSTEM, marker=True), same_server=True)
+    assert marker in allowed
+    denied = record_sql(ServerIdentity(BEGAN, SYSTEM, marker=False), same_server=True)
+    assert marker not in denied
+    assert marker not in UNMARKED_RECORD_SQL
+    assert "pg_control_system" in UNMARKED_RECORD_SQL  # reads the identity anew
+    for sql in (allowed, denied):
+        assert "has_function_privilege" not in sql
+    for sql in (RECORD_SQL, allowed, denied, UNMARKED_RECORD_SQL):
+        # the xid first: a standby fails with its own 25006
+        assert sql.index("pg_current_xact_id") < sql.index("pg_current_wal_insert_lsn")
+
+
+def test_parse_identity_reads_an_identity_and_rejects_anything_else() -> None:
+    """IDENTITY_SQL's value parses to the identity; anything else is a ValueError."""
+    started = datetime(2024, 4, 24, 23, 6, 40, 500000, tzinfo=timezone.utc)
+    assert parse_identity(IDENTITY) == ServerIdentity(started, SYSTEM, marker=True)
+    for bad in ("", STARTED, f"{STARTED} {SYSTEM}", f"{STARTED} x true", "a b c"):
+        with pytest.raises(ValueError, match="not a server identity"):
+            parse_identity(bad)
 
 
 def test_observation_from_row_on_a_primary() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import datetime, timedelta, timezone
 
@@ -43,6 +44,7 @@ def records(draw: st.DrawFn) -> CommitRecord:
         start_lsn=draw(lsns),
         server_time=draw(times),
         endpoint=draw(st.sampled_from(["", "db1.example:5432", "[::1]:6432"])),
+        marked=draw(st.booleans()),
     )
 
 
@@ -101,13 +103,32 @@ def test_resolve_is_total(pair: tuple[CommitRecord, Observation]) -> None:
 def test_committed_needs_same_system_timeline_and_a_committed_status(
     pair: tuple[CommitRecord, Observation],
 ) -> None:
-    """COMMITTED only from a primary of the same system on the same timeline saying so."""
+    """COMMITTED only from a primary of the same system saying so, on the same timeline
+    or, for a marked record, on the next one whose history holds the marker."""
     record, seen = pair
     if resolve(record, seen)[0] is Outcome.COMMITTED:
         assert seen.status == "committed"
-        assert seen.timeline == record.timeline
         assert seen.system_id == record.system_id
         assert not seen.in_recovery
+        if seen.timeline != record.timeline:
+            assert record.marked
+            assert seen.timeline == record.timeline + 1
+            assert seen.replay_end_lsn is not None
+            assert lsn_value(seen.replay_end_lsn) >= lsn_value(record.start_lsn)
+
+
+@given(pair=related())
+def test_a_cut_history_commits_only_with_the_marker_replayed(
+    pair: tuple[CommitRecord, Observation],
+) -> None:
+    """Whenever the history may have been cut since the transaction began (a server
+    started since, or another timeline), COMMITTED needs a marked record whose marker the
+    kept history holds: otherwise the number may have been given again."""
+    record, seen = pair
+    cut = seen.started_at >= record.server_time or seen.timeline != record.timeline
+    if cut and seen.replay_end_lsn is not None and resolve(record, seen)[0] is Outcome.COMMITTED:
+        assert record.marked
+        assert lsn_value(seen.replay_end_lsn) >= lsn_value(record.start_lsn)
 
 
 @given(pair=related())
@@ -174,11 +195,49 @@ def test_fork_before_the_start_on_the_next_timeline_is_not_committed(
 
 
 @given(pair=related())
-def test_next_timeline_never_commits(pair: tuple[CommitRecord, Observation]) -> None:
-    """On any other timeline than the transaction's, COMMITTED and PENDING never come out."""
+def test_another_timeline_never_commits_unmarked_or_pends(
+    pair: tuple[CommitRecord, Observation],
+) -> None:
+    """On any other timeline than the transaction's, PENDING never comes out, and
+    COMMITTED only for a marked record."""
     record, seen = pair
     if seen.timeline != record.timeline:
-        assert resolve(record, seen)[0] in {Outcome.NOT_COMMITTED, Outcome.UNKNOWN}
+        outcome = resolve(record, seen)[0]
+        assert outcome is not Outcome.PENDING
+        if not record.marked:
+            assert outcome is not Outcome.COMMITTED
+
+
+@given(
+    record=records(),
+    past=st.integers(min_value=0, max_value=2**40),
+    up_for=st.timedeltas(min_value=timedelta(microseconds=1), max_value=timedelta(days=365)),
+    status=statuses,
+)
+def test_a_replayed_marker_makes_the_new_primarys_status_the_answer(
+    record: CommitRecord, past: int, up_for: timedelta, status: str | None
+) -> None:
+    """Next timeline, up since before, history at or past the marker: 'committed' is
+    COMMITTED, aborted / in progress / unassigned are NOT_COMMITTED (never UNKNOWN for a
+    known status)."""
+    marked = dataclasses.replace(record, marked=True)
+    fork = min(2**64 - 1, lsn_value(record.start_lsn) + past)
+    seen = Observation(
+        system_id=record.system_id,
+        in_recovery=False,
+        timeline=record.timeline + 1,
+        replay_end_lsn=as_lsn((fork >> 32, fork & 0xFFFFFFFF)),
+        started_at=record.server_time - up_for,
+        status=status,
+    )
+    outcome = resolve(marked, seen)[0]
+    if status == "committed":
+        assert outcome is Outcome.COMMITTED
+    elif status is None:
+        assert outcome is Outcome.UNKNOWN
+    else:
+        assert outcome is Outcome.NOT_COMMITTED
+
 
 
 @given(pair=related())
