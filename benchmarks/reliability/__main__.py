@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -94,6 +95,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def revision() -> str:
+    """The commit the library was run from, and the files of ``src/`` changed since (the
+    run used them as they were in the working tree)."""
+
+    def git(*argv: str) -> str:
+        proc = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
+    changed = git("status", "--porcelain", "--", "src").splitlines()
+    if not changed:
+        return f"commit {head}, src/ unchanged"
+    paths = ", ".join(line[3:] for line in changed)
+    return f"commit {head} plus uncommitted changes to src/ used as they were: {paths}"
+
+
 def _fresh(synchronous: bool, what: Callable[[LocalCluster], ScenarioResult]) -> ScenarioResult:
     with LocalCluster(standbys=1, pgbouncer=None, synchronous=synchronous) as cluster:
         return what(cluster)
@@ -115,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         machine=machine(),
+        revision=revision(),
         size=f"{size} {sized}; scenarios {sorted(args.only)}",
         settings=asdict(settings),
         load_before=load_average(),

@@ -24,6 +24,7 @@ class Run:
     command: str
     date: str
     machine: dict[str, Any]
+    revision: str
     size: str
     settings: dict[str, Any]
     scenarios: list[ScenarioResult] = field(default_factory=list)
@@ -38,6 +39,7 @@ class Run:
             "command": self.command,
             "date": self.date,
             "machine": self.machine,
+            "revision": self.revision,
             "size": self.size,
             "settings": self.settings,
             "seconds": self.seconds,
@@ -269,6 +271,7 @@ def markdown(run: Run) -> str:
         "",
         f"- command: `{run.command}`",
         f"- date: {run.date}; the run took {run.seconds:.0f} s",
+        f"- code: {run.revision}",
         f"- machine: {_machine_line(run.machine)}",
         f"- load average (1, 5, 15 min) at start {run.load_before}, at end {run.load_after}",
         f"- size: {run.size}",

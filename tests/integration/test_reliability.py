@@ -112,12 +112,13 @@ def test_a_silent_primary_ends_each_bare_call_within_the_bound(
 
 def test_switchover_churn_loses_nothing_and_leaks_nothing(sync_cluster: LocalCluster) -> None:
     """Five switchovers back and forth under load: no acknowledged write lost, none
-    duplicated, the runner stacks see no failure, no session left on the servers once the
-    stacks close, and no thread added between the first switchover and the last."""
+    duplicated, no call of a runner stack fails (a lost COMMIT may still be reported as
+    CommitOutcomeUnknown), no session left on the servers once the stacks close, and no
+    thread added between the first switchover and the last."""
     result = churn(sync_cluster, 5, SETTINGS, more=2)
     _assert_clean(result)
     assert result.total("lost") == 0, [s.lost_keys for s in result.stacks]
     for stack in result.stacks:
         if "runner" in stack.stack:
-            assert stack.failed == stack.unknown == 0, stack
+            assert stack.failed == 0, stack
     assert result.threads_end <= result.threads_warm, result.as_dict()
