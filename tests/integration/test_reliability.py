@@ -17,7 +17,17 @@ from pgfailover.testing.plugin import ClusterFactory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from reliability.scenarios import ScenarioResult, churn, crash, hang
-from reliability.workload import ENGINE_WATCHDOG, Settings
+from reliability.workload import (
+    ENGINE_WATCHDOG,
+    FAILED,
+    OK,
+    UNKNOWN,
+    Record,
+    Settings,
+    StackRun,
+    Workload,
+    verify,
+)
 
 #: CI-sized stacks: one worker each, small watchdog bounds (0.5 s silence, 2 s per probe:
 #: libpq's minimum connect_timeout), so that a hang lasts 6.5 s instead of 13.
@@ -53,6 +63,29 @@ def _assert_clean(result: ScenarioResult) -> None:
     assert result.threads_after <= result.threads_before, detail
     assert not result.notes, result.notes
     assert all(s.acked > 0 for s in result.stacks), detail
+
+
+def test_the_checker_files_each_key_by_what_its_caller_was_told() -> None:
+    """The verification, on made-up outcomes: an acknowledged key missing is lost, a key
+    present twice duplicated, a present key of a failed or unknown call a phantom of that
+    kind, a present key of a call still in flight unexplained and that call stuck."""
+    workload = Workload(lambda _: None, "t", SETTINGS)  # type: ignore[arg-type,return-value]
+    record = Record(bound=1.0)
+    for outcome in (OK, OK, FAILED, UNKNOWN, FAILED, UNKNOWN, OK):
+        begun = record.begin()
+        assert begun is not None
+        record.end(begun[0], begun[1], outcome, None)
+    record.begin()  # call 7: still in flight
+    workload.runs["s"] = StackRun("s", "pool", "sync", [record])
+    counts = {"s-0-0": 1, "s-0-1": 2, "s-0-3": 1, "s-0-4": 1, "s-0-7": 1}
+    [result] = verify(workload, counts)
+    record.close()
+    assert (result.calls, result.acked, result.failed, result.unknown) == (8, 3, 2, 2)
+    assert (result.lost, result.lost_keys) == (1, ["s-0-6"])
+    assert result.duplicated == 1
+    assert (result.phantom_failed, result.phantom_unknown) == (1, 1)
+    assert result.phantom_unexplained == 1
+    assert result.stuck == 1
 
 
 def test_crashes_with_synchronous_replication_lose_and_duplicate_nothing(
