@@ -1,6 +1,7 @@
 """Test bed for failovers: a real local cluster, failure simulation and a pytest plugin.
 
-Needs the PostgreSQL server programs (and ``pgbouncer`` for a cluster with PgBouncer).
+Needs the PostgreSQL server programs (and ``pgbouncer`` for a cluster with PgBouncer;
+``patroni`` and ``etcd`` for :class:`PatroniCluster`).
 
 The names below are imported on first use: pytest imports :mod:`pgfailover.testing.plugin`,
 and with it this package, in every run of every project that installs pgfailover; that must
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from ._process import live_pids
     from .cluster import LocalCluster, Node, PgBouncer, Timings
     from .errors import BinariesNotFound, HarnessError
+    from .patroni import Member, PatroniCluster, PatroniError, PatroniNode, PatroniTimeout
     from .proxy import (
         ClientMessage,
         FaultProxy,
@@ -36,7 +38,12 @@ _HOMES = {
     "FiredFault": "proxy",
     "HarnessError": "errors",
     "LocalCluster": "cluster",
+    "Member": "patroni",
     "Node": "cluster",
+    "PatroniCluster": "patroni",
+    "PatroniError": "patroni",
+    "PatroniNode": "patroni",
+    "PatroniTimeout": "patroni",
     "PgBouncer": "cluster",
     "ProxiedConnection": "proxy",
     "ProxyError": "proxy",
@@ -69,7 +76,12 @@ __all__ = [
     "FiredFault",
     "HarnessError",
     "LocalCluster",
+    "Member",
     "Node",
+    "PatroniCluster",
+    "PatroniError",
+    "PatroniNode",
+    "PatroniTimeout",
     "PgBouncer",
     "ProxiedConnection",
     "ProxyError",

@@ -8,6 +8,13 @@ Fixtures:
   mode, shared by the whole session.
 - ``pgfailover_cluster`` (function): the session cluster, restored before the test to the
   known topology (``node0`` primary, PgBouncer pointing at it); cheap when nothing changed.
+- ``pgfailover_patroni_factory`` (session): ``factory(**PatroniCluster kwargs)`` opens an
+  etcd + Patroni cluster that is closed at the end of the session.
+- ``pgfailover_patroni_session_cluster`` (session): etcd + 3 Patroni members + PgBouncer in
+  transaction mode, shared by the whole session.
+- ``pgfailover_patroni_cluster`` (function): the Patroni session cluster, healed before the
+  test (every member running, one writable leader, the others streaming from it, PgBouncer
+  pointing at the leader); the leader is whichever member holds the key.
 
 Options (command line, or ini keys without the dashes and with underscores):
 ``--pg-bindir`` / ``pgfailover_pg_bindir``, ``--pgbouncer-bin`` / ``pgfailover_pgbouncer``.
@@ -27,12 +34,19 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from .cluster import LocalCluster
+    from .patroni import PatroniCluster
 
 
 class ClusterFactory(Protocol):
     """The type of ``pgfailover_cluster_factory``: ``factory(**LocalCluster kwargs)``."""
 
     def __call__(self, **kwargs: Any) -> LocalCluster: ...
+
+
+class PatroniFactory(Protocol):
+    """The type of ``pgfailover_patroni_factory``: ``factory(**PatroniCluster kwargs)``."""
+
+    def __call__(self, **kwargs: Any) -> PatroniCluster: ...
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -91,3 +105,47 @@ def pgfailover_cluster(pgfailover_session_cluster: LocalCluster) -> LocalCluster
     """The session cluster, reset to ``node0`` primary with PgBouncer pointing at it."""
     pgfailover_session_cluster.reset()
     return pgfailover_session_cluster
+
+
+@pytest.fixture(scope="session")
+def pgfailover_patroni_factory(request: pytest.FixtureRequest) -> Iterator[PatroniFactory]:
+    """Open etcd + Patroni clusters with the session's binaries; all are closed at the end.
+
+    A cluster whose ``open()`` fails is already closed when the error reaches the test.
+    """
+    from .patroni import PatroniCluster  # noqa: PLC0415 - the harness loads when first used
+
+    opened: list[PatroniCluster] = []
+
+    def factory(**kwargs: Any) -> PatroniCluster:
+        kwargs.setdefault("pg_bindir", _option(request.config, "pgfailover_pg_bindir"))
+        if kwargs.get("pgbouncer"):
+            kwargs.setdefault("pgbouncer_bin", _option(request.config, "pgfailover_pgbouncer"))
+        cluster = PatroniCluster(**kwargs)
+        opened.append(cluster)
+        cluster.open()
+        return cluster
+
+    try:
+        yield factory
+    finally:
+        for cluster in opened:
+            cluster.close()
+
+
+@pytest.fixture(scope="session")
+def pgfailover_patroni_session_cluster(
+    pgfailover_patroni_factory: PatroniFactory,
+) -> PatroniCluster:
+    """etcd + 3 Patroni members (ttl 10) + PgBouncer (transaction mode), for the session."""
+    return pgfailover_patroni_factory(nodes=3, pgbouncer="transaction")
+
+
+@pytest.fixture
+def pgfailover_patroni_cluster(
+    pgfailover_patroni_session_cluster: PatroniCluster,
+) -> PatroniCluster:
+    """The Patroni session cluster, healed: every member back, one writable leader, the
+    others streaming from it, PgBouncer pointing at the leader."""
+    pgfailover_patroni_session_cluster.reset()
+    return pgfailover_patroni_session_cluster
