@@ -27,8 +27,8 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg._connection_base import BaseConnection
-from psycopg.abc import ConnDict, PQGen, QueryNoTemplate
-from psycopg.pq import Format, TransactionStatus
+from psycopg.abc import ConnDict, PQGen
+from psycopg.pq import TransactionStatus
 from psycopg.rows import Row
 
 from . import _watchdog
@@ -50,9 +50,43 @@ _PASSTHROUGH = frozenset(
     {BaseConnection._commit_gen.__code__, BaseConnection._rollback_gen.__code__}
 )
 
+#: psycopg's generator for internal commands (BEGIN, COMMIT, PREPARE TRANSACTION, ...).
+_EXEC_COMMAND = BaseConnection._exec_command.__code__
+_COMMITS = (b"COMMIT", b"commit", b"PREPARE TRANSACTION")
+
 _IDLE = TransactionStatus.IDLE
 _INERROR = TransactionStatus.INERROR
 _IN_BLOCK = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+
+
+def _is_commit(command: object) -> bool:
+    if isinstance(command, str):
+        command = command.encode()
+    # a Composable not rendered yet: the failure came before anything was sent
+    return isinstance(command, bytes) and command.startswith(_COMMITS)
+
+
+def _failed_during_commit(gen: object, ex: BaseException) -> bool:
+    """Whether ``ex``, raised while ``wait()`` drove ``gen``, interrupted a COMMIT (from
+    commit(), a transaction() block's exit, tpc_prepare() or tpc_commit()).
+
+    Found after the fact, so the happy path pays nothing: psycopg sends all those COMMITs
+    with its ``_exec_command`` generator. An error raised inside it went through its frame
+    (in the traceback, with its ``command`` local); an error raised by the wait loop itself
+    (the socket failed) leaves it suspended in ``gen``'s ``yield from`` chain. A COMMIT
+    queued in pipeline mode fails later, at the sync, as before: not a COMMIT here.
+    """
+    tb = ex.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is _EXEC_COMMAND:
+            return _is_commit(tb.tb_frame.f_locals.get("command"))
+        tb = tb.tb_next
+    while gen is not None:
+        if getattr(gen, "gi_code", None) is _EXEC_COMMAND:
+            frame = getattr(gen, "gi_frame", None)
+            return frame is not None and _is_commit(frame.f_locals.get("command"))
+        gen = getattr(gen, "gi_yieldfrom", None)
+    return False
 
 
 class _FailoverAware(BaseConnection[Row]):
@@ -73,6 +107,13 @@ class _FailoverAware(BaseConnection[Row]):
     #: Set by pgfailover pools: ``time.monotonic()`` when the connection was last returned.
     pool_returned_at: float = 0.0
 
+    # Instance attributes are a budget on CPython 3.11: an object keeps its attributes in a
+    # compact array shared with its class only while the class's keys number under 30; past
+    # it the object gets a real __dict__ and every attribute access on the connection,
+    # psycopg's own included, becomes a dict lookup (measured: about 2 % more instructions
+    # per pooled transaction). psycopg sets 19 and psycopg_pool 3: the attributes below are
+    # written only when they change, never on every operation for nothing.
+
     #: Seconds a statement may run with no sign of life before the process's watchdog asks
     #: the server, on a new side connection, whether it is alive; if it does not answer
     #: within :attr:`probe_timeout`, the statement's connection is cut (its waiter wakes
@@ -86,7 +127,6 @@ class _FailoverAware(BaseConnection[Row]):
     _pgf_ops: int = 0  # operations waited for: the watchdog sees progress by it
     _pgf_deadline: float | None = None  # monotonic; the watchdog cuts an operation after it
     _pgf_cut_reason: str | None = None  # why the watchdog cut this connection
-    _pgf_committing: bool = False
     _pgf_simulating: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -104,33 +144,14 @@ class _FailoverAware(BaseConnection[Row]):
         """
         self._pgf_simulating = enabled
 
-    def _exec_command(
-        self, command: QueryNoTemplate, result_format: Format = Format.TEXT
-    ) -> PQGen[Any]:
-        # COMMIT from commit() or a transaction() block passes through here as bytes (the fast
-        # path, unchanged). Two-phase commit sends PREPARE TRANSACTION and COMMIT PREPARED (and
-        # ROLLBACK PREPARED, no commit) as composed SQL: render it here, once, and hand the
-        # bytes on, so psycopg's method does not render it again and inspecting costs nothing.
-        if isinstance(command, bytes):
-            is_commit = command.startswith((b"COMMIT", b"commit"))
-        elif isinstance(command, psycopg.sql.Composable):
-            self._check_connection_ok()  # rendering needs it: fail as psycopg would
-            command = command.as_bytes(self)
-            is_commit = command.startswith((b"COMMIT", b"PREPARE TRANSACTION"))
-        else:  # a str: psycopg encodes it
-            is_commit = command.startswith(("COMMIT", "commit", "PREPARE TRANSACTION"))
-        if is_commit:
-            self._pgf_committing = True  # wait() classifies a failure with it, then clears it
-        return super()._exec_command(command, result_format)
-
     def _pgf_maybe_simulate(self, gen: PQGen[RV], before: int) -> PQGen[RV]:
         if getattr(gen, "gi_code", None) in _PASSTHROUGH or before == _INERROR:
             return gen
         gen.close()
         return cast("PQGen[RV]", super()._exec_command(RECOVERY_ERROR_SQL))
 
-    def _pgf_phase(self, before: int) -> Phase:
-        if self._pgf_committing:
+    def _pgf_phase(self, before: int, committing: bool) -> Phase:
+        if committing:
             return Phase.COMMIT
         if before == _IDLE:
             return Phase.AUTOCOMMIT if self.autocommit else Phase.TRANSACTION
@@ -138,10 +159,10 @@ class _FailoverAware(BaseConnection[Row]):
             return Phase.TRANSACTION
         return Phase.UNKNOWN
 
-    def _pgf_failed(self, ex: psycopg.Error, before: int) -> None:
-        """Classify a failure; poison the connection and emit an event if it must go."""
-        phase = self._pgf_phase(before)
-        self._pgf_committing = False
+    def _pgf_failed(self, ex: psycopg.Error, before: int, gen: object) -> None:
+        """Classify a failure of ``gen``; poison the connection and emit an event if it must
+        go."""
+        phase = self._pgf_phase(before, _failed_during_commit(gen, ex))
         verdict = classify(ex, conn=self, phase=phase)
         attach_verdict(ex, verdict)
         if not verdict.discard_connection:
@@ -222,10 +243,8 @@ class Connection(_FailoverAware[Row], psycopg.Connection[Row]):
         try:
             return _sync_wait(self, gen, *args, **kwargs)
         except psycopg.Error as ex:
-            self._pgf_failed(ex, before)
+            self._pgf_failed(ex, before, gen)
             raise
-        finally:
-            self._pgf_committing = False
 
 
 class AsyncConnection(_FailoverAware[Row], psycopg.AsyncConnection[Row]):
@@ -247,7 +266,5 @@ class AsyncConnection(_FailoverAware[Row], psycopg.AsyncConnection[Row]):
         try:
             return await _async_wait(self, gen, *args, **kwargs)
         except psycopg.Error as ex:
-            self._pgf_failed(ex, before)
+            self._pgf_failed(ex, before, gen)
             raise
-        finally:
-            self._pgf_committing = False

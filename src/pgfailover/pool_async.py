@@ -208,8 +208,11 @@ class AsyncConnectionPool(_BasePool[CT]):
             self._check_pool_putconn(conn)  # psycopg_pool's error, before we touch a stranger
         aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
         aware.pool_returned_at = monotonic()
-        aware._pgf_deadline = None  # a runner's deadline ends with its checkout
         try:
+            # a runner's deadline ends with its checkout; written only when set (see the
+            # note on instance attributes in pgfailover.connection)
+            if aware._pgf_deadline is not None:
+                aware._pgf_deadline = None
             verdict = aware.poisoned
         except AttributeError:  # not ours after all (a wrapped connect): never poisoned
             verdict = None
