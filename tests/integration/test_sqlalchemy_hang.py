@@ -1,12 +1,14 @@
 """Bounded hangs for instrumented SQLAlchemy engines (psycopg sync and async, psycopg2,
-asyncpg): a statement or COMMIT in flight on a blackholed server ends within the watchdog's
-bound, the engine invalidates the connection and works again once the network heals, and a
-slow statement on a live server is left alone."""
+asyncpg): a statement or COMMIT in flight on a blackholed server, or a statement on a
+frozen primary, ends within the watchdog's bound, the engine invalidates the connection and
+works again once the server is reachable, and a slow statement on a live server is left
+alone."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -62,11 +64,11 @@ async def _scalar(engine: Engine | AsyncEngine, sql: str) -> Any:
 
 
 async def _silenced(
-    engine: Engine | AsyncEngine, proxy: FaultProxy, at: str
+    engine: Engine | AsyncEngine, silence: Callable[[], object], at: str
 ) -> tuple[sa.exc.DBAPIError, float]:
-    """Blackhole ``proxy`` right before a statement (``at="statement"``) or a COMMIT
-    (``at="commit"``) on a connection of ``engine``; the error that step raised and how
-    long it took."""
+    """Call ``silence`` (blackhole, freeze) right before a statement (``at="statement"``)
+    or a COMMIT (``at="commit"``) on a connection of ``engine``; the error that step raised
+    and how long it took."""
     select = sa.text("SELECT 1")
     started = 0.0
     try:
@@ -75,7 +77,7 @@ async def _silenced(
                 await aconn.execute(select)
                 if at == "statement":
                     await aconn.commit()
-                proxy.blackhole()
+                silence()
                 started = time.monotonic()
                 if at == "statement":
                     await aconn.execute(select)
@@ -85,7 +87,7 @@ async def _silenced(
                 conn.execute(select)
                 if at == "statement":
                     conn.commit()
-                proxy.blackhole()
+                silence()
                 started = time.monotonic()
                 if at == "statement":
                     conn.execute(select)
@@ -125,7 +127,7 @@ async def test_an_operation_in_flight_on_a_blackholed_server_ends_within_the_bou
     cuts = WATCHDOG.cuts
     try:
         try:
-            error, waited = await _silenced(engine, proxy, at)
+            error, waited = await _silenced(engine, proxy.blackhole, at)
         finally:
             proxy.restore()
         after = await _scalar(engine, "SELECT 42")
@@ -145,6 +147,34 @@ async def test_an_operation_in_flight_on_a_blackholed_server_ends_within_the_bou
         notes = getattr(error.orig, "__notes__", [])
         assert any("watchdog cut" in note for note in notes), notes
     assert WATCHDOG.cuts > cuts
+    assert stats["connections_poisoned"] >= 1
+    assert after == 42
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_a_statement_in_flight_on_a_frozen_primary_ends_within_the_bound(
+    pgfailover_cluster: LocalCluster, kind: str
+) -> None:
+    """The primary freezes (SIGSTOP of its processes) right before a statement: it fails
+    with the driver's connection error within silence + 2 x probe timeout, the engine
+    invalidates the connection as lost, and once the primary is thawed the next checkout
+    works."""
+    node = pgfailover_cluster.primary
+    engine = _engine(node.url(KINDS[kind][0]), kind)
+    try:
+        try:
+            error, waited = await _silenced(
+                engine, lambda: pgfailover_cluster.freeze(node), "statement"
+            )
+        finally:
+            pgfailover_cluster.thaw(node)
+        after = await _scalar(engine, "SELECT 42")
+        stats = pgsa.instrumentation_of(engine).stats()  # type: ignore[union-attr]
+    finally:
+        await _dispose(engine)
+    assert waited < BOUND, f"the statement hung {waited:.1f} s (bound {BOUND:.1f} s)"
+    assert error.connection_invalidated
+    assert pgfailover.classify(error).kind is pgfailover.Kind.CONNECTION_LOST
     assert stats["connections_poisoned"] >= 1
     assert after == 42
 
