@@ -8,6 +8,7 @@ each leader loss costs about ``ttl`` (10 s), so the file provokes only two of th
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pgfailover.testing import (
     PatroniTimeout,
     live_pids,
 )
+from pgfailover.testing._ports import reserve_port
 from pgfailover.testing.patroni import _poll
 
 DEADLINE = 60.0
@@ -215,13 +217,29 @@ def test_frozen_leader_loses_leadership_and_rejoins_after_thaw(
             assert not cluster.writable(node)
 
 
-def test_close_ends_every_process_even_a_frozen_one() -> None:
-    """After close(), no process of the cluster (etcd, Patroni, postgres, PgBouncer) is
-    alive, a frozen member included, and its directory is gone."""
-    cluster = PatroniCluster(nodes=2, pgbouncer="transaction")
+def test_synchronous_cluster_closes_without_leaving_any_process() -> None:
+    """A synchronous_mode cluster names a sync standby; after close(), no process of it
+    (etcd, Patroni, postgres, PgBouncer) is alive, a frozen member included, and its
+    directory is gone."""
+    cluster = PatroniCluster(nodes=2, synchronous_mode=True, pgbouncer="transaction")
     with cluster:
         root = cluster.root
         assert root is not None
+        leader = cluster.wait_leader()
+        replica = next(n for n in cluster.nodes if n is not leader)
+        roles = _poll(
+            "a sync_standby in /cluster",
+            lambda: (
+                {m.name: m.role for m in cluster.members()}.get(replica.name) == "sync_standby"
+                or None
+            ),
+            DEADLINE,
+        )
+        assert roles
+        with leader.connect() as conn:
+            row = conn.execute("SHOW synchronous_standby_names").fetchone()
+        assert row is not None
+        assert replica.name in row[0]
         pids = cluster.pids()
         assert cluster.etcd is not None
         assert cluster.etcd.process is not None
@@ -235,7 +253,7 @@ def test_close_ends_every_process_even_a_frozen_one() -> None:
         }
         assert None not in started
         assert started <= set(pids)
-        cluster.freeze(cluster.nodes[1])
+        cluster.freeze(replica)
     assert not [pid for pid in pids if _alive(pid)]
     assert _processes_mentioning(root) == []
     assert not root.exists()
@@ -243,11 +261,32 @@ def test_close_ends_every_process_even_a_frozen_one() -> None:
     cluster.close()  # idempotent
 
 
-def test_failed_open_ends_every_process_it_started() -> None:
-    """open() that fails part way (PostgreSQL cannot start: a missing preload library makes
-    Patroni's bootstrap fail) raises and leaves no process of the cluster behind."""
-    cluster = PatroniCluster(nodes=2, pg_settings={"shared_preload_libraries": "no_such_lib"})
-    with pytest.raises(HarnessError, match=r"patroni node\d exited"):
+def test_open_failing_on_a_taken_etcd_port_leaves_no_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """etcd cannot listen on its client port (another socket holds it): open() raises with
+    etcd's log, and nothing of the cluster is left running."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1]])
+        monkeypatch.setattr(
+            "pgfailover.testing.patroni.reserve_port", lambda: next(ports, None) or reserve_port()
+        )
+        cluster = PatroniCluster(nodes=1)
+        with pytest.raises(HarnessError, match="etcd exited during start-up"):
+            cluster.open()
+    root = cluster.root
+    assert root is not None
+    assert _processes_mentioning(root) == []
+    assert not root.exists()
+
+
+def test_open_timing_out_mid_bootstrap_ends_every_process_it_started() -> None:
+    """open() whose wait for a leader runs out while Patroni bootstraps (initdb, first
+    start) raises PatroniTimeout naming what it awaited, and leaves no process behind."""
+    cluster = PatroniCluster(nodes=2, ready_timeout=4)
+    with pytest.raises(PatroniTimeout, match=r"timed out after 4\.0s waiting for"):
         cluster.open()
     root = cluster.root
     assert root is not None
