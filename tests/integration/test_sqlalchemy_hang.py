@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from psycopg.conninfo import conninfo_to_dict
@@ -195,6 +196,26 @@ async def test_a_slow_statement_on_a_live_server_is_left_alone(
     assert value == 42
     assert WATCHDOG.probes_run > probes, "the watchdog never looked: nothing was tested"
     assert stats["connections_poisoned"] == 0
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_the_side_probe_reaches_the_same_server_with_the_connections_credentials(
+    pgfailover_cluster: LocalCluster, kind: str
+) -> None:
+    """What the watchdog builds from each driver's connection for its side probe opens a
+    psycopg connection to the same endpoint as the same user (an authentication failure
+    would be judged alive and hide a dead server)."""
+    node = pgfailover_cluster.primary
+    engine = _engine(node.url(KINDS[kind][0]), kind)
+    try:
+        watched = (await _record_info(engine))["pgfailover.watched"]
+        endpoint, conninfo = watched.endpoint(), watched.conninfo()
+    finally:
+        await _dispose(engine)
+    assert endpoint == node.address
+    with psycopg.connect(conninfo, connect_timeout=5) as side:
+        row = side.execute("SELECT current_user, current_database()").fetchone()
+    assert row == (pgfailover_cluster.user, pgfailover_cluster.dbname)
 
 
 @pytest.mark.parametrize("kind", ["psycopg", "asyncpg"])
