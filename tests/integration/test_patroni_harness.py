@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -148,13 +150,15 @@ def test_kill_leader_elects_a_new_leader_and_the_old_one_heals_back_as_replica(
     assert new is not None
     assert new is not old
     assert timings.notes == {"old_leader": old.name, "new_leader": new.name}
-    assert cluster.writable(new)
+    assert old.killed
+    assert cluster.wait_leader() is new
     table = _table(new)
     with new.connect(superuser=False) as conn:
         conn.execute(f"INSERT INTO {table} VALUES (1, 'after the crash')")
 
     healed = cluster.heal(old)
     assert "restart" in healed.phases
+    assert not old.killed
     assert cluster._streams_from(old, new)
     _wait_row(old, table, 1)
     repointed = cluster.repoint_pgbouncer(new)
@@ -259,6 +263,33 @@ def test_synchronous_cluster_closes_without_leaving_any_process() -> None:
     assert not root.exists()
     assert not set(live_pids()) & set(pids)
     cluster.close()  # idempotent
+
+
+def test_a_cluster_never_closed_is_ended_at_interpreter_exit() -> None:
+    """A program that opens a cluster and exits without closing it leaves no process of it
+    and no directory: the exit hook ends them."""
+    program = (
+        "from pgfailover.testing import PatroniCluster\n"
+        "cluster = PatroniCluster(nodes=1)\n"
+        "cluster.open()\n"
+        "print(cluster.root)\n"
+        "print(' '.join(str(pid) for pid in cluster.pids()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    root_line, pids_line = result.stdout.splitlines()[-2:]
+    root = Path(root_line)
+    pids = [int(pid) for pid in pids_line.split()]
+    assert len(pids) >= 3  # etcd, Patroni, the postmaster and its children
+    assert not [pid for pid in pids if _alive(pid)]
+    assert _processes_mentioning(root) == []
+    assert not root.exists()
 
 
 def test_open_failing_on_a_taken_etcd_port_leaves_no_process(

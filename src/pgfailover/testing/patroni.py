@@ -284,6 +284,8 @@ class PatroniNode:
         self.process: ServerProcess | None = None
         #: True between :meth:`PatroniCluster.freeze` and :meth:`PatroniCluster.thaw`.
         self.frozen = False
+        #: True between :meth:`PatroniCluster.kill_leader` and :meth:`PatroniCluster.heal`.
+        self.killed = False
 
     @property
     def address(self) -> str:
@@ -357,6 +359,8 @@ class PatroniNode:
     def __repr__(self) -> str:
         if self.frozen:
             state = "frozen"
+        elif self.killed:
+            state = "killed"
         elif self.running:
             state = f"patroni pid {self.patroni_pid}"
         else:
@@ -1066,16 +1070,19 @@ class PatroniCluster:
             description=f"patroni {node.name}",
         )
         node.frozen = False
+        node.killed = False
 
     def _check_patroni_alive(self, nodes: Iterable[PatroniNode]) -> None:
+        """Raise :class:`PatroniError` with its log's tail if a Patroni we did not kill exited."""
         for node in nodes:
-            if node.process is not None and not node.process.running:
+            if node.process is not None and not node.killed and not node.process.running:
                 raise PatroniError(
                     f"patroni {node.name} exited; log tail:\n{node.process.log_tail(30)}"
                 )
 
     def _kill_node(self, node: PatroniNode, timeout: float) -> None:
         postmaster = node.postmaster_pid
+        node.killed = True
         if node.process is not None:
             node.process.signal(signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError, PermissionError):
