@@ -92,3 +92,34 @@ def test_rest_urls_are_learnt_from_the_cluster(cluster: PatroniCluster) -> None:
     urls = source.urls_to_try()
     assert urls[0] == leader.rest_url
     assert sorted(urls) == sorted(n.rest_url for n in cluster.nodes)
+
+
+def _poll_members(source: PatroniTopology, wanted: set[str], timeout: float) -> None:
+    """Refresh until the member names are ``wanted``; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        topology = source.refresh()
+        if {m.name for m in topology.members} == wanted:
+            return
+        assert time.monotonic() < deadline, topology.describe()
+        time.sleep(0.2)
+
+
+def test_a_member_leaving_and_coming_back_is_followed(cluster: PatroniCluster) -> None:
+    """A replica that hangs (frozen) is dropped from the topology once Patroni drops it
+    (its member key expires after ttl), without any refresh hanging on its dead REST API;
+    healed, it is listed again. No restart of the source."""
+    leader = cluster.wait_leader()
+    replica = next(n for n in cluster.nodes if n is not leader)
+    source = PatroniTopology([n.rest_url for n in cluster.nodes], timeout=TIMEOUT)
+    everyone = {n.name for n in cluster.nodes}
+    _poll_members(source, everyone, 5)
+    cluster.freeze(replica)
+    try:
+        _poll_members(source, everyone - {replica.name}, 40)
+        assert replica.rest_url not in source.urls_to_try()[: len(everyone) - 1]
+        assert source.current() is not None
+        assert source.current().leader == leader.name  # type: ignore[union-attr]
+    finally:
+        cluster.heal(replica)
+    _poll_members(source, everyone, 40)
