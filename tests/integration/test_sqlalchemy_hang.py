@@ -122,8 +122,8 @@ async def test_an_operation_in_flight_on_a_blackholed_server_ends_within_the_bou
     """The network goes silent right before a statement or a COMMIT: it fails with the
     driver's connection error (wrapped by SQLAlchemy) within silence + 2 x probe timeout,
     with a note that the watchdog cut it; the engine invalidates the connection, counts it
-    poisoned as lost (a COMMIT is never declared safe to repeat), and the next checkout
-    after the network heals works."""
+    poisoned as lost and records the outage (a COMMIT is never declared safe to repeat),
+    and the next checkout after the network heals works."""
     engine = _engine(_proxied_url(pgfailover_cluster, proxy, kind), kind)
     cuts = WATCHDOG.cuts
     try:
@@ -149,6 +149,7 @@ async def test_an_operation_in_flight_on_a_blackholed_server_ends_within_the_bou
         assert any("watchdog cut" in note for note in notes), notes
     assert WATCHDOG.cuts > cuts
     assert stats["connections_poisoned"] >= 1
+    assert stats["failovers_detected"] >= 1
     assert after == 42
 
 
