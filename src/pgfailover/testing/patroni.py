@@ -569,10 +569,7 @@ class PatroniCluster:
             return
         self._closed = True
         for node in self.nodes:
-            if node.process is not None:
-                node.process.signal(signal.SIGKILL)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(node.process.pid, signal.SIGKILL)
+            self._kill_patroni(node)
         for node in self.nodes:
             if node.process is not None:
                 node.process.wait(10)
@@ -1083,10 +1080,7 @@ class PatroniCluster:
     def _kill_node(self, node: PatroniNode, timeout: float) -> None:
         postmaster = node.postmaster_pid
         node.killed = True
-        if node.process is not None:
-            node.process.signal(signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(node.process.pid, signal.SIGKILL)
+        self._kill_patroni(node)
         if postmaster is not None:
             _signal_all([postmaster], signal.SIGKILL)
         if node.frozen:  # stopped children would wait for a SIGCONT to notice their death
@@ -1103,6 +1097,16 @@ class PatroniCluster:
         except PatroniTimeout:
             _signal_all(node.pids(), signal.SIGKILL)
             _poll(f"every process of {node.name} to exit after SIGKILL", gone, timeout)
+
+    @staticmethod
+    def _kill_patroni(node: PatroniNode) -> None:
+        """SIGKILL the node's Patroni and its process group (pg_rewind, pg_basebackup...).
+
+        Only while it runs: once reaped, its PID (and group ID) may belong to a stranger.
+        """
+        if node.process is not None and node.process.running:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(node.process.pid, signal.SIGKILL)
 
     def _clear_stale_locks(self, node: PatroniNode) -> None:
         """Remove lock files a killed postmaster left: its PID may linger as an unreaped
