@@ -44,6 +44,7 @@ class Script:
     status: int = 200
     body: bytes = b""
     hang: bool = False
+    trickle: bool = False
     delay: float = 0.0
     requests: int = 0
     release: threading.Event = field(default_factory=threading.Event)
@@ -65,6 +66,17 @@ class CannedServer:
                     return
                 if script.delay:
                     script.release.wait(script.delay)  # a slow server
+                if script.trickle:  # headers, then a byte now and then, never the end
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000000")
+                    self.end_headers()
+                    while not script.release.wait(0.05):
+                        try:
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                    return
                 self.send_response(script.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(script.body)))
@@ -213,6 +225,19 @@ def test_a_server_that_never_answers_ends_within_the_timeout(rest: CannedServer)
         source.refresh()
     assert time.monotonic() - started < TIMEOUT + GRACE + SLACK
     assert rest.script.requests == 1
+
+
+def test_a_server_that_trickles_its_answer_ends_within_the_timeout(
+    rest: CannedServer,
+) -> None:
+    """A REST API that sends headers, then a byte every 50 ms and never the end, costs at
+    most the timeout (plus the grace): the whole read has one deadline."""
+    rest.script.trickle = True
+    source = PatroniTopology(rest.url, timeout=TIMEOUT)
+    started = time.monotonic()
+    with pytest.raises(TopologyUnavailable, match="within"):
+        source.refresh()
+    assert time.monotonic() - started < TIMEOUT + GRACE + SLACK
 
 
 def test_good_answer_leads_new_connections_to_the_leader(
