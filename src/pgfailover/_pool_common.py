@@ -141,3 +141,22 @@ def check_options(recheck_interval: float | None, pooler: bool | None) -> None:
         )
     if recheck_interval is not None and recheck_interval < 0:
         raise ValueError(f"recheck_interval must be >= 0 seconds or None, got {recheck_interval}")
+
+
+def check_topology(topology: Any, source_class: type[Any], conninfo: Any) -> None:
+    """``TypeError`` for a ``topology=`` that is not a source of the pool's kind, or given
+    with a conninfo that is not a string (the topology supplies host and port to it)."""
+    if topology is None:
+        return
+    if not isinstance(topology, source_class):
+        raise TypeError(
+            f"topology must be a {source_class.__name__} (for instance "
+            f"{'Async' if source_class.__name__.startswith('Async') else ''}PatroniTopology "
+            f"or {'Async' if source_class.__name__.startswith('Async') else ''}"
+            f"HostListTopology), got {type(topology).__name__}"
+        )
+    if not isinstance(conninfo, str):
+        raise TypeError(
+            "with topology=, conninfo must be a string holding everything but the host and "
+            f"port (dbname, user, ...), got {type(conninfo).__name__}"
+        )

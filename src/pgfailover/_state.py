@@ -106,6 +106,12 @@ class FailoverState:
                 if verdict.is_failover:
                     self._outage(now)
 
+    def no_leader(self, source: str, reason: str, now: float) -> None:
+        """The topology ``source`` named no leader to connect to (or could not be read)."""
+        with self._lock:
+            self.hosts[source] = reason
+            self._outage(now)
+
     def connected(self, now: float) -> None:
         """A new connection reached a writable primary: the outage, if any, is over."""
         with self._lock:

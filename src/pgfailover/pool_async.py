@@ -24,6 +24,12 @@ pgfailover's connection classes and:
   :class:`~pgfailover.errors.NoPrimaryAvailable` saying what each host was; an
   authentication or configuration failure fails waiting requests at once with the driver's
   own error;
+- with ``topology=`` (a :class:`~pgfailover.topology.AsyncTopologySource` such as
+  :class:`~pgfailover.topology.AsyncPatroniTopology`), connect straight to the leader the
+  topology names (the conninfo then carries everything but the host and port), validate
+  every new connection against it in-band (a writable node that is not the leader is
+  refused: fencing), and invalidate the topology on every failover verdict, so the next
+  connection attempt refreshes it (once, shared by all the pools using the same source);
 - count what happened in ``get_stats()``.
 
 Decisions live in :class:`~pgfailover._state.FailoverState` (no I/O); the pool class is a
@@ -52,6 +58,7 @@ from .connection import AsyncConnection, _FailoverAware
 from .errors import NotWritable
 from .events import PoolEvent, _emit
 from .probe import aprobe
+from .topology import AsyncTopologySource, Topology, TopologyError
 
 CT = TypeVar("CT", bound=psycopg.AsyncConnection[Any])
 
@@ -67,6 +74,10 @@ class AsyncConnectionPool(_BasePool[CT]):
     ``connection_class`` is pgfailover's connection class by default; your own psycopg
     connection subclass (of the same kind: sync or async) is accepted too, pgfailover's
     behaviour mixed in front of it (see :func:`~pgfailover._pool_common.failover_class`).
+    ``topology`` (None: the conninfo's own hosts, tried by libpq) is where to find the
+    leader: ``conninfo`` must then be a string without the host and port (any given are
+    replaced by the leader's). Share one topology object between the pools that reach the
+    same cluster: its refreshes are single-flight per object.
     """
 
     def __init__(
@@ -77,9 +88,17 @@ class AsyncConnectionPool(_BasePool[CT]):
         configure: Callable[[CT], Awaitable[None]] | None = None,
         recheck_interval: float | None = 10.0,
         pooler: bool | None = None,
+        topology: AsyncTopologySource | None = None,
         **kwargs: Any,
     ) -> None:
         _pool_common.check_options(recheck_interval, pooler)
+        _pool_common.check_topology(topology, AsyncTopologySource, conninfo)
+        self.topology = topology
+        self._pgf_base_conninfo = conninfo
+        self._pgf_leader_seen = ""  # the conninfo last resolved through the topology
+        self._pgf_topology_seen: Topology | None = None  # the topology the pool last followed
+        if topology is not None:
+            conninfo = self._pgf_leader_conninfo
         connection_class = _pool_common.failover_class(
             connection_class, AsyncConnection, psycopg.AsyncConnection
         )
@@ -99,6 +118,12 @@ class AsyncConnectionPool(_BasePool[CT]):
         return self._pgf
 
     # -- connection life cycle
+    async def _pgf_leader_conninfo(self) -> str:
+        assert self.topology is not None
+        conninfo = await self.topology.conninfo_for_leader(self._pgf_base_conninfo)
+        self._pgf_leader_seen = conninfo
+        return conninfo
+
     async def _pgf_configure(self, conn: CT) -> None:
         report = await aprobe(conn, pooler=self._pgf.pooler)
         self._pgf.probed(report)
@@ -106,6 +131,12 @@ class AsyncConnectionPool(_BasePool[CT]):
             where = endpoint(conn)
             await conn.close()
             raise NotWritable(report, where, finding(report))
+        if self.topology is not None:
+            fence = await self.topology.validate(conn)
+            if not fence.accepted:
+                where = endpoint(conn)
+                await conn.close()
+                raise NotWritable(report, where, f"node the topology refuses ({fence.reason})")
         if self._pgf_configure_user is not None:
             await self._pgf_configure_user(conn)
 
@@ -115,9 +146,14 @@ class AsyncConnectionPool(_BasePool[CT]):
         except NotWritable as ex:
             # a new connection belongs to no generation yet: nothing to purge (generation -1)
             self._pgf.not_primary(ex.endpoint, ex.finding, monotonic(), -1)
+            self._pgf_invalidate()
             raise
         except psycopg.Error as ex:
             await self._pgf_connect_failed(ex)
+            raise
+        except TopologyError as ex:  # no leader now, or the topology cannot be read
+            assert self.topology is not None
+            self._pgf.no_leader(self.topology.description, str(ex), monotonic())
             raise
         now = monotonic()
         aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
@@ -129,9 +165,18 @@ class AsyncConnectionPool(_BasePool[CT]):
     def _pgf_misconfigured(self) -> bool:
         return self._pgf.fatal is not None
 
+    def _pgf_invalidate(self) -> None:
+        if self.topology is not None:
+            self.topology.invalidate()  # the next connection attempt refreshes it
+
     async def _pgf_connect_failed(self, ex: psycopg.Error) -> None:
         verdict = classify(ex, phase=Phase.CONNECT)
-        conninfo = await self._resolve_conninfo()
+        if self.topology is not None:
+            conninfo = self._pgf_leader_seen  # resolving again could refresh the topology
+            if verdict.is_failover:
+                self._pgf_invalidate()
+        else:
+            conninfo = await self._resolve_conninfo()
         self._pgf.connect_failed(_pool_common.conninfo_endpoint(conninfo), verdict, monotonic())
         if verdict.kind is Kind.CONFIGURATION:
             self._pgf.fatal = ex
@@ -166,6 +211,8 @@ class AsyncConnectionPool(_BasePool[CT]):
     async def getconn(self, timeout: float | None = None) -> CT:
         if (fatal := self._pgf.fatal) is not None and not self._pool:
             raise fatal.with_traceback(None)
+        if self.topology is not None and self.topology.current() is not self._pgf_topology_seen:
+            await self._pgf_follow_topology()
         if timeout is None:
             timeout = self.timeout
         start = monotonic()  # also "now" for the idle check: a few µs early is fine
@@ -184,6 +231,24 @@ class AsyncConnectionPool(_BasePool[CT]):
                 return conn
             wait = max(start + timeout - monotonic(), 0.0)
 
+    async def _pgf_follow_topology(self) -> None:
+        """The topology was refreshed (by any pool or caller sharing it): if it names
+        another leader than before, the connections made before are suspect (they may be
+        writing to a node that is no longer the leader, even one that still accepts
+        writes): purge them. No I/O beyond closing idle connections."""
+        assert self.topology is not None
+        current = self.topology.current()
+        before, self._pgf_topology_seen = self._pgf_topology_seen, current
+        if before is None or current is None or before.write_target is None:
+            return
+        old, new = before.write_target, current.write_target
+        if new is not None and new.address == old.address:
+            return
+        now_leader = f"{new.address} leads now" if new is not None else "no leader now"
+        finding = f"former leader ({now_leader}, says {self.topology.description})"
+        if self._pgf.not_primary(old.address, finding, monotonic(), self._pgf.generation):
+            await self.drain()
+
     async def _pgf_checkout_ok(self, conn: CT) -> bool:
         aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__
         generation = aware.pool_generation
@@ -197,6 +262,7 @@ class AsyncConnectionPool(_BasePool[CT]):
             aware.pool_generation = self._pgf.generation
             return True
         purge = self._pgf.not_primary(endpoint(conn), finding(report), monotonic(), generation)
+        self._pgf_invalidate()
         await conn.close()
         await self.putconn(conn)
         if purge:
@@ -220,6 +286,8 @@ class AsyncConnectionPool(_BasePool[CT]):
             await super().putconn(conn)
             return
         purge = self._pgf.poisoned(aware.pool_generation, verdict, monotonic())
+        if verdict.rediscover_primary or purge:
+            self._pgf_invalidate()
         if not conn.closed:
             await conn.close()
         await super().putconn(conn)
