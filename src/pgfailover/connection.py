@@ -229,11 +229,13 @@ class Connection(_FailoverAware[Row], psycopg.Connection[Row]):
 
     @classmethod
     def _get_connection_params(cls, conninfo: str, **kwargs: Any) -> ConnDict:
-        # A conninfo psycopg cannot parse raises InvalidConninfo without the password.
+        # A conninfo psycopg cannot parse raises InvalidConninfo without the password,
+        # raised outside the handler: psycopg's error (which quotes it) is not its context.
         try:
             return super()._get_connection_params(conninfo, **kwargs)
         except psycopg.ProgrammingError as ex:
-            raise _invalid_conninfo(ex, conninfo) from None
+            error = _invalid_conninfo(ex, conninfo)
+        raise error
 
     def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
         before = self.pgconn.transaction_status
@@ -252,11 +254,13 @@ class AsyncConnection(_FailoverAware[Row], psycopg.AsyncConnection[Row]):
 
     @classmethod
     async def _get_connection_params(cls, conninfo: str, **kwargs: Any) -> ConnDict:
-        # A conninfo psycopg cannot parse raises InvalidConninfo without the password.
+        # A conninfo psycopg cannot parse raises InvalidConninfo without the password,
+        # raised outside the handler: psycopg's error (which quotes it) is not its context.
         try:
             return await super()._get_connection_params(conninfo, **kwargs)
         except psycopg.ProgrammingError as ex:
-            raise _invalid_conninfo(ex, conninfo) from None
+            error = _invalid_conninfo(ex, conninfo)
+        raise error
 
     async def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
         before = self.pgconn.transaction_status
