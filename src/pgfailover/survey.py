@@ -224,13 +224,16 @@ def split_hosts(conninfo: str) -> list[HostTarget]:
     :class:`InvalidConninfo` on a string libpq cannot parse, mismatched lists, a port that is
     not a number in 1-65535, or a ``hostaddr`` that is not a numeric IP address.
     """
+    error: InvalidConninfo | None = None
     try:
         params: dict[str, Any] = conninfo_to_dict(conninfo)
     except psycopg.Error as ex:
         reason = _first_line(str(ex)) or type(ex).__name__
-        raise InvalidConninfo(
+        error = InvalidConninfo(
             "cannot parse the connection string: " + scrub(reason, secret_candidates(conninfo))
-        ) from None
+        )
+    if error is not None:  # raised here: psycopg's error, which quotes the DSN, is no context
+        raise error
     hosts = _split(params.get("host"))
     hostaddrs = _split(params.get("hostaddr"))
     ports = _split(params.get("port"))
