@@ -391,6 +391,8 @@ def test_sources_reject_bad_configuration_with_errors_naming_the_option() -> Non
         HostListTopology(None)  # type: ignore[arg-type]
     with pytest.raises(InvalidConninfo, match="ports"):
         AsyncHostListTopology("host=a,b,c port=1,2")
+    with pytest.raises(ValueError, match="needs every host"):
+        HostListTopology("dbname=app")
 
 
 def test_patroni_source_tries_learned_urls_first() -> None:

@@ -36,7 +36,8 @@ class AsyncHostListTopology(AsyncTopologySource):
     one port for all or one per host; ``hostaddr`` lists too) with the credentials to
     connect; ``target_session_attrs`` and ``load_balance_hosts`` are ignored. Raises
     :class:`~pgfailover.errors.InvalidConninfo` for one libpq cannot parse, or mismatched
-    lists. ``timeout`` and ``max_age`` (default 10 s) as for every source.
+    lists, ``ValueError`` for an empty or missing host. ``timeout`` and ``max_age``
+    (default 10 s) as for every source.
     """
 
     def __init__(
@@ -45,6 +46,11 @@ class AsyncHostListTopology(AsyncTopologySource):
         if not isinstance(conninfo, str):
             raise TypeError(f"conninfo must be a string, got {type(conninfo).__name__}")
         targets = split_hosts(conninfo)
+        if any(t.host is None and t.hostaddr is None for t in targets):
+            raise ValueError(
+                "a host list topology needs every host in the conninfo (host=db1,db2 ...):"
+                " an empty or default host cannot be told apart"
+            )
         super().__init__(conninfo=conninfo, timeout=timeout, max_age=max_age)
         self._targets: list[HostTarget] = targets
         self.members = tuple(
