@@ -227,6 +227,32 @@ def test_a_server_that_never_answers_ends_within_the_timeout(rest: CannedServer)
     assert rest.script.requests == 1
 
 
+def test_waiting_for_the_rest_api_lets_other_work_run(rest: CannedServer) -> None:
+    """While a refresh waits for a REST API that never answers, other tasks (async: the
+    event loop is never blocked; sync: other threads) keep running."""
+    rest.script.hang = True
+    source = PatroniTopology(rest.url, timeout=TIMEOUT)
+    ticks: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.01)
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(TopologyUnavailable):
+            source.refresh()
+        ended = time.monotonic()
+    finally:
+        done.set()
+        ticker.join()
+    assert len([t for t in ticks if started < t < ended]) >= 5
+
+
 def test_a_server_that_trickles_its_answer_ends_within_the_timeout(
     rest: CannedServer,
 ) -> None:
