@@ -3,6 +3,8 @@
 - ``drill``: the failover drill on a local cluster (naive vs protected stacks), with a
   report, a timeline PNG and JSON;
 - ``probe DSN``: what each host of a DSN is (role, lag, PgBouncer);
+- ``pgbouncer doctor|repoint``: PgBouncer's failover settings checked; its databases
+  pointed at a new primary;
 - ``demo``: the bare problem in a few seconds (stuck writes behind PgBouncer).
 """
 
@@ -284,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .survey import add_command as add_probe
 
     add_probe(commands)
+    from .pgbouncer.cli import add_command as add_pgbouncer
+
+    add_pgbouncer(commands)
     commands.add_parser(
         "demo",
         help="start a local cluster, fail over behind PgBouncer, show the write failure",
@@ -348,6 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             except InvalidConninfo as ex:  # its message never holds the password
                 _subparser(parser, "probe").error(f"argument dsn: {ex}")
             return run_probe(args)
+        if args.command == "pgbouncer":
+            from .pgbouncer.cli import check_args, run_command
+
+            pgbouncer = _subparser(parser, "pgbouncer")
+            check_args(args, _subparser(pgbouncer, args.pgbouncer_command))
+            return run_command(args)
         if args.command == "demo":
             from .testing.demo import run
 
