@@ -1,0 +1,287 @@
+"""``ENGINE: "pgfailover.django"``: Django's own PostgreSQL backend, surviving failovers.
+
+:class:`DatabaseWrapper` subclasses ``django.db.backends.postgresql.base.DatabaseWrapper``
+and changes only what a failover needs (psycopg 3 only):
+
+- connections are :class:`pgfailover.Connection`\\ s: a failover error (a standby's
+  25006/0A000, a lost connection, a server shutting down) poisons the connection it
+  happened on;
+- with ``OPTIONS {"pool": True | {...}}`` (Django 5.1+) the pool is a
+  :class:`pgfailover.ConnectionPool` (role-checked new connections, purge of a failed
+  node's connections, fast reconnection) instead of psycopg_pool's;
+- :meth:`DatabaseWrapper.is_usable` (what ``CONN_HEALTH_CHECKS`` and the end-of-request
+  check after an error call) is role-aware: a poisoned, closed, broken or failed
+  connection is unusable at no cost, and the server is asked (the core role probe) only
+  when there is a reason: a failover was seen on this database alias since the connection
+  was last checked, an outage is under way, the connection sat idle at least
+  ``recheck_interval`` seconds, or its socket received something while idle (the server or
+  a pooler closing it). Otherwise the check costs no round trip;
+- a poisoned connection is closed at the end of the request by Django's own
+  ``close_if_unusable_or_obsolete`` (request_finished), whatever ``errors_occurred`` says,
+  so the next request opens a new connection instead of writing to the standby again;
+- during an outage a new connection is role-checked before use: one that reaches a standby
+  is closed and :class:`~pgfailover.errors.NotWritable` (a ``psycopg.OperationalError``,
+  ``django.db.OperationalError`` in a view) is raised;
+- a multi-host ``HOST`` (``"db1,db2"``) gets libpq's ``target_session_attrs=read-write``
+  unless ``OPTIONS`` sets it or says a pooler is in front.
+
+Extra ``OPTIONS`` (taken out before psycopg sees the others): ``pooler`` (True: a
+multiplexing pooler such as PgBouncer is in front, so the role is always asked with a
+query; False: direct, ParameterStatus is trusted; None, the default: detected by the first
+probe of each connection) and ``recheck_interval`` (seconds, default 10; 0 probes at every
+health check, None never for idleness alone).
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import types
+from time import monotonic
+from typing import Any
+
+import django  # type: ignore[import-untyped]
+import psycopg
+from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
+from django.db.backends.base.base import NO_DB_ALIAS  # type: ignore[import-untyped]
+from django.db.backends.postgresql import base as _pg  # type: ignore[import-untyped]
+from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-untyped]
+    is_psycopg3,
+)
+from psycopg.pq import TransactionStatus
+
+from .. import _pool_common
+from .._state import FailoverState, finding
+from ..connection import Connection
+from ..errors import NotWritable
+from ..events import _emit
+from ..probe import probe
+
+if not is_psycopg3:  # pragma: no cover - Django picks psycopg 3 when both are installed
+    raise ImproperlyConfigured(
+        "ENGINE 'pgfailover.django' needs psycopg 3 (pip install 'psycopg[binary]'); "
+        "Django loaded psycopg2"
+    )
+
+__all__ = ["DatabaseWrapper"]
+
+#: Whether the installed Django has the ``pool`` option (5.1+).
+HAS_POOL = django.VERSION >= (5, 1)
+#: Seconds a connection may sit idle before its health check asks the server its role.
+DEFAULT_RECHECK_INTERVAL = 10.0
+
+_OK_STATUS = (TransactionStatus.IDLE, TransactionStatus.INTRANS)
+
+_states: dict[str, FailoverState] = {}
+_states_lock = threading.Lock()
+
+
+def failover_state(alias: str) -> FailoverState:
+    """The process's failover knowledge for one database alias (shared by its threads)."""
+    with _states_lock:
+        state = _states.get(alias)
+        if state is None:
+            state = _states[alias] = FailoverState(pooler=None, name=alias, on_event=_emit)
+        return state
+
+
+class _Driver(types.ModuleType):
+    """psycopg as Django's backend sees it (``DatabaseWrapper.Database``), with ``connect``
+    opening a :class:`pgfailover.Connection`; every other name is psycopg's own."""
+
+    def __init__(self) -> None:
+        super().__init__("psycopg", psycopg.__doc__)
+        self.connect = Connection.connect
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(psycopg, name)
+
+
+_DRIVER = _Driver()
+
+
+def _socket_readable(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle connection's socket has something to read (the server or a pooler
+    closed it, or sent a notice): no round trip, a zero-timeout ``select``."""
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
+
+
+def _locally_usable(conn: Any) -> bool:
+    """What can be told without a round trip: open, not broken, not poisoned, and idle or
+    in a healthy transaction."""
+    return (
+        conn is not None
+        and not conn.closed
+        and not getattr(conn, "broken", False)
+        and getattr(conn, "poisoned", None) is None
+        and conn.info.transaction_status in _OK_STATUS
+    )
+
+
+class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
+    """Django's PostgreSQL ``DatabaseWrapper`` with pgfailover's connections (see the
+    module doc). ``vendor`` stays ``"postgresql"``: ``django.contrib.postgres``, migrations
+    and every PostgreSQL feature work unchanged."""
+
+    display_name = "PostgreSQL (pgfailover)"
+    Database = _DRIVER
+    # Pools per alias, apart from the stock backend's (a process may use both).
+    _connection_pools: dict[str, Any] = {}  # noqa: RUF012 - Django's own shape: class-level
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        options = self.settings_dict.get("OPTIONS") or {}
+        pooler = options.get("pooler")
+        recheck = options.get("recheck_interval", DEFAULT_RECHECK_INTERVAL)
+        try:
+            _pool_common.check_options(recheck, pooler)
+        except (TypeError, ValueError) as ex:
+            raise ImproperlyConfigured(f"DATABASES[{self.alias!r}]['OPTIONS']: {ex}") from None
+        if options.get("pool") and not HAS_POOL:
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['pool'] needs Django 5.1 or newer "
+                f"(installed: {django.get_version()})"
+            )
+        self.pgf_pooler: bool | None = pooler
+        self.pgf_recheck_interval: float | None = recheck
+
+    @property
+    def pgf_state(self) -> FailoverState:
+        """This alias's failover state (generations, outage, counters) in this process."""
+        return failover_state(self.alias)
+
+    # -- connection parameters and the pool
+    def get_connection_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = super().get_connection_params()
+        params.pop("pooler", None)
+        params.pop("recheck_interval", None)
+        host = str(params.get("host") or "")
+        if "," in host and "target_session_attrs" not in params and self.pgf_pooler is not True:
+            params["target_session_attrs"] = "read-write"
+        return params
+
+    @property
+    def pool(self) -> Any:
+        """A :class:`pgfailover.ConnectionPool` per alias when ``OPTIONS["pool"]`` is set
+        (Django 5.1+), else None. Its checkout check is the pool's role-aware one
+        (``recheck_interval``, ``pooler`` from ``OPTIONS``), not psycopg_pool's
+        ``check_connection`` (which passes on a standby)."""
+        pool_options = self.settings_dict["OPTIONS"].get("pool")
+        if not HAS_POOL or self.alias == NO_DB_ALIAS or not pool_options:
+            return None
+        if self.alias not in self._connection_pools:
+            if self.settings_dict.get("CONN_MAX_AGE", 0) != 0:
+                raise ImproperlyConfigured("Pooling doesn't support persistent connections.")
+            options = {} if pool_options is True else dict(pool_options)
+            try:
+                from ..pool import ConnectionPool  # noqa: PLC0415 - the pool extra is optional
+            except ImportError as err:  # pragma: no cover - depends on the installed extras
+                raise ImproperlyConfigured(
+                    "OPTIONS['pool'] needs psycopg_pool: pip install 'pgfailover[pool]'"
+                ) from err
+            connect_kwargs = self.get_connection_params()
+            connect_kwargs["autocommit"] = True  # Django sets its own mode after checkout
+            options.setdefault("recheck_interval", self.pgf_recheck_interval)
+            options.setdefault("pooler", self.pgf_pooler)
+            pool = ConnectionPool(
+                kwargs=connect_kwargs,
+                open=False,
+                configure=self._configure_connection,
+                **options,
+            )
+            self._connection_pools.setdefault(self.alias, pool)
+        return self._connection_pools[self.alias]
+
+    # -- opening and closing
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        conn = super().get_new_connection(conn_params)
+        if self.pool is not None:
+            return conn  # the pool checked its role
+        state = self.pgf_state
+        now = monotonic()
+        conn.pool_generation = state.generation
+        conn.pool_returned_at = now
+        if state.outage_since is not None:
+            self._pgf_check_new(conn, state)
+        return conn
+
+    def _pgf_check_new(self, conn: Connection[Any], state: FailoverState) -> None:
+        """During an outage: refuse a new connection that does not reach a writable primary."""
+        try:
+            report = probe(conn, pooler=self._pgf_pooler(state))
+        except psycopg.Error:
+            conn.close()
+            raise
+        state.probed(report)
+        if not report.writable:
+            where = _pool_common.endpoint(conn)
+            conn.close()
+            state.not_primary(where, finding(report), monotonic(), -1)
+            raise NotWritable(report, where, finding(report))
+        state.connected(monotonic())
+
+    def _pgf_pooler(self, state: FailoverState) -> bool | None:
+        return self.pgf_pooler if self.pgf_pooler is not None else state.pooler
+
+    def _close(self) -> Any:
+        conn = self.connection
+        verdict = getattr(conn, "poisoned", None)
+        if verdict is not None and self.pool is None:
+            # the pool counts its own in putconn()
+            self.pgf_state.poisoned(conn.pool_generation, verdict, monotonic())
+        return super()._close()
+
+    # -- health
+    def is_usable(self) -> bool:
+        """Whether the connection may serve the next request: False without a round trip
+        when it is poisoned, closed, broken or in a failed transaction; otherwise True
+        without a round trip unless there is a reason to ask the server its role (see the
+        module doc), and then True only if the server is a writable primary."""
+        conn = self.connection
+        if not _locally_usable(conn):
+            return False
+        if self.pool is not None:
+            return True  # the pool checks the role at the next checkout when needed
+        state = self.pgf_state
+        generation = getattr(conn, "pool_generation", -1)
+        reason = state.needs_check(
+            generation,
+            getattr(conn, "pool_returned_at", 0.0),
+            self.pgf_recheck_interval,
+            monotonic(),
+        )
+        readable = _socket_readable(conn)
+        if not reason and not readable:
+            return True
+        # Something arrived on an idle connection (a shutdown's FATAL, a pooler closing
+        # it): only a round trip tells whether it is alive, whatever ParameterStatus says.
+        pooler = True if readable else self._pgf_pooler(state)
+        try:
+            report = probe(conn, pooler=pooler)
+        except psycopg.Error:
+            return False  # a failover error poisoned it: closing it reports it
+        state.probed(report)
+        if not report.writable:
+            where = _pool_common.endpoint(conn)
+            state.not_primary(where, finding(report), monotonic(), generation)
+            return False
+        conn.pool_generation = state.generation
+        state.connected(monotonic())
+        return True
+
+    def close_if_unusable_or_obsolete(self) -> None:
+        """Django's end-of-request check, which also closes a poisoned connection (even when
+        Django saw no error: the failure may have been caught) and notes when the
+        connection went idle, for the next health check."""
+        conn = self.connection
+        if conn is not None and getattr(conn, "poisoned", None) is not None:
+            self.close()
+            return
+        super().close_if_unusable_or_obsolete()
+        conn = self.connection
+        if conn is not None and self.pool is None:
+            conn.pool_returned_at = monotonic()

@@ -1,0 +1,14 @@
+"""URLs of the test project."""
+
+from __future__ import annotations
+
+from django.urls import path  # type: ignore[import-untyped]
+
+from .shop import views
+
+urlpatterns = [
+    path("write/", views.write),
+    path("atomic-write/", views.atomic_write),
+    path("tx-write/", views.tx_write),
+    path("read/", views.read),
+]

@@ -1,0 +1,285 @@
+"""``ENGINE: "pgfailover.django"`` and ``pgfailover.django.atomic`` in a real Django project.
+
+Django's settings are process-global, so each scenario runs the project of
+``tests/integration/django_project`` in its own subprocess (``serve.py``), configured by the
+``PGF_DJANGO`` environment variable and driven over stdin/stdout, while this process drives
+the cluster (failover, repoint). Requests go through Django's test client, with
+``close_old_connections()`` around each as a WSGI server's request signals do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgfailover.testing import LocalCluster
+from pgfailover.testing.cluster import SUPERUSER
+from pgfailover.testing.plugin import ClusterFactory
+
+django = pytest.importorskip("django")
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PGF = "pgfailover.django"
+STOCK = "django.db.backends.postgresql"
+HAS_POOL = django.VERSION >= (5, 1)
+#: Bound of one answer from the subprocess (a migrate, a request, a loop stop...).
+ANSWER_TIMEOUT = 90.0
+
+
+class Project:
+    """The test project in a subprocess (see ``django_project/serve.py``)."""
+
+    def __init__(self, databases: dict[str, Any], installed_apps: list[str] | None = None):
+        env = {
+            **os.environ,
+            "PGF_DJANGO": json.dumps(
+                {"databases": databases, "installed_apps": installed_apps or []}
+            ),
+            "DJANGO_SETTINGS_MODULE": "tests.integration.django_project.settings",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.django_project.serve"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._selector = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        self._selector.register(self.proc.stdout, selectors.EVENT_READ)
+
+    def ask(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one message, return its answer; fail on an exception in the subprocess."""
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+        self.proc.stdin.flush()
+        if not self._selector.select(ANSWER_TIMEOUT):
+            raise AssertionError(f"no answer to {op} within {ANSWER_TIMEOUT} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the Django process ended (exit code {self.proc.wait(5)})")
+        answer: dict[str, Any] = json.loads(line)
+        if "exception" in answer:
+            raise AssertionError(f"{op} failed in the Django process:\n{answer['tb']}")
+        return answer
+
+    def request(self, path: str, db: str) -> dict[str, Any]:
+        return self.ask("request", path=path, db=db)
+
+    def wait_done(self, db: str, at_least: int, timeout: float = 60.0) -> int:
+        """Poll a request loop until it has done ``at_least`` requests."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = int(self.ask("loop_progress", db=db)["done"])
+            if done >= at_least:
+                return done
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the loop on {db} did {done} < {at_least} requests")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(10)
+        self._selector.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def project() -> Iterator[list[Project]]:
+    """Projects opened by the test (append them); all closed at its end."""
+    opened: list[Project] = []
+    yield opened
+    for p in opened:
+        p.close()
+
+
+def database(
+    engine: str,
+    *,
+    host: str,
+    port: int | str,
+    cluster: LocalCluster,
+    conn_max_age: int | None = 600,
+    health_checks: bool = True,
+    options: dict[str, Any] | None = None,
+    superuser: bool = False,
+) -> dict[str, Any]:
+    """One entry of DATABASES for ``cluster``'s application database."""
+    return {
+        "ENGINE": engine,
+        "NAME": cluster.dbname,
+        "USER": SUPERUSER if superuser else cluster.user,
+        "PASSWORD": cluster.superuser_password if superuser else cluster.password,
+        "HOST": host,
+        "PORT": str(port),
+        "CONN_MAX_AGE": conn_max_age,
+        "CONN_HEALTH_CHECKS": health_checks,
+        "OPTIONS": {"connect_timeout": 3, **(options or {})},
+    }
+
+
+def multihost(cluster: LocalCluster) -> tuple[str, str]:
+    """HOST and PORT settings listing every node."""
+    return (
+        ",".join(n.host for n in cluster.nodes),
+        ",".join(str(n.port) for n in cluster.nodes),
+    )
+
+
+@pytest.fixture(scope="module")
+def session_mode_cluster(pgfailover_cluster_factory: ClusterFactory) -> LocalCluster:
+    """Primary + standby + PgBouncer in session mode, for this module."""
+    return pgfailover_cluster_factory(standbys=1, pgbouncer="session")
+
+
+def test_session_mode_stock_backend_stays_broken_pgfailover_recovers(
+    session_mode_cluster: LocalCluster, project: list[Project]
+) -> None:
+    """Through PgBouncer in session mode with CONN_MAX_AGE and CONN_HEALTH_CHECKS, after a
+    failover and a repoint: the stock backend fails every write request with 25006 (its
+    health check's SELECT 1 passes on the standby, so it keeps the connection bound to it);
+    pgfailover.django serves the first or second write request and every one after."""
+    cluster = session_mode_cluster
+    pgb = cluster.pgbouncer
+    assert pgb is not None
+    dbs = {
+        alias: database(engine, host=pgb.host, port=pgb.port, cluster=cluster)
+        for alias, engine in (("default", PGF), ("stock", STOCK))
+    }
+    p = Project(dbs)
+    project.append(p)
+    p.ask("migrate", db="default")
+    for alias in dbs:
+        assert p.request("/write/", alias)["status"] == 200
+
+    cluster.failover()
+    before = {alias: [p.request("/write/", alias) for _ in range(3)] for alias in dbs}
+    cluster.repoint_pgbouncer(cluster.primary)
+    after = {alias: [p.request("/write/", alias) for _ in range(8)] for alias in dbs}
+
+    stock = after["stock"]
+    assert all(r["status"] == 500 and r["sqlstate"] == "25006" for r in stock), stock
+    ours = after["default"]
+    first_ok = next(i for i, r in enumerate(ours) if r["status"] == 200)
+    assert first_ok <= 1, ours
+    assert all(r["status"] == 200 for r in ours[first_ok:]), ours
+    # before the repoint both fail: PgBouncer still leads to the old primary, a standby now
+    assert all(r["status"] == 500 for r in before["stock"] + before["default"]), before
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["persistent", "pool"])
+def test_atomic_turns_a_failover_into_zero_failed_requests(
+    pgfailover_cluster: LocalCluster, project: list[Project], pool: bool
+) -> None:
+    """Through PgBouncer in transaction mode and on a direct multi-host connection (with
+    persistent connections, or Django's pool), requests whose write runs in
+    pgfailover.django's AtomicRunner all succeed across a failover and repoint, each
+    writing its row exactly once; the failover was felt (the runner retried)."""
+    if pool and not HAS_POOL:
+        pytest.skip(f"Django {django.get_version()} has no connection pool (5.1+)")
+    cluster = pgfailover_cluster
+    pgb = cluster.pgbouncer
+    assert pgb is not None
+    host, port = multihost(cluster)
+    extra: dict[str, Any] = {"conn_max_age": 0, "options": {"pool": True}} if pool else {}
+    dbs = {
+        "default": database(PGF, host=pgb.host, port=pgb.port, cluster=cluster, **extra),
+        "direct": database(PGF, host=host, port=port, cluster=cluster, **extra),
+    }
+    p = Project(dbs)
+    project.append(p)
+    p.ask("migrate", db="direct")
+    rows_before = int(p.ask("count", db="direct")["count"])
+    for alias in dbs:
+        p.ask("loop_start", path="/atomic-write/", db=alias)
+    for alias in dbs:
+        p.wait_done(alias, 5)
+    cluster.failover()
+    cluster.repoint_pgbouncer(cluster.primary)
+    marks = {alias: int(p.ask("loop_progress", db=alias)["done"]) for alias in dbs}
+    for alias in dbs:
+        p.wait_done(alias, marks[alias] + 5)
+    stopped = {alias: p.ask("loop_stop", db=alias) for alias in dbs}
+
+    results = {alias: stopped[alias]["results"] for alias in dbs}
+    for alias, done in results.items():
+        failed = [r for r in done if r["status"] != 200]
+        assert not failed, (alias, failed)
+    retries = max(s["retries"] for s in stopped.values())
+    assert retries > 0, "no request felt the failover"
+    succeeded = sum(len(done) for done in results.values())
+    rows_after = int(p.ask("count", db="direct")["count"])
+    assert rows_after - rows_before == succeeded
+
+
+def test_django_migrations_and_testcase_run_unchanged(
+    pgfailover_cluster: LocalCluster, project: list[Project]
+) -> None:
+    """Django's own test runner on the backend: it creates the test database, runs the
+    migrations of contenttypes, auth and the app, runs a TestCase (pgfailover.django's
+    run_atomic inside it runs once, in the test's transaction) and drops the database."""
+    node = pgfailover_cluster.primary
+    dbs = {
+        "default": database(
+            PGF, host=node.host, port=node.port, cluster=pgfailover_cluster, superuser=True
+        )
+    }
+    p = Project(dbs, installed_apps=["django.contrib.contenttypes", "django.contrib.auth"])
+    project.append(p)
+    assert p.ask("testcase") == {"failures": 0}
+
+
+def test_happy_path_costs_no_extra_round_trip(
+    pgfailover_cluster: LocalCluster, project: list[Project]
+) -> None:
+    """Per request on a persistent connection, pgfailover.django makes no more round trips
+    than the stock backend: one fewer with CONN_HEALTH_CHECKS (its check needs no SELECT 1
+    without a reason), as many without; and AtomicRunner's transaction (the record rides in
+    BEGIN's round trip) as many as Django's own transaction.atomic."""
+    node = pgfailover_cluster.primary
+    c = pgfailover_cluster
+    dbs = {
+        "default": database(PGF, host=node.host, port=node.port, cluster=c),
+        "stock": database(STOCK, host=node.host, port=node.port, cluster=c),
+        "pgf_plain": database(PGF, host=node.host, port=node.port, cluster=c, health_checks=False),
+        "stock_plain": database(
+            STOCK, host=node.host, port=node.port, cluster=c, health_checks=False
+        ),
+    }
+    p = Project(dbs)
+    project.append(p)
+    p.ask("migrate", db="default")
+    n = 20
+
+    def trips(path: str, db: str) -> int:
+        return int(p.ask("trace", path=path, db=db, n=n)["round_trips"])
+
+    checked = {db: trips("/write/", db) for db in ("default", "stock")}
+    plain = {db: trips("/write/", db) for db in ("pgf_plain", "stock_plain")}
+    atomic = trips("/atomic-write/", "pgf_plain")
+    django_atomic = trips("/tx-write/", "stock_plain")
+    assert checked["stock"] == 2 * n, checked  # SELECT 1, then the INSERT
+    assert checked["default"] == n, checked  # the INSERT alone
+    assert plain["pgf_plain"] == plain["stock_plain"] == n, plain
+    assert atomic == django_atomic == 4 * n, (atomic, django_atomic)  # BEGIN, 2 stmts, COMMIT
