@@ -129,6 +129,9 @@ class Record:
     def __init__(self, bound: float) -> None:
         self.bound = bound
         self.outcomes = mmap.mmap(-1, CAPACITY)
+        self._ends_map = mmap.mmap(-1, CAPACITY * 8)
+        #: When each call ended (monotonic seconds), by call number.
+        self.ends = memoryview(self._ends_map).cast("d")
         self.calls = 0
         self.errors: Counter[str] = Counter()
         self.stuck = 0
@@ -157,6 +160,7 @@ class Record:
         ended = time.monotonic()
         self.in_flight_since = None
         self.outcomes[i] = outcome
+        self.ends[i] = ended
         took = ended - started
         self.slowest = max(self.slowest, took)
         if took > self.bound:
@@ -171,7 +175,9 @@ class Record:
         return {f"{prefix}-{i}" for i, b in enumerate(data) if b == outcome}
 
     def close(self) -> None:
-        """Release the map."""
+        """Release the maps."""
+        self.ends.release()
+        self._ends_map.close()
         self.outcomes.close()
 
 
@@ -363,6 +369,8 @@ class Workload:
         self.grace = grace
         #: The last fault's window ``(start, end)``, monotonic; set by :meth:`fault`.
         self.fault_window: tuple[float, float] | None = None
+        #: Every fault's window ``(start, end)`` (monotonic), in order.
+        self.fault_windows: list[tuple[float, float]] = []
         self.runs: dict[str, StackRun] = {}
         self.left_running = 0
         self.close_errors: list[str] = []
@@ -513,6 +521,10 @@ class Workload:
     def fault(self, start: float, end: float = float("inf")) -> None:
         """Mark a fault from ``start`` to ``end`` (monotonic; call again with the end when it
         is over): each record keeps the longest wait of a call during a fault."""
+        if self.fault_windows and self.fault_windows[-1][0] == start:
+            self.fault_windows[-1] = (start, end)
+        else:
+            self.fault_windows.append((start, end))
         self.fault_window = (start, end)
 
     def acked(self) -> dict[str, int]:
@@ -567,6 +579,12 @@ class StackResult:
     fault_to_end_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     lost_keys: list[str] = field(default_factory=list)
+    #: For the lost keys: the longest time from a lost call's acknowledgement to the start
+    #: of the fault that lost it (the first fault not over when the call ended; 0 when the
+    #: call ended during it). None: nothing lost; -1.0: a lost call ended after every
+    #: fault was over. The replication window of an asynchronous standby shows as a short
+    #: time.
+    lost_before_fault_s: float | None = None
 
 
 def final_counts(cluster: LocalCluster, table: str) -> dict[str, int]:
@@ -603,6 +621,8 @@ def verify(workload: Workload, counts: dict[str, int]) -> list[StackResult]:
         res.acked, res.failed, res.unknown = len(acked), len(failed), len(unknown)
         lost = acked - present
         res.lost, res.lost_keys = len(lost), sorted(lost)[:20]
+        if lost:
+            res.lost_before_fault_s = _before_fault(run, lost, workload.fault_windows)
         res.duplicated = sum(1 for k in present if counts[k] > 1)
         res.phantom_failed = len(present & failed)
         res.phantom_unknown = len(present & unknown)
@@ -610,6 +630,19 @@ def verify(workload: Workload, counts: dict[str, int]) -> list[StackResult]:
         res.errors = dict(errors.most_common())
         results.append(res)
     return results
+
+
+def _before_fault(run: StackRun, lost: set[str], windows: Sequence[tuple[float, float]]) -> float:
+    """See :attr:`StackResult.lost_before_fault_s`."""
+    longest = 0.0
+    for key in lost:
+        _, w, i = key.rsplit("-", 2)
+        ended = run.records[int(w)].ends[int(i)]
+        start = next((a for a, b in windows if b >= ended), None)
+        if start is None:
+            return -1.0
+        longest = max(longest, start - ended)
+    return longest
 
 
 # ------------------------------------------------------------------ the process and the servers
