@@ -222,9 +222,9 @@ def test_frozen_leader_loses_leadership_and_rejoins_after_thaw(
 
 
 def test_synchronous_cluster_closes_without_leaving_any_process() -> None:
-    """A synchronous_mode cluster names a sync standby; after close(), no process of it
-    (etcd, Patroni, postgres, PgBouncer) is alive, a frozen member included, and its
-    directory is gone."""
+    """A synchronous_mode cluster names a sync standby, the default switchover candidate;
+    after close(), no process of it (etcd, Patroni, postgres, PgBouncer) is alive, a frozen
+    member included, and its directory is gone."""
     cluster = PatroniCluster(nodes=2, synchronous_mode=True, pgbouncer="transaction")
     with cluster:
         root = cluster.root
@@ -244,6 +244,9 @@ def test_synchronous_cluster_closes_without_leaving_any_process() -> None:
             row = conn.execute("SHOW synchronous_standby_names").fetchone()
         assert row is not None
         assert replica.name in row[0]
+        cluster.switchover()  # the default candidate is the synchronous standby
+        assert cluster.leader() is replica
+        leader, replica = replica, leader
         pids = cluster.pids()
         assert cluster.etcd is not None
         assert cluster.etcd.process is not None

@@ -921,7 +921,7 @@ class PatroniCluster:
         """
         timeout = timeout or self.ready_timeout
         leader = self._wait_writable_leader(exclude=(), timeout=timeout)
-        candidate = candidate or self._default_candidate(leader)
+        candidate = candidate or self._default_candidate(leader, timeout)
         if candidate is leader:
             raise PatroniError(f"{candidate.name} is already the leader")
         watch = _Stopwatch()
@@ -1233,15 +1233,19 @@ class PatroniCluster:
         if status == 200:
             done.add(node.name)
 
-    def _default_candidate(self, leader: PatroniNode) -> PatroniNode:
-        members = self.members()
+    def _default_candidate(self, leader: PatroniNode, timeout: float) -> PatroniNode:
+        """The first running replica, or in synchronous mode the synchronous standby (which
+        Patroni names a loop or so after a topology change), waited for up to ``timeout``."""
         wanted = ("sync_standby",) if self.synchronous_mode else ("replica", "sync_standby")
-        for member in members:
-            if member.role in wanted and member.state in ("running", "streaming"):
-                return self.node(member.name)
-        raise PatroniError(
-            f"no switchover candidate among {[(m.name, m.role, m.state) for m in members]}"
-        )
+
+        def check() -> PatroniNode | None:
+            for member in self.members():
+                if member.role in wanted and member.state in ("running", "streaming"):
+                    node = self.node(member.name)
+                    return None if node is leader or node.frozen else node
+            return None
+
+        return _poll(f"a {' or '.join(wanted)} to switch over to", check, timeout)
 
     def _create_app_database(self, leader: PatroniNode) -> None:
         local = "-c synchronous_commit=local"  # no synchronous standby may stream yet
