@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import re
 import subprocess
 import sys
@@ -115,6 +116,7 @@ class BadInput:
     kwargs: dict[str, Any] = field(default_factory=dict)
     url: str = "postgresql+psycopg://"
     engine_says: str | None = None
+    probe_says: str | None = None
     parsed_up_front: bool = False
 
     def connect_args(self) -> dict[str, Any]:
@@ -142,6 +144,7 @@ def _bad_inputs(cluster: LocalCluster, http_port: int) -> dict[str, BadInput]:
             make_conninfo(**{**base, "port": "abc"}),
             r'invalid integer value "abc" for connection option "port"',
             PASSWORD,
+            probe_says=r"invalid port 'abc': expected a number in 1-65535",
         ),
         "unresolvable-host": BadInput(
             make_conninfo(**{**base, "host": "no-such-host.invalid"}),
@@ -183,7 +186,7 @@ def _bad_inputs(cluster: LocalCluster, http_port: int) -> dict[str, BadInput]:
             node.dsn(dbname="no_such_db"), r'database "no_such_db" does not exist', real
         ),
         "pgbouncer-admin-console-refuses-the-user": BadInput(
-            cluster.pgbouncer.dsn(dbname="pgbouncer"), r"FATAL:  not allowed", real
+            cluster.pgbouncer.dsn(dbname="pgbouncer"), r"FATAL:\s+not allowed", real
         ),
     }
 
@@ -340,6 +343,37 @@ async def test_a_configuration_error_reaches_the_caller_at_once(
     assert re.search(says, str(error)), str(error)
     for text in _texts(error):
         assert bad.secret not in text
+
+
+@pytest.mark.parametrize("row", [name for name in ROWS if name != "unknown-option-keyword"])
+def test_probe_reports_each_bad_input_at_once(
+    bad_inputs: dict[str, BadInput], row: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pgfailover probe --json`` of each bad input (but keyword options, which a command
+    line cannot give) ends within the fault bound: status 2 with the usage line for a DSN
+    it cannot split, else status 1 with the host unreachable and the error naming the
+    cause; the password appears nowhere."""
+    bad = bad_inputs[row]
+    started = time.monotonic()
+    code: object
+    try:
+        code = main(["probe", bad.conninfo, "--timeout", "2", "--json"])
+    except SystemExit as ex:  # argparse refused the DSN
+        code = ex.code
+    waited = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert waited < BOUND, f"{row}: {waited:.1f} s"
+    says = bad.probe_says or bad.says
+    if code == 2:
+        assert err.startswith("usage: pgfailover probe"), err
+        assert re.search(says, err), err
+    else:
+        assert code == 1, (code, out, err)
+        (host,) = json.loads(out)["hosts"]
+        assert host["role"] == "unreachable"
+        assert re.search(says, host["error"]["message"]), host["error"]
+    assert bad.secret not in out + err
+    assert urllib.parse.quote(bad.secret, safe="") not in out + err
 
 
 # ------------------------------------------------------------------ reconnection schedule
@@ -535,8 +569,6 @@ def test_probe_of_a_pgbouncer_admin_console_refusing_the_user_says_so(
     assert code == 1
     assert pgfailover_cluster.password not in out
     if as_json:
-        import json  # noqa: PLC0415
-
         (host,) = json.loads(out)["hosts"]
         assert host["role"] == "unreachable"
         assert host["error"]["kind"] == "auth"
