@@ -178,6 +178,13 @@ def test_session_mode_stock_backend_stays_broken_pgfailover_recovers(
     cluster.repoint_pgbouncer(cluster.primary)
     after = {alias: [p.request("/write/", alias) for _ in range(8)] for alias in dbs}
 
+    def summary(results: list[dict[str, Any]]) -> list[str]:
+        return [
+            str(r["status"]) if r["status"] == 200 else f"{r['sqlstate'] or r['error']}"
+            for r in results
+        ]
+
+    print({alias: (summary(before[alias]), summary(after[alias])) for alias in dbs})
     stock = after["stock"]
     assert all(r["status"] == 500 and r["sqlstate"] == "25006" for r in stock), stock
     ours = after["default"]
@@ -227,6 +234,7 @@ def test_atomic_turns_a_failover_into_zero_failed_requests(
         failed = [r for r in done if r["status"] != 200]
         assert not failed, (alias, failed)
     retries = max(s["retries"] for s in stopped.values())
+    print({alias: len(done) for alias, done in results.items()}, f"retries: {retries}")
     assert retries > 0, "no request felt the failover"
     succeeded = sum(len(done) for done in results.values())
     rows_after = int(p.ask("count", db="direct")["count"])
@@ -283,3 +291,67 @@ def test_happy_path_costs_no_extra_round_trip(
     assert checked["default"] == n, checked  # the INSERT alone
     assert plain["pgf_plain"] == plain["stock_plain"] == n, plain
     assert atomic == django_atomic == 4 * n, (atomic, django_atomic)  # BEGIN, 2 stmts, COMMIT
+
+
+def test_caught_failover_error_still_ends_the_connection_with_the_request(
+    pgfailover_cluster: LocalCluster, project: list[Project]
+) -> None:
+    """A failover error the view catches still poisons its persistent connection, and
+    Django's end-of-request check closes it (no health checks needed): the next request
+    runs on a new server process, and writes."""
+    node = pgfailover_cluster.primary
+    dbs = {
+        "default": database(
+            PGF, host=node.host, port=node.port, cluster=pgfailover_cluster, health_checks=False
+        )
+    }
+    p = Project(dbs)
+    project.append(p)
+    p.ask("migrate", db="default")
+    first = p.request("/pid/", "default")
+    assert p.request("/pid/", "default") == first  # a persistent connection
+    assert p.request("/caught-failover/", "default")["status"] == 200
+    after = p.request("/pid/", "default")
+    assert after["status"] == 200
+    assert after != first
+    assert p.request("/write/", "default")["status"] == 200
+
+
+def test_bad_settings_and_nested_atomic_fail_typed(
+    pgfailover_cluster: LocalCluster, project: list[Project]
+) -> None:
+    """Bad pgfailover OPTIONS raise ImproperlyConfigured naming the alias (never the
+    password); AtomicRunner inside an outer atomic block raises NestedAtomicError before
+    running anything; unknown policy options raise TypeError at construction."""
+    node = pgfailover_cluster.primary
+    c = pgfailover_cluster
+    dbs = {
+        "default": database(PGF, host=node.host, port=node.port, cluster=c),
+        "bad": database(
+            PGF, host=node.host, port=node.port, cluster=c, options={"recheck_interval": -1}
+        ),
+        "bad_pooler": database(
+            PGF, host=node.host, port=node.port, cluster=c, options={"pooler": "yes"}
+        ),
+    }
+    p = Project(dbs)
+    project.append(p)
+    p.ask("migrate", db="default")
+    for alias, word in (("bad", "recheck_interval"), ("bad_pooler", "pooler")):
+        answer = p.ask("wrapper", db=alias)
+        assert answer["error"] == "ImproperlyConfigured", answer
+        assert alias in answer["message"]
+        assert word in answer["message"]
+        assert c.password not in answer["message"]
+    rows = p.ask("count", db="default")["count"]
+    nested = p.request("/nested/", "default")
+    assert nested["status"] == 500
+    assert nested["error"] == "NestedAtomicError", nested
+    assert p.ask("count", db="default")["count"] == rows
+
+    from pgfailover.django import AtomicRunner  # noqa: PLC0415 - needs the django extra
+
+    with pytest.raises(TypeError, match="bogus"):
+        AtomicRunner(bogus=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="using"):
+        AtomicRunner(42)  # type: ignore[arg-type]

@@ -7,8 +7,8 @@
 - ``{"op": "request", "path": ..., "db": alias}``: one POST through Django's test client,
   wrapped in ``close_old_connections()`` before and after, as a WSGI server's
   ``request_started``/``request_finished`` signals do (the test client disconnects them
-  so that a TestCase keeps its connection); answers the status, and for a failed request
-  the error's type and SQLSTATE;
+  so that a TestCase keeps its connection); answers the status and the JSON body, or for
+  a failed request the error's type, SQLSTATE and message;
 - ``{"op": "loop_start", "path": ..., "db": alias}`` / ``loop_progress`` / ``loop_stop``
   (with ``db``): the same requests back to back in a thread per alias until stopped;
   ``loop_progress`` answers how many are done, ``loop_stop`` the outcomes and the number
@@ -16,6 +16,7 @@
 - ``{"op": "trace", "path": ..., "db": alias, "n": n}``: libpq round trips of ``n``
   requests on the alias's persistent connection (after one warm-up request);
 - ``{"op": "count", "db": alias}``: the number of Items;
+- ``{"op": "wrapper", "db": alias}``: the error (type, message) of connecting the alias;
 - ``{"op": "testcase"}``: Django's own test runner on ``shop.tests``;
 - ``{"op": "exit"}``.
 """
@@ -73,7 +74,9 @@ def request(client: Client, path: str, db: str) -> dict[str, Any]:
     finally:
         close_old_connections()
     result: dict[str, Any] = {"status": response.status_code}
-    if response.status_code != 200:
+    if response.status_code == 200:
+        result["body"] = response.json()
+    else:
         exc = response.exc_info[1] if response.exc_info else None
         result["error"] = type(exc).__name__ if exc is not None else ""
         result["sqlstate"] = _sqlstate(exc)
@@ -131,7 +134,7 @@ def testcase() -> dict[str, Any]:
     return {"failures": int(failures)}
 
 
-def handle(  # noqa: PLR0911 - one return per op
+def handle(  # noqa: PLR0911, PLR0912 - one branch per op
     client: Client, message: dict[str, Any], state: dict[str, Any]
 ) -> dict[str, Any]:
     """Answer one message."""
@@ -168,6 +171,12 @@ def handle(  # noqa: PLR0911 - one return per op
             return {"count": Item.objects.using(db).count()}
         finally:
             close_old_connections()
+    if op == "wrapper":  # what building the alias's DatabaseWrapper raises
+        try:
+            connections[db].ensure_connection()
+        except Exception as ex:
+            return {"error": type(ex).__name__, "message": str(ex)}
+        return {"error": None}
     if op == "testcase":
         return testcase()
     raise ValueError(f"unknown op {op!r}")

@@ -10,5 +10,8 @@ urlpatterns = [
     path("write/", views.write),
     path("atomic-write/", views.atomic_write),
     path("tx-write/", views.tx_write),
+    path("nested/", views.nested),
+    path("pid/", views.backend_pid),
+    path("caught-failover/", views.caught_failover),
     path("read/", views.read),
 ]

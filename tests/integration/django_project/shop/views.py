@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 
-from django.db import transaction  # type: ignore[import-untyped]
+from django.db import DatabaseError, connections, transaction  # type: ignore[import-untyped]
 from django.http import HttpRequest, JsonResponse  # type: ignore[import-untyped]
 
 from pgfailover.django import AtomicRunner
@@ -52,6 +52,35 @@ def tx_write(request: HttpRequest) -> JsonResponse:
         item = Item.objects.using(db).create(key=key)
         found = Item.objects.using(db).filter(pk=item.pk).count()
     return JsonResponse({"found": found})
+
+
+def nested(request: HttpRequest) -> JsonResponse:
+    """AtomicRunner inside an outer atomic block (refused: NestedAtomicError)."""
+    db, key = _params(request)
+    with transaction.atomic(using=db):
+        AtomicRunner(db)(lambda: Item.objects.using(db).create(key=key))
+    return JsonResponse({})
+
+
+def backend_pid(request: HttpRequest) -> JsonResponse:
+    """The server process of this request's connection."""
+    db, _ = _params(request)
+    wrapper = connections[db]
+    wrapper.ensure_connection()
+    return JsonResponse({"pid": wrapper.connection.info.backend_pid})
+
+
+def caught_failover(request: HttpRequest) -> JsonResponse:
+    """A write that meets a standby's 0A000 (simulated on the live primary) and catches it."""
+    db, key = _params(request)
+    wrapper = connections[db]
+    wrapper.ensure_connection()
+    wrapper.connection.simulate_recovery()
+    try:
+        Item.objects.using(db).create(key=key)
+    except DatabaseError as ex:
+        return JsonResponse({"caught": type(ex).__name__})
+    return JsonResponse({"caught": None})
 
 
 def read(request: HttpRequest) -> JsonResponse:
