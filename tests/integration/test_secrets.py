@@ -16,6 +16,7 @@ form of the password is a substring" means it did not leak.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -43,6 +44,7 @@ from pgfailover.cli import main
 from pgfailover.drill.report import Op, build_report
 from pgfailover.drill.stacks import error_code
 from pgfailover.pool import ConnectionPool
+from pgfailover.pool_async import AsyncConnectionPool
 from pgfailover.testing import LocalCluster
 from pgfailover.testing._ports import release_port, reserve_port
 
@@ -322,6 +324,30 @@ def _failure_paths(cluster: LocalCluster, given: Given, table: str, seen: Seen) 
     errors.append(seen.expect_error(lambda: ConnectionPool[Any](broken, open=False)))
     assert _cli(["probe", broken], seen) == 2
 
+    # the async twins: a connect failure, a pool's, an unparseable connection string
+    async def async_paths() -> None:
+        for conninfo in (given.conninfo(missing), broken):
+            try:
+                await pgfailover.AsyncConnection.connect(conninfo, **given.kwargs)
+            except Exception as ex:
+                seen.error(ex)
+                errors.append(ex)
+            else:
+                raise AssertionError("the async connect did not fail")
+        async with AsyncConnectionPool[Any](
+            given.conninfo(missing), kwargs=given.kwargs, min_size=1, timeout=10, open=False
+        ) as apool:
+            seen.obj(apool)
+            try:
+                await apool.getconn()
+            except Exception as ex:
+                seen.error(ex)
+                errors.append(ex)
+            else:
+                raise AssertionError("the async pool gave a connection")
+
+    asyncio.run(async_paths())
+
     # pgfailover probe: one host refusing, then a missing database, as a table and as JSON
     closed = reserve_port()
     try:
@@ -367,7 +393,8 @@ def test_no_password_appears_in_any_failure_text(
     password: str,
 ) -> None:
     """With the password given as a conninfo value, in a URL, as ``password=``, in
-    PGPASSWORD or in a passfile: connect failures, query failures, a poisoned connection,
+    PGPASSWORD or in a passfile: connect failures (sync and async connections and pools, and
+    connection strings that cannot be parsed), query failures, a poisoned connection,
     lost COMMITs (bare and under the runner), an instrumented engine's failures, ``pgfailover
     probe`` (table and JSON), the drill's report, every event, every repr, every exception
     note and every log record at DEBUG hold no trace of it."""
