@@ -301,7 +301,8 @@ async def _run(call: Callable[[BadInput], Any], bad: BadInput) -> None:
 
 
 def _texts(error: BaseException) -> list[str]:
-    """What a caller can read of ``error``: str, repr and notes along its whole chain."""
+    """What a caller can read of ``error``: str, repr and notes along its chain as a
+    traceback shows it (a context suppressed by ``raise ... from None`` is not shown)."""
     texts: list[str] = []
     seen: set[int] = set()
     node: BaseException | None = error
@@ -311,7 +312,7 @@ def _texts(error: BaseException) -> list[str]:
         orig = getattr(node, "orig", None)
         if isinstance(orig, BaseException):
             texts += [str(orig), repr(orig)]
-        node = node.__cause__ or node.__context__
+        node = node.__cause__ or (None if node.__suppress_context__ else node.__context__)
     return texts
 
 
@@ -341,8 +342,10 @@ async def test_a_configuration_error_reaches_the_caller_at_once(
     assert pgfailover.classify(error).kind is pgfailover.Kind.CONFIGURATION, repr(error)
     says = bad.engine_says if bad.engine_says and "engine" in stack else bad.says
     assert re.search(says, str(error)), str(error)
+    quoted = urllib.parse.quote(bad.secret, safe="")
     for text in _texts(error):
         assert bad.secret not in text
+        assert quoted not in text
 
 
 @pytest.mark.parametrize("row", [name for name in ROWS if name != "unknown-option-keyword"])
