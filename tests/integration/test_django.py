@@ -15,6 +15,7 @@ import selectors
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.cluster import SUPERUSER
 from pgfailover.testing.plugin import ClusterFactory
+from pgfailover.testing.proxy import FaultProxy
 
 django = pytest.importorskip("django")
 
@@ -77,8 +79,8 @@ class Project:
             raise AssertionError(f"{op} failed in the Django process:\n{answer['tb']}")
         return answer
 
-    def request(self, path: str, db: str) -> dict[str, Any]:
-        return self.ask("request", path=path, db=db)
+    def request(self, path: str, db: str, key: str = "") -> dict[str, Any]:
+        return self.ask("request", path=path, db=db, key=key)
 
     def wait_done(self, db: str, at_least: int, timeout: float = 60.0) -> int:
         """Poll a request loop until it has done ``at_least`` requests."""
@@ -355,3 +357,27 @@ def test_bad_settings_and_nested_atomic_fail_typed(
         AtomicRunner(bogus=1)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="using"):
         AtomicRunner(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("when", ["after_reply", "before"])
+def test_atomic_looks_a_lost_commit_up_and_writes_once(
+    pgfailover_cluster: LocalCluster, proxy: FaultProxy, project: list[Project], when: str
+) -> None:
+    """The connection dies around the COMMIT of an AtomicRunner transaction: when the
+    COMMIT reached the server, the request succeeds without running the work again (the
+    outcome was looked up through the record: "committed"); when it did not, the work is
+    retried. Either way the row exists exactly once."""
+    c = pgfailover_cluster
+    dbs = {"default": database(PGF, host=proxy.host, port=proxy.port, cluster=c)}
+    p = Project(dbs)
+    project.append(p)
+    p.ask("migrate", db="default")
+    p.ask("retry_actions")
+    key = uuid.uuid4().hex
+    proxy.drop_on(when)  # type: ignore[arg-type]
+    answer = p.request("/atomic-write/", "default", key)
+    assert answer["status"] == 200, answer
+    assert proxy.faults, "the fault never fired"
+    assert p.ask("count", db="default", key=key)["count"] == 1
+    actions = p.ask("retry_actions")["actions"]
+    assert actions == (["committed"] if when == "after_reply" else ["retry"]), actions

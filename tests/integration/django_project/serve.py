@@ -4,18 +4,19 @@
 ``PGF_DJANGO`` set) answers one JSON line per request line:
 
 - ``{"op": "migrate", "db": alias}``: Django's ``migrate`` on that database;
-- ``{"op": "request", "path": ..., "db": alias}``: one POST through Django's test client,
-  wrapped in ``close_old_connections()`` before and after, as a WSGI server's
-  ``request_started``/``request_finished`` signals do (the test client disconnects them
-  so that a TestCase keeps its connection); answers the status and the JSON body, or for
-  a failed request the error's type, SQLSTATE and message;
+- ``{"op": "request", "path": ..., "db": alias}`` (optional ``key``): one POST through
+  Django's test client, wrapped in ``close_old_connections()`` before and after, as a
+  WSGI server's ``request_started``/``request_finished`` signals do (the test client
+  disconnects them so that a TestCase keeps its connection); answers the status and the
+  JSON body, or for a failed request the error's type, SQLSTATE and message;
 - ``{"op": "loop_start", "path": ..., "db": alias}`` / ``loop_progress`` / ``loop_stop``
   (with ``db``): the same requests back to back in a thread per alias until stopped;
   ``loop_progress`` answers how many are done, ``loop_stop`` the outcomes and the number
   of RetryEvents seen since the first loop started;
 - ``{"op": "trace", "path": ..., "db": alias, "n": n}``: libpq round trips of ``n``
   requests on the alias's persistent connection (after one warm-up request);
-- ``{"op": "count", "db": alias}``: the number of Items;
+- ``{"op": "count", "db": alias}`` (optional ``key``): the number of Items (with that key);
+- ``{"op": "retry_actions"}``: the actions of the RetryEvents seen since the last time;
 - ``{"op": "wrapper", "db": alias}``: the error (type, message) of connecting the alias;
 - ``{"op": "testcase"}``: Django's own test runner on ``shop.tests``;
 - ``{"op": "exit"}``.
@@ -66,11 +67,11 @@ def _sqlstate(error: BaseException | None) -> str | None:
     return None
 
 
-def request(client: Client, path: str, db: str) -> dict[str, Any]:
+def request(client: Client, path: str, db: str, key: str = "") -> dict[str, Any]:
     """One request as a WSGI server runs it (connections checked before and after)."""
     close_old_connections()
     try:
-        response = client.post(path, {"db": db})
+        response = client.post(path, {"db": db, "key": key})
     finally:
         close_old_connections()
     result: dict[str, Any] = {"status": response.status_code}
@@ -144,7 +145,11 @@ def handle(  # noqa: PLR0911, PLR0912 - one branch per op
         call_command("migrate", database=db, verbosity=0)
         return {"ok": True}
     if op == "request":
-        return request(client, message["path"], db)
+        return request(client, message["path"], db, message.get("key", ""))
+    if op == "retry_actions":  # the RetryEvents' actions since the last time
+        actions = [event.action for event in _retries]
+        _retries.clear()
+        return {"actions": actions}
     loops: dict[str, Loop] = state.setdefault("loops", {})
     if op == "loop_start":
         if not loops:
@@ -168,7 +173,10 @@ def handle(  # noqa: PLR0911, PLR0912 - one branch per op
 
         close_old_connections()  # like a request: the connection is checked first
         try:
-            return {"count": Item.objects.using(db).count()}
+            items = Item.objects.using(db)
+            if message.get("key"):
+                items = items.filter(key=message["key"])
+            return {"count": items.count()}
         finally:
             close_old_connections()
     if op == "wrapper":  # what building the alias's DatabaseWrapper raises
