@@ -55,6 +55,33 @@ def test_parse_endpoint() -> None:
         (["pgbouncer", "repoint", "--to", "h:1"], "pgbouncer repoint", "--admin"),
         (["pgbouncer", "repoint", "--admin", "host=h", "--to", "h"], "repoint", "HOST:PORT"),
         (["pgbouncer"], "pgfailover pgbouncer", "required"),
+        (["pgbouncer", "follow", "--admin", "host=h"], "pgbouncer follow", "--hosts"),
+        (["pgbouncer", "follow", "--hosts", "a:1"], "pgbouncer follow", "--admin"),
+        (
+            [
+                "pgbouncer",
+                "follow",
+                "--admin",
+                "host=h",
+                "--hosts",
+                "a:1",
+                "--patroni",
+                "http://p:8008",
+            ],
+            "follow",
+            "not allowed with",
+        ),
+        (["pgbouncer", "follow", "--admin", "host=h", "--hosts", "a:1,b"], "follow", "HOST:PORT"),
+        (
+            ["pgbouncer", "follow", "--admin", "host=h", "--hosts", "a:1", "--interval", "0"],
+            "follow",
+            "more than 0",
+        ),
+        (
+            ["pgbouncer", "follow", "--admin", "host=h", "--patroni", "ftp://p"],
+            "follow",
+            "http://host:8008",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_the_usage_line(
@@ -76,6 +103,16 @@ def test_unparseable_admin_dsn_is_refused_without_the_password(
     assert "usage: pgfailover pgbouncer doctor" in err
     assert "s3cr3t-pw" not in err
     err = _refused(["pgbouncer", "doctor", "--ini", "x", "password=s3cr3t-pw"], capsys)
+    assert "s3cr3t-pw" not in err
+    argv = ["pgbouncer", "follow", "--admin", "host=h", "--hosts", "a:1"]
+    err = _refused([*argv, "--check-dsn", "password='s3cr3t-pw"], capsys)
+    assert "argument --check-dsn" in err
+    assert "s3cr3t-pw" not in err
+    err = _refused(
+        ["pgbouncer", "follow", "--admin", "host=h", "--patroni", "http://u:s3cr3t-pw@p:8008"],
+        capsys,
+    )
+    assert "must not hold credentials" in err
     assert "s3cr3t-pw" not in err
 
 

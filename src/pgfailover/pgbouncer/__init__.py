@@ -7,7 +7,9 @@
   rewrite of ``[databases]`` host/port;
 - :mod:`.doctor`: the rules, pure functions of a :class:`BouncerConfig`;
 - :mod:`.repoint`: :func:`repoint`, atomic rewrite + RELOAD + RECONNECT + check;
-- :mod:`.cli`: ``pgfailover pgbouncer doctor|repoint``.
+- :mod:`.follow`: :class:`Follower`, which keeps PgBouncers on a topology source's
+  confirmed leader;
+- :mod:`.cli`: ``pgfailover pgbouncer doctor|repoint|follow``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .doctor import (
     diagnose,
     merge,
 )
+from .follow import Follower
 from .ini import DatabaseEntry, IniConfig, IniError, load_ini, parse_ini, repoint_text
 from .repoint import RepointFailed, RepointResult, repoint, write_atomically
 
@@ -53,6 +56,7 @@ __all__ = [
     "DatabaseEntry",
     "DatabaseRow",
     "Finding",
+    "Follower",
     "IniConfig",
     "IniError",
     "NotAdminConsole",

@@ -1,24 +1,30 @@
-"""``pgfailover pgbouncer doctor|repoint``: the sub-commands' parsers and runners.
+"""``pgfailover pgbouncer doctor|repoint|follow``: the sub-commands' parsers and runners.
 
 Exit codes: ``doctor`` 0 when no finding, 1 with findings, 2 when the configuration cannot
 be read (file unreadable, admin console refused or unreachable) or for bad arguments;
 ``repoint`` 0 when PgBouncer points at the target (changed or already so), 1 when the
-change did not take, 2 when the file or the console cannot be used or for bad arguments.
-No password is ever printed.
+change did not take, 2 when the file or the console cannot be used or for bad arguments;
+``follow`` 0 when stopped by SIGTERM or SIGINT, 2 for bad arguments. No password is ever
+printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from psycopg import Error
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .._secrets import scrub, secret_candidates
+from ..topology import HostListTopology, PatroniTopology, TopologySource
+from ..topology.patroni import normalize_url
 from .admin import AdminConsole, AdminError
 from .doctor import (
     RULE_IDS,
@@ -30,6 +36,7 @@ from .doctor import (
     format_findings,
     merge,
 )
+from .follow import Follower, admin_label
 from .ini import IniError, load_ini
 from .repoint import RepointFailed, repoint
 
@@ -60,8 +67,36 @@ def _rule_id(text: str) -> str:
     return text
 
 
+def _hosts(text: str) -> list[tuple[str, int]]:
+    return [parse_endpoint(part.strip()) for part in text.split(",") if part.strip()] or [
+        parse_endpoint(text)
+    ]
+
+
+def _urls(text: str) -> list[str]:
+    urls = [part.strip() for part in text.split(",") if part.strip()]
+    if not urls:
+        raise argparse.ArgumentTypeError(f"expected URL,... got {text!r}")
+    try:
+        return [normalize_url(url) for url in urls]
+    except ValueError as ex:
+        raise argparse.ArgumentTypeError(str(ex)) from None
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds, more than 0, at most 3600, got {text!r}"
+        )
+    return value
+
+
 def add_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``pgbouncer`` and its sub-commands ``doctor`` and ``repoint``."""
+    """Register ``pgbouncer`` and its sub-commands ``doctor``, ``repoint`` and ``follow``."""
     parser = subparsers.add_parser(
         "pgbouncer",
         help="check PgBouncer's failover settings; repoint it at a new primary",
@@ -121,6 +156,62 @@ def add_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="NAME",
         help="an entry to repoint (repeatable; default: every entry with a TCP host)",
     )
+    _add_follow(commands)
+
+
+def _add_follow(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fol = commands.add_parser(
+        "follow",
+        help="keep PgBouncer pointed at the cluster's confirmed leader (long-running)",
+        description="Watch the topology (a host list checked in-band, or Patroni's REST API) "
+        "and, when PgBouncer points elsewhere than the leader, confirm the leader in-band and "
+        "repoint every given PgBouncer at it (as `repoint` does). No leader, or a leader not "
+        "confirmed: nothing changes. One line per action; SIGTERM or SIGINT ends it with "
+        "status 0; 2 for bad arguments.",
+    )
+    fol.add_argument(
+        "--admin",
+        required=True,
+        action="append",
+        metavar="DSN",
+        help="a PgBouncer admin console conninfo or URL (repeatable)",
+    )
+    source = fol.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--hosts",
+        type=_hosts,
+        metavar="HOST:PORT,...",
+        help="the PostgreSQL servers, checked in-band (pg_is_in_recovery(), timeline)",
+    )
+    source.add_argument(
+        "--patroni", type=_urls, metavar="URL,...", help="Patroni REST API base URLs"
+    )
+    fol.add_argument(
+        "--check-dsn",
+        default="",
+        metavar="DSN",
+        help="base conninfo (user, dbname, password) of the in-band checks; host and port "
+        "are each server's (default: libpq's environment: PGUSER, PGPASSFILE, ...)",
+    )
+    fol.add_argument(
+        "--ini",
+        type=Path,
+        metavar="PATH",
+        help="pgbouncer.ini to rewrite (default: each PgBouncer's conffile)",
+    )
+    fol.add_argument(
+        "--database",
+        action="append",
+        metavar="NAME",
+        help="an entry to repoint (repeatable; default: every entry with a TCP host)",
+    )
+    fol.add_argument(
+        "--interval",
+        type=_interval,
+        default=0.5,
+        metavar="SECONDS",
+        help="pause between two looks at the topology (default: %(default)s)",
+    )
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -128,21 +219,83 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     without a source, an admin DSN that cannot be parsed."""
     if args.pgbouncer_command == "doctor" and args.ini is None and args.admin is None:
         parser.error("give --ini PATH, --admin DSN, or both")
-    if args.admin is not None:
+    admins = args.admin if isinstance(args.admin, list) else [args.admin]
+    dsns = [("--admin", dsn) for dsn in admins if dsn is not None]
+    if getattr(args, "check_dsn", ""):
+        dsns.append(("--check-dsn", args.check_dsn))
+    for option, dsn in dsns:
         try:
-            conninfo_to_dict(args.admin)
+            conninfo_to_dict(dsn)
         except Error as ex:
-            reason = scrub(
-                str(ex).splitlines()[0] if str(ex) else "", secret_candidates(args.admin)
-            )
-            parser.error(f"argument --admin: cannot parse the DSN: {reason}")
+            reason = scrub(str(ex).splitlines()[0] if str(ex) else "", secret_candidates(dsn))
+            parser.error(f"argument {option}: cannot parse the DSN: {reason}")
 
 
 def run_command(args: argparse.Namespace, out: _Out = print, err: _Out = _stderr) -> int:
     """Run ``pgbouncer doctor`` or ``pgbouncer repoint`` with parsed ``args``; the exit code."""
     if args.pgbouncer_command == "doctor":
         return run_doctor(args, out, err)
+    if args.pgbouncer_command == "follow":
+        return run_follow(args, _stamped(out), err)
     return run_repoint(args, out, err)
+
+
+def _stamped(out: _Out) -> _Out:
+    """``out`` with each line prefixed by the UTC time and flushed (a log)."""
+
+    def line(text: str) -> None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        out(f"{now:%Y-%m-%dT%H:%M:%S.%f}"[:-3] + f"Z {text}")
+        sys.stdout.flush()
+
+    return line
+
+
+def run_follow(args: argparse.Namespace, out: _Out = print, err: _Out = _stderr) -> int:
+    """``follow``: rounds until SIGTERM or SIGINT (status 0); 2 when the topology source
+    cannot be built from the arguments."""
+    try:
+        source: TopologySource
+        if args.hosts is not None:
+            hosts = ",".join(h for h, _ in args.hosts)
+            ports = ",".join(str(p) for _, p in args.hosts)
+            source = HostListTopology(make_conninfo(args.check_dsn, host=hosts, port=ports))
+        else:
+            source = PatroniTopology(args.patroni, conninfo=args.check_dsn)
+        follower = Follower(
+            source,
+            args.admin,
+            check_conninfo=args.check_dsn,
+            ini=args.ini,
+            databases=args.database,
+            interval=args.interval,
+            log=out,
+        )
+    except (ValueError, Error) as ex:
+        reason = scrub(
+            str(ex), [s for d in [args.check_dsn, *args.admin] for s in secret_candidates(d)]
+        )
+        err(f"pgfailover pgbouncer follow: {reason}")
+        return 2
+    stop = threading.Event()
+    stopped_by: list[str] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    out(f"following {source.description} for {', '.join(admin_label(a) for a in args.admin)}")
+    try:
+        follower.run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    out(f"stopped ({stopped_by[0] if stopped_by else 'asked'})")
+    return 0
 
 
 def run_doctor(args: argparse.Namespace, out: _Out = print, err: _Out = _stderr) -> int:
@@ -202,5 +355,6 @@ __all__ = [
     "parse_endpoint",
     "run_command",
     "run_doctor",
+    "run_follow",
     "run_repoint",
 ]
