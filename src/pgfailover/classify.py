@@ -396,6 +396,11 @@ _MESSAGE_RULES: Final[tuple[tuple[tuple[str, ...], _Rule], ...]] = (
         ),
     ),
 )
+# PgBouncer refuses a login with SQLSTATE 08P01 (what asyncpg reports; libpq drops it):
+# its admin console for a user in neither admin_users nor stats_users, an unknown database
+# or user. A configuration error, not a lost connection.
+_PGBOUNCER_REFUSALS: Final = ("not allowed", "no such database:", "no such user:")
+_PGBOUNCER_REFUSED: Final = _config("08P01 from PgBouncer: it refuses this user or database")
 _MISSING_ROLE_OR_DB_RE: Final = re.compile(r'(?:role|database) "[^"\n]*" does not exist')
 
 # libpq's complaints about a malformed conninfo, raised as ProgrammingError.
@@ -790,6 +795,8 @@ def _rule_for_sqlstate(
                 rule = _RECOVERY_CONFLICT_TERMINATED
             else:
                 rule = _RECOVERY_CONFLICT if rule is _SERIALIZATION else _DEADLOCK_RECOVERY
+    elif code == "08P01" and message.lower().startswith(_PGBOUNCER_REFUSALS):
+        rule = _PGBOUNCER_REFUSED
     return rule
 
 

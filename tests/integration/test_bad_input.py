@@ -379,6 +379,48 @@ def test_probe_reports_each_bad_input_at_once(
     assert urllib.parse.quote(bad.secret, safe="") not in out + err
 
 
+async def _engine_connect(url: str, driver: str) -> None:
+    """Connect once through an instrumented engine for ``url`` (async for asyncpg)."""
+    if driver == "asyncpg":
+        aengine = create_async_engine(url, pool_timeout=TIMEOUT)
+        pgsa.instrument(aengine, timeout=TIMEOUT)
+        try:
+            async with aengine.connect():
+                pass
+        finally:
+            await aengine.dispose()
+        return
+    engine = sa.create_engine(url, pool_timeout=TIMEOUT)
+    pgsa.instrument(engine, timeout=TIMEOUT)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
+@pytest.mark.parametrize(
+    ("dbname", "says"), [("pgbouncer", "not allowed"), ("no_such_db", "no such database")]
+)
+async def test_pgbouncer_refusing_the_login_reaches_other_drivers_engines_at_once(
+    pgfailover_cluster: LocalCluster, driver: str, dbname: str, says: str
+) -> None:
+    """PgBouncer refusing a login (its admin console for a user it does not admit, a
+    database it does not know) through an instrumented psycopg2 or asyncpg engine: the
+    driver's error (SQLSTATE 08P01 with asyncpg, none with libpq) is a configuration error
+    that reaches the caller at once, not a lost connection waited on for 20 s."""
+    assert pgfailover_cluster.pgbouncer is not None
+    url = pgfailover_cluster.pgbouncer.url(driver, dbname=dbname)
+    started = time.monotonic()
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        await _engine_connect(url, driver)
+    assert time.monotonic() - started < BOUND
+    assert pgfailover.classify(info.value).kind is pgfailover.Kind.CONFIGURATION
+    assert says in str(info.value)
+    assert pgfailover_cluster.password not in str(info.value)
+
+
 # ------------------------------------------------------------------ reconnection schedule
 
 
