@@ -10,6 +10,7 @@ and the CI-sized tests call the same functions.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -53,12 +54,14 @@ class ScenarioResult:
     """One scenario's figures.
 
     ``times``: how many faults were injected. ``leaked``: application backends left on the
-    servers after the stacks closed, above the count before they opened. ``threads_*`` and
-    ``rss_*``: this process before the stacks opened and after they closed (``*_warm``:
-    with the stacks open after the first fault, ``*_end``: with them open after the last;
-    the churn scenario compares those two). ``bound_s``: for hangs, the stated bound of a
-    statement in flight. ``notes``: anything the run noticed (a stack without progress, a
-    close error).
+    servers after the stacks closed, above the count before they opened, once Python's
+    cyclic garbage collector has run; ``leaked_until_gc``: the same before it ran (sessions
+    held by client objects nothing closed, freed only when the collector finds them).
+    ``threads_*`` and ``rss_*``: this process before the stacks opened and after they
+    closed (``*_warm``: with the stacks open after the first fault, ``*_end``: with them
+    open after the last; the churn scenario compares those two). ``bound_s``: for hangs,
+    the stated bound of a statement in flight. ``notes``: anything the run noticed (a
+    stack without progress, a close error, a session left).
     """
 
     scenario: str
@@ -67,6 +70,7 @@ class ScenarioResult:
     times: int
     stacks: list[StackResult]
     leaked: int = 0
+    leaked_until_gc: int = 0
     threads_before: int = 0
     threads_after: int = 0
     threads_warm: int = 0
@@ -140,13 +144,23 @@ class _Run:
         notes = self.notes + [f"close: {e}" for e in workload.close_errors]
         if workload.left_running:
             notes.append(f"{workload.left_running} worker(s) still in a call at the end")
+        waited = leaked_backends(self.cluster, self.baseline)
+        notes += [
+            f"session left (node pid | app | port | state | wait | query | age s): {s}"
+            for s in waited
+        ]
+        leaked: list[str] = []
+        if waited:  # held by objects only the cyclic garbage collector frees?
+            gc.collect()
+            leaked = leaked_backends(self.cluster, self.baseline, timeout=5.0)
         return ScenarioResult(
             scenario=scenario,
             done=done,
             replication=replication_of(self.cluster),
             times=times,
             stacks=stacks,
-            leaked=leaked_backends(self.cluster, self.baseline),
+            leaked=max(0, len(leaked) - self.baseline) if leaked else 0,
+            leaked_until_gc=max(0, len(waited) - self.baseline) if waited else 0,
             threads_before=self.threads_before,
             threads_after=settled_threads(self.threads_before),
             rss_before_kib=self.rss_before,

@@ -648,35 +648,49 @@ def _before_fault(run: StackRun, lost: set[str], windows: Sequence[tuple[float, 
 # ------------------------------------------------------------------ the process and the servers
 
 
-def app_backends(cluster: LocalCluster) -> int:
-    """Client backends of the application user on every running node (the watchdog's
-    short-lived side probes excluded)."""
-    total = 0
+_SESSIONS = (
+    "SELECT pid, application_name, client_port, state,"
+    " coalesce(wait_event_type || ':' || wait_event, ''), left(query, 60),"
+    " round(extract(epoch FROM now() - backend_start)::numeric, 1)"
+    " FROM pg_stat_activity WHERE usename = %s AND backend_type = 'client backend'"
+    " AND application_name <> 'pgfailover-watchdog'"
+)
+
+
+def app_sessions(cluster: LocalCluster) -> list[str]:
+    """The application user's client sessions on every running node, one line each
+    (node, pid, application name, client port, state, wait event, query, age in seconds);
+    the watchdog's short-lived side
+    probes excluded."""
+    out = []
     for node in cluster.nodes:
-        if not node.running:
+        if not node.running or cluster.frozen(node):
             continue
         try:
             with node.connect() as conn:
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
-                    " AND backend_type = 'client backend'"
-                    " AND application_name <> 'pgfailover-watchdog'",
-                    [cluster.user],
-                ).fetchone()
+                rows = conn.execute(_SESSIONS, [cluster.user]).fetchall()
         except psycopg.OperationalError:
             continue  # starting up or shutting down: it holds no session of ours
-        total += int(row[0]) if row else 0
-    return total
+        out += [f"{node.name} " + " | ".join(str(c) for c in row) for row in rows]
+    return out
 
 
-def leaked_backends(cluster: LocalCluster, baseline: int, timeout: float = 15.0) -> int:
-    """Application backends above ``baseline`` once they had ``timeout`` seconds to go
-    (polled; 0 as soon as the count is back to the baseline)."""
+def app_backends(cluster: LocalCluster) -> int:
+    """How many sessions :func:`app_sessions` lists."""
+    return len(app_sessions(cluster))
+
+
+def leaked_backends(cluster: LocalCluster, baseline: int, timeout: float = 15.0) -> list[str]:
+    """The application sessions (:func:`app_sessions`) left once they had ``timeout``
+    seconds to go, when there are more than ``baseline``; empty as soon as the count is
+    back to the baseline (polled)."""
     deadline = time.monotonic() + timeout
     while True:
-        extra = app_backends(cluster) - baseline
-        if extra <= 0 or time.monotonic() >= deadline:
-            return max(0, extra)
+        sessions = app_sessions(cluster)
+        if len(sessions) <= baseline:
+            return []
+        if time.monotonic() >= deadline:
+            return sessions
         time.sleep(0.1)
 
 
