@@ -105,7 +105,8 @@ class BadInput:
     ``conninfo`` and ``kwargs`` go to the connections and pools; engines get ``url`` with
     ``connect_args`` (``kwargs`` plus the conninfo's parameters when ``url`` is the bare
     scheme). ``says`` is a regex the error's message matches: it names the cause
-    (``engine_says`` instead for engines, when SQLAlchemy reads the URL itself).
+    (``engine_says`` instead for engines, when SQLAlchemy reads the URL itself;
+    ``probe_says`` for ``pgfailover probe``, when it reads the DSN itself).
     ``secret`` is the password the input holds. ``parsed_up_front``: the pools' constructors
     refuse the conninfo, so no connection is ever attempted.
     """
@@ -127,6 +128,7 @@ class BadInput:
 
 
 def _bad_inputs(cluster: LocalCluster, http_port: int) -> dict[str, BadInput]:
+    """Every bad input by name, against ``cluster`` and the HTTP server on ``http_port``."""
     node = cluster.primary
     assert cluster.pgbouncer is not None
     real = cluster.password
@@ -161,7 +163,7 @@ def _bad_inputs(cluster: LocalCluster, http_port: int) -> dict[str, BadInput]:
             r'cannot parse the connection string: .*"\]" in IPv6 host address in URI',
             PASSWORD,
             url=f"postgresql+psycopg://{cluster.user}:{quoted}@[{node.host}/{cluster.dbname}",
-            engine_says=r"failed to resolve host '\[127\.0\.0\.1'",  # SQLAlchemy's reading
+            engine_says=f"failed to resolve host '{re.escape('[' + node.host)}'",  # SQLAlchemy's
             parsed_up_front=True,
         ),
         "unknown-option": BadInput(
