@@ -148,12 +148,12 @@ class AsyncConnectionPool(_BasePool[CT]):
             self._pgf.not_primary(ex.endpoint, ex.finding, monotonic(), -1)
             self._pgf_invalidate()
             raise
-        except psycopg.Error as ex:
-            await self._pgf_connect_failed(ex)
-            raise
         except TopologyError as ex:  # no leader now, or the topology cannot be read
             assert self.topology is not None
             self._pgf.no_leader(self.topology.description, str(ex), monotonic())
+            raise
+        except psycopg.Error as ex:
+            await self._pgf_connect_failed(ex)
             raise
         now = monotonic()
         aware: _FailoverAware[Any] = conn  # type: ignore[assignment]  # made so in __init__

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import http.client
+import inspect
 import socket
 import ssl
 import threading
@@ -24,11 +25,23 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import psycopg
 from psycopg.abc import PQGen
 
 from .._protocol import row_of, simple_query
 from ..survey import lsn_to_int
 from .model import Observation
+
+
+def wait_bound(timeout: float) -> dict[str, float]:
+    """Keyword arguments bounding a connection's ``wait()`` by ``timeout`` seconds, where
+    the installed psycopg has the parameter (not in 3.3.0-3.3.4: there the in-band query is
+    bounded by the connection's ``connect_timeout`` only until the first byte; a server
+    that accepts and then never answers holds it)."""
+    return {"timeout": timeout} if _WAIT_HAS_TIMEOUT else {}
+
+
+_WAIT_HAS_TIMEOUT = "timeout" in inspect.signature(psycopg.Connection.wait).parameters
 
 #: The largest ``/cluster`` answer read (bytes); a larger one is an error.
 MAX_BODY = 4 * 1024 * 1024

@@ -189,7 +189,9 @@ class TopologySource:
         """
         host, port = conn.info.host, conn.info.port
         with conn.lock:
-            observation = conn.wait(_io.inband_gen(conn, host, port), timeout=self.timeout)
+            observation = conn.wait(
+                _io.inband_gen(conn, host, port), **_io.wait_bound(self.timeout)
+            )
         return self.judge(observation)
 
     def judge(self, observation: Observation) -> Fence:
@@ -235,7 +237,7 @@ class TopologySource:
             info = error_info(ex, secrets, connected=False)
             return Observation(host, port, error=f"{info.kind}: {info.message}")
         try:
-            return conn.wait(_io.inband_gen(conn, host, port), timeout=self.timeout)
+            return conn.wait(_io.inband_gen(conn, host, port), **_io.wait_bound(self.timeout))
         except Exception as ex:  # reported in the observation
             info = error_info(ex, secrets, connected=True)
             return Observation(host, port, error=f"{info.kind}: {info.message}")

@@ -189,7 +189,9 @@ class AsyncTopologySource:
         """
         host, port = conn.info.host, conn.info.port
         async with conn.lock:
-            observation = await conn.wait(_io.inband_gen(conn, host, port), timeout=self.timeout)
+            observation = await conn.wait(
+                _io.inband_gen(conn, host, port), **_io.wait_bound(self.timeout)
+            )
         return self.judge(observation)
 
     def judge(self, observation: Observation) -> Fence:
@@ -245,7 +247,7 @@ class AsyncTopologySource:
             info = error_info(ex, secrets, connected=False)
             return Observation(host, port, error=f"{info.kind}: {info.message}")
         try:
-            return await conn.wait(_io.inband_gen(conn, host, port), timeout=self.timeout)
+            return await conn.wait(_io.inband_gen(conn, host, port), **_io.wait_bound(self.timeout))
         except Exception as ex:  # reported in the observation
             info = error_info(ex, secrets, connected=True)
             return Observation(host, port, error=f"{info.kind}: {info.message}")
