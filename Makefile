@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit lint generate bench bootstrap system-deps clean
+.PHONY: demo test unit lint generate bench reliability bootstrap system-deps clean
 
 demo: bootstrap
 	$(BIN)/pgfailover drill
@@ -26,6 +26,12 @@ lint: bootstrap
 # Write the sync twin X.py of every *_async.py source marked '# pgfailover: generate-sync'.
 generate: bootstrap
 	$(BIN)/python tools/async_to_sync.py
+
+# The reliability suite at full size on fresh local clusters (about 10 minutes): writes
+# docs/reliability.md and benchmarks/results/reliability.json.
+reliability: bootstrap
+	PYTHONPATH=benchmarks $(BIN)/python -m reliability --markdown docs/reliability.md \
+		--json benchmarks/results/reliability.json
 
 bootstrap: system-deps $(STAMP)
 
