@@ -35,9 +35,9 @@ from .model import Observation
 
 def wait_bound(timeout: float) -> dict[str, float]:
     """Keyword arguments bounding a connection's ``wait()`` by ``timeout`` seconds, where
-    the installed psycopg has the parameter (3.3.6 and later; not in 3.3.0-3.3.5: there the in-band query is
-    bounded by the connection's ``connect_timeout`` only until the first byte; a server
-    that accepts and then never answers holds it)."""
+    the installed psycopg has the parameter (3.3.6 and later). On 3.3.0-3.3.5 the in-band
+    query is bounded by the connection's ``connect_timeout`` only until the first byte: a
+    server that accepts and then never answers holds it."""
     return {"timeout": timeout} if _WAIT_HAS_TIMEOUT else {}
 
 
