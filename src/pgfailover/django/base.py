@@ -102,9 +102,16 @@ _DRIVER = _Driver()
 
 def _socket_readable(conn: psycopg.Connection[Any]) -> bool:
     """Whether an idle connection's socket has something to read (the server or a pooler
-    closed it, or sent a notice): no round trip, a zero-timeout ``select``."""
+    closed it, or sent a notice): no round trip, a zero-timeout ``poll`` (``select`` where
+    there is no ``poll``). A socket that cannot be asked counts as readable: then the
+    server is asked."""
     try:
-        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+        fd = conn.pgconn.socket
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([fd], [], [], 0)
     except (OSError, ValueError, psycopg.Error):
         return True
     return bool(readable)
