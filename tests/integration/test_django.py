@@ -161,7 +161,8 @@ def test_session_mode_stock_backend_stays_broken_pgfailover_recovers(
     """Through PgBouncer in session mode with CONN_MAX_AGE and CONN_HEALTH_CHECKS, after a
     failover and a repoint: the stock backend fails every write request with 25006 (its
     health check's SELECT 1 passes on the standby, so it keeps the connection bound to it);
-    pgfailover.django serves the first or second write request and every one after."""
+    pgfailover.django serves the first or second write request and every one after (before
+    the repoint it refuses new connections that lead to the standby)."""
     cluster = session_mode_cluster
     pgb = cluster.pgbouncer
     assert pgb is not None
@@ -193,8 +194,10 @@ def test_session_mode_stock_backend_stays_broken_pgfailover_recovers(
     first_ok = next(i for i, r in enumerate(ours) if r["status"] == 200)
     assert first_ok <= 1, ours
     assert all(r["status"] == 200 for r in ours[first_ok:]), ours
-    # before the repoint both fail: PgBouncer still leads to the old primary, a standby now
+    # before the repoint both fail: PgBouncer still leads to the old primary, a standby now;
+    # pgfailover.django refuses a new connection to it up front (NotWritable)
     assert all(r["status"] == 500 for r in before["stock"] + before["default"]), before
+    assert "leads to a standby" in before["default"][-1]["message"], before
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["persistent", "pool"])
