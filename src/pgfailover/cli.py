@@ -323,13 +323,27 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)  # pragma: no cover - every command is registered by build_parser
 
 
+def _chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost sub-command parser ``args`` went through (``pgbouncer doctor``'s for
+    ``pgfailover pgbouncer doctor ...``)."""
+    while True:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(args, action.dest, None) or "")
+                if isinstance(chosen, argparse.ArgumentParser):
+                    parser = chosen
+                    break
+        else:
+            return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (argparse exits with status 2 itself on
     bad options, and 0 after ``--help`` or ``--version``)."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # argparse would blame the program: the sub-command's usage says more
-        _subparser(parser, args.command).error(
+        _chosen(parser, args).error(
             "unrecognized arguments: " + " ".join(_masked(arg) for arg in extras)
         )
     logging.basicConfig(

@@ -350,6 +350,25 @@ async def test_a_configuration_error_reaches_the_caller_at_once(
         assert quoted not in text
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_pgbouncer_doctor_refused_by_the_admin_console_says_so(
+    pgfailover_cluster: LocalCluster, as_json: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pgfailover pgbouncer doctor --admin`` as a user the admin console refuses: status
+    2 at once, one line saying PgBouncer refused the login with its "not allowed", no
+    password."""
+    assert pgfailover_cluster.pgbouncer is not None
+    dsn = pgfailover_cluster.pgbouncer.dsn(dbname="pgbouncer")
+    started = time.monotonic()
+    code = main(["pgbouncer", "doctor", "--admin", dsn, *(["--json"] if as_json else [])])
+    assert time.monotonic() - started < BOUND
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "refused the login" in err
+    assert "not allowed" in err
+    assert pgfailover_cluster.password not in out + err
+
+
 @pytest.mark.parametrize("row", [name for name in ROWS if name != "unknown-option-keyword"])
 def test_probe_reports_each_bad_input_at_once(
     bad_inputs: dict[str, BadInput], row: str, capsys: pytest.CaptureFixture[str]
@@ -559,6 +578,17 @@ _MALFORMED_URL = f"postgresql://app:{urllib.parse.quote(PASSWORD, safe='')}@[db/
         (["probe", _MALFORMED_URL], "usage: pgfailover probe"),
         (["probe", f"host=a port=abc password='{PASSWORD}'"], "usage: pgfailover probe"),
         (["probe", "host=a,b hostaddr=127.0.0.1"], "usage: pgfailover probe"),
+        (["pgbouncer"], "usage: pgfailover pgbouncer"),
+        (["pgbouncer", "nope"], "usage: pgfailover pgbouncer"),
+        (["pgbouncer", "doctor", "--bogus"], "usage: pgfailover pgbouncer doctor"),
+        (["pgbouncer", "doctor", "surplus"], "usage: pgfailover pgbouncer doctor"),
+        (["pgbouncer", "doctor", "--admin", _MALFORMED_URL], "usage: pgfailover pgbouncer doctor"),
+        (["pgbouncer", "repoint"], "usage: pgfailover pgbouncer repoint"),
+        (
+            ["pgbouncer", "repoint", "--admin", "host=a", "--to", "db"],
+            "usage: pgfailover pgbouncer",
+        ),
+        (["pgbouncer", "follow", "--bogus"], "usage: pgfailover pgbouncer follow"),
         (["demo", "--bogus"], "usage: pgfailover demo"),
         (["demo", "surplus"], "usage: pgfailover demo"),
         (["probe", "host=a", f"password={PASSWORD}"], "usage: pgfailover probe"),
