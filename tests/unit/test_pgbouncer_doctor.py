@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgfailover.pgbouncer.admin import ConfigItem, DatabaseRow, Version
@@ -228,6 +228,7 @@ def test_a_standby_safe_check_query_is_accepted() -> None:
         assert "check-query" not in _rules(_config(server_check_query=query))
 
 
+@settings(deadline=None)  # pure and fast, but the test machine may be loaded
 @given(
     st.floats(min_value=0, max_value=10_000, allow_nan=False),
     st.floats(min_value=0, max_value=1_000, allow_nan=False),
@@ -246,6 +247,7 @@ def test_keepalive_fires_exactly_when_detection_is_slow(
     assert ("keepalive" in _rules(config)) is (expected > 60)
 
 
+@settings(deadline=None)  # pure and fast, but the test machine may be loaded
 @given(st.floats(min_value=0, max_value=1_000, allow_nan=False))
 def test_login_retry_threshold(value: float) -> None:
     """login-retry fires exactly above 1 s."""

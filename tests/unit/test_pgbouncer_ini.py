@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgfailover.pgbouncer.ini import (
@@ -132,6 +132,7 @@ _values = st.text(
 )
 
 
+@settings(deadline=None)  # pure and fast, but the test machine may be loaded
 @given(_values)
 def test_quote_value_round_trips(value: str) -> None:
     """Any value quoted by quote_value parses back to itself."""
@@ -141,6 +142,7 @@ def test_quote_value_round_trips(value: str) -> None:
 _comment = st.text(alphabet="abc ;#=[]'", max_size=15).map(lambda s: "; " + s)
 
 
+@settings(deadline=None)  # pure and fast, but the test machine may be loaded
 @given(
     st.lists(_comment, max_size=4),
     st.lists(st.sampled_from(["10.0.0.1", "db.example.com", "h1,h2"]), min_size=1, max_size=3),
