@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from pgfailover.pgbouncer.follow import Follower
 from pgfailover.testing import LocalCluster
@@ -136,3 +137,45 @@ def test_follower_without_a_leader_changes_nothing(cluster: LocalCluster) -> Non
     assert bouncer.config_path.read_text() == before
     dbs = {row["name"]: row for row in bouncer.admin("SHOW DATABASES")}
     assert dbs["app"]["port"] == cluster.primary.port
+
+
+def test_two_followers_at_once_repoint_once(cluster: LocalCluster) -> None:
+    """Two followers of one PgBouncer running a round at the same moment after a failover:
+    one rewrites and reloads, the other finds it done (the file lock makes them take
+    turns); both end with PgBouncer on the new leader, and writes through it work."""
+    bouncer = cluster.pgbouncer
+    assert bouncer is not None
+    name = table(cluster)
+    old, new = cluster.primary, cluster.standbys[0]
+    cluster.failover()
+    logs: list[list[str]] = [[], []]
+    followers = [
+        Follower(
+            HostListTopology(
+                make_conninfo(
+                    old.dsn(), host=f"{old.host},{new.host}", port=f"{old.port},{new.port}"
+                )
+            ),
+            [bouncer.admin_dsn()],
+            check_conninfo=old.dsn(),
+            log=log.append,
+        )
+        for log in logs
+    ]
+    barrier = threading.Barrier(2)
+    results: list[bool] = []
+
+    def round_of(follower: Follower) -> None:
+        barrier.wait(10)
+        results.append(follower.step())
+
+    threads = [threading.Thread(target=round_of, args=(f,)) for f in followers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == [True, True]
+    lines = [line for log in logs for line in log]
+    assert len([line for line in lines if ": rewrote " in line]) == 1, lines
+    assert len([line for line in lines if line.endswith(": RELOAD")]) == 1, lines
+    eventually(lambda: _writes(cluster, name), timeout=30)

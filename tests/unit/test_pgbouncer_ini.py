@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from pgfailover.pgbouncer.ini import (
     quote_value,
     repoint_text,
 )
-from pgfailover.pgbouncer.repoint import write_atomically
+from pgfailover.pgbouncer.repoint import file_lock, write_atomically
 
 SAMPLE = """\
 ; PgBouncer for app
@@ -176,3 +177,32 @@ def test_write_atomically_keeps_the_mode(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pgbouncer.ini"]
     with pytest.raises(IniError, match="cannot write"):
         write_atomically(tmp_path / "missing" / "x.ini", "new\n")
+
+
+def test_file_lock_serializes_and_follows_a_renamed_file(tmp_path: Path) -> None:
+    """A second holder waits for the first (and gives up with an IniError after its
+    timeout); a waiter gets the lock once the first lets go and, whether it opened the file
+    before or after the file was renamed over, holds it on the new file."""
+    path = tmp_path / "pgbouncer.ini"
+    path.write_text("old\n")
+    order: list[str] = []
+    with file_lock(path, timeout=1):
+        with (
+            pytest.raises(IniError, match="locked by another repoint"),
+            file_lock(path, timeout=0.1),
+        ):
+            pass  # pragma: no cover - never acquired
+        started = threading.Event()
+
+        def waiter() -> None:
+            started.set()
+            with file_lock(path, timeout=10):
+                order.append(path.read_text())
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        started.wait(5)
+        write_atomically(path, "new\n")  # the waiter's inode is no longer the file
+        order.append("renamed")
+    thread.join(10)
+    assert order == ["renamed", "new\n"]

@@ -9,12 +9,13 @@ nothing is written and nothing is reloaded.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,40 @@ def write_atomically(path: Path, text: str) -> None:
         raise IniError(f"cannot write {path}: {ex.strerror or ex}") from None
 
 
+@contextlib.contextmanager
+def file_lock(path: Path, *, timeout: float) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file at ``path`` (the file now there: a lock taken
+    on a file since renamed over is dropped and taken again). Waits up to ``timeout``
+    seconds, polling; :class:`IniError` when the file cannot be opened or the lock is still
+    held by another process then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as ex:
+            raise IniError(f"cannot read {path}: {ex.strerror or ex}") from None
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise IniError(
+                            f"{path} is locked by another repoint for more than {timeout:g} s"
+                        ) from None
+                    time.sleep(0.02)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except OSError:
+                same = False
+            if same:
+                yield
+                return
+        finally:
+            os.close(fd)  # releases the lock
+
+
 def _addresses(host: str, port: int) -> set[str]:
     """The addresses ``host`` resolves to (itself when it is an address or cannot be
     resolved)."""
@@ -130,29 +165,18 @@ def _close_old(
         time.sleep(0.05)
 
 
-def repoint(
+def _apply(
     admin: AdminConsole,
+    result: RepointResult,
+    *,
     host: str,
     port: int,
-    *,
-    ini_path: str | Path | None = None,
-    databases: Iterable[str] | None = None,
-    log: Callable[[str], None] = lambda line: None,
-    settle: float = 1.0,
-) -> RepointResult:
-    """Point the ``[databases]`` entries of PgBouncer at ``host:port``.
-
-    ``ini_path`` is the pgbouncer.ini to rewrite; None reads it from ``SHOW CONFIG``'s
-    ``conffile`` (so this must run where that file is). ``databases`` selects entries by
-    name; None selects every entry with a TCP host. ``log`` receives one line per action.
-    ``settle`` is how long, in seconds, to wait for server connections on the old node to
-    close after ``RECONNECT`` before counting the ones that stay (``lingering``; 0: count at
-    once).
-    Raises :class:`IniError` (file unreadable, unwritable, no entry selected),
-    :class:`AdminError` (a console command failed) or :class:`RepointFailed`.
-    """
-    path = Path(ini_path) if ini_path is not None else _conffile(admin)
-    result = RepointResult(f"{host}:{port}", path)
+    databases: Iterable[str] | None,
+    settle: float,
+    log: Callable[[str], None],
+) -> list[str]:
+    """The repoint proper, under the file lock; the names of the entries selected."""
+    path = result.path
     text = read_text(path)
     new_text, entries = repoint_text(text, host, port, databases)
     if not entries:
@@ -185,6 +209,39 @@ def repoint(
         )
     loaded = [n for n in names if n in running]
     _close_old(admin, loaded, result, host=host, port=port, settle=settle, log=log)
+    return names
+
+
+def repoint(
+    admin: AdminConsole,
+    host: str,
+    port: int,
+    *,
+    ini_path: str | Path | None = None,
+    databases: Iterable[str] | None = None,
+    log: Callable[[str], None] = lambda line: None,
+    settle: float = 1.0,
+    lock_timeout: float = 30.0,
+) -> RepointResult:
+    """Point the ``[databases]`` entries of PgBouncer at ``host:port``.
+
+    ``ini_path`` is the pgbouncer.ini to rewrite; None reads it from ``SHOW CONFIG``'s
+    ``conffile`` (so this must run where that file is). ``databases`` selects entries by
+    name; None selects every entry with a TCP host. ``log`` receives one line per action.
+    ``settle`` is how long, in seconds, to wait for server connections on the old node to
+    close after ``RECONNECT`` before counting the ones that stay (``lingering``; 0: count at
+    once). Concurrent repoints of one file on one machine take turns (an exclusive
+    ``flock`` on the file, waited for up to ``lock_timeout`` seconds): the second finds the
+    work done and changes nothing.
+    Raises :class:`IniError` (file unreadable, unwritable, no entry selected),
+    :class:`AdminError` (a console command failed) or :class:`RepointFailed`.
+    """
+    path = Path(ini_path) if ini_path is not None else _conffile(admin)
+    result = RepointResult(f"{host}:{port}", path)
+    with file_lock(path, timeout=lock_timeout):
+        names = _apply(
+            admin, result, host=host, port=port, databases=databases, settle=settle, log=log
+        )
     if not result.changed:
         log(f"already pointing {', '.join(names)} at {host}:{port}: nothing changed")
     else:
