@@ -1,7 +1,7 @@
 """Command-line entry point: ``pgfailover COMMAND``.
 
-- ``drill``: the failover drill on a local cluster (naive vs protected stacks), with a
-  report, a timeline PNG and JSON;
+- ``drill``: the failover drill on a local or Patroni cluster (naive vs protected stacks),
+  with a report, a timeline PNG and JSON;
 - ``probe DSN``: what each host of a DSN is (role, lag, PgBouncer);
 - ``pgbouncer doctor|repoint``: PgBouncer's failover settings checked; its databases
   pointed at a new primary;
@@ -72,6 +72,8 @@ def _add_drill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         DEFAULT_RATE,
         DEFAULT_REPOINT_DELAY,
         DEFAULT_WORKERS,
+        FAULTS,
+        HA_KINDS,
         MAX_RATE,
         MAX_SECONDS,
         MAX_WORKERS,
@@ -81,11 +83,12 @@ def _add_drill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     drill = commands.add_parser(
         "drill",
-        help="fail over a local cluster under load: naive stacks vs pgfailover's",
+        help="fail over a local or Patroni cluster under load: naive stacks vs pgfailover's",
         formatter_class=_HelpFormatter,
         description=(
-            "Start a local primary + standby (+ PgBouncer), write through naive and protected "
-            "stacks, fail over, verify every acknowledged write, report. Exit status 0 when "
+            "Start a local primary + standby (+ PgBouncer), or with --ha patroni etcd + 3 "
+            "Patroni members, write through naive and protected stacks, fail over, verify "
+            "every acknowledged write, report. Exit status 0 when "
             "every protected stack kept every write and the retry-runner stacks saw no failure, "
             "1 otherwise, 2 for bad options."
         ),
@@ -93,28 +96,46 @@ def _add_drill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     seconds = _bounded(float, 0, MAX_SECONDS, low_open=False, unit="seconds")
     positive_seconds = _bounded(float, 0, MAX_SECONDS, low_open=True, unit="seconds")
     drill.add_argument(
+        "--ha",
+        choices=HA_KINDS,
+        default=HA_KINDS[0],
+        help="what fails over: local (the harness stops the primary and promotes the standby) "
+        "or patroni (etcd + 3 Patroni members, fast profile: Patroni elects the new leader) "
+        "(default: %(default)s)",
+    )
+    drill.add_argument(
+        "--fault",
+        choices=FAULTS,
+        default=None,
+        help="--ha patroni only: what happens to the leader: crash (kill -9 of its Patroni "
+        "and postgres), switchover (planned, through the REST API) or freeze (SIGSTOP of the "
+        "node, thawed once the new leader takes writes) (default: crash)",
+    )
+    drill.add_argument(
         "--target",
         choices=("session", "transaction", "direct"),
-        default="session",
+        default=None,
         help="PgBouncer's pool mode in front of the primary (session, transaction), or direct: "
-        "a multi-host DSN naming both servers, no pooler (default: %(default)s)",
+        "a multi-host DSN naming both servers, no pooler (default: session; --ha patroni "
+        "always connects directly)",
     )
     drill.add_argument(
         "--stop",
         choices=("fast", "immediate"),
-        default="fast",
-        help="how the primary is stopped: fast (a clean shutdown that disconnects clients) or "
-        "immediate (no shutdown checkpoint, like a crash) (default: %(default)s)",
+        default=None,
+        help="--ha local only: how the primary is stopped: fast (a clean shutdown that "
+        "disconnects clients) or immediate (no shutdown checkpoint, like a crash) "
+        "(default: fast)",
     )
     drill.add_argument(
         "--repoint-delay",
         type=seconds,
-        default=DEFAULT_REPOINT_DELAY,
+        default=None,
         metavar="S",
-        help="seconds from the promotion to PgBouncer's repoint, the outage an operator or a "
-        "Patroni callback takes; the repoint comes no earlier than the old primary's rejoin, "
-        "so 0 repoints as soon as the failover ends; ignored with --target direct "
-        "(default: %(default)s)",
+        help="--ha local only: seconds from the promotion to PgBouncer's repoint, the outage "
+        "an operator or a Patroni callback takes; the repoint comes no earlier than the old "
+        "primary's rejoin, so 0 repoints as soon as the failover ends; ignored with --target "
+        f"direct (default: {DEFAULT_REPOINT_DELAY:g})",
     )
     drill.add_argument(
         "--before",
@@ -155,8 +176,10 @@ def _add_drill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     drill.add_argument(
         "--synchronous",
-        action="store_true",
-        help="synchronous replication (default: asynchronous, PostgreSQL's default, with which "
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="synchronous replication, Patroni's synchronous_mode with --ha patroni (default: "
+        "on with --ha patroni; asynchronous with --ha local, PostgreSQL's default, with which "
         "an immediate stop may lose acknowledged commits)",
     )
     drill.add_argument(
@@ -184,11 +207,13 @@ def _add_drill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
 
 
-def _run_drill(args: argparse.Namespace) -> int:
+def _run_drill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .drill.run import DrillOptions, run_drill, stacks_named
 
     try:
         options = DrillOptions(
+            ha=args.ha,
+            fault=args.fault,
             target=args.target,
             stop=args.stop,
             repoint_delay=args.repoint_delay,
@@ -199,9 +224,8 @@ def _run_drill(args: argparse.Namespace) -> int:
             synchronous=args.synchronous,
             stacks=stacks_named(args.stacks),
         )
-    except ValueError as ex:  # the parser checks the same bounds: kept as a safety net
-        print(f"pgfailover drill: {ex}", file=sys.stderr)
-        return 2
+    except ValueError as ex:  # options that do not go together (e.g. --ha patroni --stop)
+        parser.error(str(ex))
     if not args.no_plot:  # fail before the drill, not after, if the plot cannot be drawn
         try:
             import matplotlib  # noqa: F401
@@ -356,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # report tells the story; -v shows the log too.
             quiet = () if args.verbose else ("pgfailover", "psycopg", "sqlalchemy")
             with _log_level(quiet, logging.ERROR):
-                return _run_drill(args)
+                return _run_drill(args, _subparser(parser, "drill"))
         if args.command == "probe":
             from .errors import InvalidConninfo
             from .survey import run_command as run_probe

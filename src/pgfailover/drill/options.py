@@ -17,6 +17,8 @@ __all__ = [
     "DEFAULT_RATE",
     "DEFAULT_REPOINT_DELAY",
     "DEFAULT_WORKERS",
+    "FAULTS",
+    "HA_KINDS",
     "MAX_RATE",
     "MAX_SECONDS",
     "MAX_WORKERS",
@@ -35,6 +37,16 @@ DEFAULT_AFTER: Final = 5.0
 DEFAULT_RATE: Final = 20.0
 #: Writer threads per stack (and connections in each stack's pool).
 DEFAULT_WORKERS: Final = 2
+
+#: What runs the failover: ``local`` (the harness promotes a standby of a
+#: :class:`~pgfailover.testing.LocalCluster`) or ``patroni`` (Patroni elects a new leader of
+#: a :class:`~pgfailover.testing.PatroniCluster`). The first is the default.
+HA_KINDS: Final = ("local", "patroni")
+#: The faults a Patroni drill can inflict on the leader, the first being the default:
+#: ``crash`` (SIGKILL of its Patroni and postmaster), ``switchover`` (planned, through the
+#: REST API), ``freeze`` (SIGSTOP of every process of the node: a hung machine; thawed and
+#: healed once the new leader takes writes).
+FAULTS: Final = ("crash", "switchover", "freeze")
 
 #: Upper bound of every time option (seconds).
 MAX_SECONDS: Final = 600.0

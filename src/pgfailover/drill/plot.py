@@ -312,9 +312,14 @@ def _draw_failover(ax: Axes, report: DrillReport, x_end: float) -> list[Artist]:
 
 def _title(report: DrillReport) -> str:
     """'pgfailover drill: k of n stacks wrote through' plus what the stacks wrote through
-    (the drill's ``--target``: a PgBouncer mode or ``direct``) when the config says."""
+    (the drill's ``--target``: a PgBouncer mode or ``direct``) when the config says, or for
+    a Patroni drill the fault (``Patroni, leader crash``)."""
     through = sum(1 for stack in report.stacks if stack.wrote_through)
     title = f"pgfailover drill: {through} of {len(report.stacks)} stacks wrote through"
+    if report.config.get("ha") == "patroni":
+        fault = report.config.get("fault")
+        shown = {"crash": "leader crash", "freeze": "frozen leader"}.get(str(fault), fault)
+        return f"{title} (Patroni, {shown})"
     target = report.config.get("target")
     return f"{title} (target: {target})" if isinstance(target, str) and target else title
 

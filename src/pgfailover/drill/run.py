@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import psycopg
 
@@ -38,6 +38,8 @@ from .options import (
     DEFAULT_RATE,
     DEFAULT_REPOINT_DELAY,
     DEFAULT_WORKERS,
+    FAULTS,
+    HA_KINDS,
     MAX_RATE,
     MAX_SECONDS,
     MAX_WORKERS,
@@ -55,6 +57,8 @@ from .stacks import (
 )
 
 Target = Literal["transaction", "session", "direct"]
+Ha = Literal["local", "patroni"]
+Fault = Literal["crash", "switchover", "freeze"]
 
 #: The table every stack writes to. No unique constraint: a duplicate must be countable.
 TABLE = "drill_writes"
@@ -64,40 +68,68 @@ TABLE = "drill_writes"
 class DrillOptions:
     """What the drill does. Times are in seconds.
 
-    ``target``: ``session`` or ``transaction`` (PgBouncer pool mode in front of the
-    primary) or ``direct`` (a multi-host DSN listing both servers). ``stop``: how the
-    primary is stopped (``fast`` or ``immediate``). ``repoint_delay``: behind PgBouncer,
-    how long after the promotion PgBouncer is repointed (the outage an operator or a
-    Patroni callback would take); ignored for ``direct``. ``before`` / ``after``: writing
-    time before the failover and after the primary is reachable again (both more than 0:
-    without them nothing is measured). ``rate``: writes per second per worker; ``workers``:
-    threads per stack. ``synchronous``: synchronous replication (else asynchronous,
-    PostgreSQL's default: an ``immediate`` stop may then lose acknowledged commits whatever
-    the client does). Defaults and bounds come from :mod:`pgfailover.drill.options`.
+    ``ha``: what fails over: ``local`` (a :class:`~pgfailover.testing.LocalCluster` the
+    harness promotes) or ``patroni`` (a 3-node :class:`~pgfailover.testing.PatroniCluster`,
+    the harness's fast profile; Patroni elects the new leader). ``fault`` (``patroni`` only):
+    ``crash`` (kill -9 of the leader's Patroni and postmaster), ``switchover`` (planned,
+    through the REST API) or ``freeze`` (SIGSTOP of every process of the leader, thawed and
+    healed once the new leader takes writes); None means ``crash``.
+
+    ``target`` (``local`` only; None means ``session``): ``session`` or ``transaction``
+    (PgBouncer pool mode in front of the primary) or ``direct`` (a multi-host DSN listing
+    both servers). A Patroni drill always connects directly (its naive stacks use a
+    multi-host ``target_session_attrs=read-write`` conninfo, its pgfailover pools
+    :class:`~pgfailover.PatroniTopology`): None and ``direct`` are accepted, a PgBouncer mode
+    is refused. ``stop`` (``local`` only; None means ``fast``): how the primary is stopped
+    (``fast`` or ``immediate``). ``repoint_delay`` (``local`` only; None means
+    :data:`~pgfailover.drill.options.DEFAULT_REPOINT_DELAY`): behind PgBouncer, how long
+    after the promotion PgBouncer is repointed (the outage an operator or a Patroni callback
+    would take); ignored for ``direct``. ``before`` / ``after``: writing time before the
+    failover and after the primary is reachable again (both more than 0: without them
+    nothing is measured). ``rate``: writes per second per worker; ``workers``: threads per
+    stack. ``synchronous``: synchronous replication (Patroni's ``synchronous_mode``); None
+    means off for ``local`` (PostgreSQL's default: an ``immediate`` stop may then lose
+    acknowledged commits whatever the client does) and on for ``patroni``.
+
+    After construction the ``None`` defaults that apply are filled in (a local drill's
+    ``target``, ``stop``, ``repoint_delay``, ``synchronous``; a Patroni drill's ``target``
+    ``direct``, ``fault``, ``synchronous``); ``stop`` and ``repoint_delay`` stay None for a
+    Patroni drill. Raises ValueError for a value out of range or an option the chosen ``ha``
+    does not use. Defaults and bounds come from :mod:`pgfailover.drill.options`.
     """
 
-    target: Target = "session"
-    stop: StopMode = "fast"
-    repoint_delay: float = DEFAULT_REPOINT_DELAY
+    target: Target | None = None
+    stop: StopMode | None = None
+    repoint_delay: float | None = None
     before: float = DEFAULT_BEFORE
     after: float = DEFAULT_AFTER
     rate: float = DEFAULT_RATE
     workers: int = DEFAULT_WORKERS
     stacks: tuple[type[Stack], ...] = STACKS
-    synchronous: bool = False
+    synchronous: bool | None = None
+    ha: Ha = "local"
+    fault: Fault | None = None
 
     def __post_init__(self) -> None:
-        if self.target not in ("transaction", "session", "direct"):
+        if self.ha not in HA_KINDS:
+            raise ValueError(f"ha must be 'local' or 'patroni', got {self.ha!r}")
+        if self.target not in (None, "transaction", "session", "direct"):
             raise ValueError(
                 f"target must be 'transaction', 'session' or 'direct', got {self.target!r}"
             )
-        if self.stop not in ("fast", "immediate"):
+        if self.stop not in (None, "fast", "immediate"):
             raise ValueError(f"stop must be 'fast' or 'immediate', got {self.stop!r}")
-        if not 0 <= self.repoint_delay <= MAX_SECONDS:
+        if self.fault not in (None, *FAULTS):
+            raise ValueError(f"fault must be 'crash', 'switchover' or 'freeze', got {self.fault!r}")
+        if self.repoint_delay is not None and not 0 <= self.repoint_delay <= MAX_SECONDS:
             raise ValueError(
                 f"repoint_delay must be between 0 and {MAX_SECONDS:g} seconds, "
                 f"got {self.repoint_delay!r}"
             )
+        if self.ha == "patroni":
+            self._patroni_defaults()
+        else:
+            self._local_defaults()
         for name in ("before", "after"):
             value = getattr(self, name)
             if not 0 < value <= MAX_SECONDS:
@@ -114,9 +146,45 @@ class DrillOptions:
         if not self.stacks:
             raise ValueError("choose at least one stack")
 
+    def _local_defaults(self) -> None:
+        if self.fault is not None:
+            raise ValueError(
+                "fault (--fault) applies to the Patroni drill (--ha patroni) only: the local "
+                "drill's failover is a stop of the primary (see --stop) and a promotion"
+            )
+        set_ = object.__setattr__
+        set_(self, "target", self.target or "session")
+        set_(self, "stop", self.stop or "fast")
+        if self.repoint_delay is None:
+            set_(self, "repoint_delay", DEFAULT_REPOINT_DELAY)
+        set_(self, "synchronous", bool(self.synchronous))
+
+    def _patroni_defaults(self) -> None:
+        if self.target not in (None, "direct"):
+            raise ValueError(
+                f"target (--target) {self.target!r} does not apply to the Patroni drill "
+                "(--ha patroni): its stacks connect to the members directly (naive ones "
+                "through a multi-host target_session_attrs=read-write conninfo, pgfailover's "
+                "through PatroniTopology); leave target out or use 'direct'"
+            )
+        if self.stop is not None:
+            raise ValueError(
+                "stop (--stop) applies to the local drill only: the Patroni drill's failover "
+                "is its fault (--fault crash, switchover or freeze)"
+            )
+        if self.repoint_delay is not None:
+            raise ValueError(
+                "repoint_delay (--repoint-delay) applies to the local drill behind PgBouncer "
+                "only: the Patroni drill has no PgBouncer to repoint"
+            )
+        set_ = object.__setattr__
+        set_(self, "target", "direct")
+        set_(self, "fault", self.fault or "crash")
+        set_(self, "synchronous", True if self.synchronous is None else self.synchronous)
+
 
 @dataclass
-class _Recorder:
+class Recorder:
     """The ops of every worker (list.append is atomic) and the drill's clock."""
 
     t0: float
@@ -127,7 +195,7 @@ class _Recorder:
         return time.monotonic() - self.t0
 
 
-def _worker(stack: Stack, keys: Callable[[], int], rec: _Recorder, interval: float) -> None:
+def _worker(stack: Stack, keys: Callable[[], int], rec: Recorder, interval: float) -> None:
     next_at = rec.now()
     while not rec.stop.is_set():
         key = keys()
@@ -143,18 +211,19 @@ def _worker(stack: Stack, keys: Callable[[], int], rec: _Recorder, interval: flo
         rec.stop.wait(max(0.0, next_at - rec.now()))
 
 
-def _progress_line(rec: _Recorder, phase: str) -> str:
+def _progress_line(rec: Recorder, phase: str) -> str:
     ops = list(rec.ops)
     ok = sum(op.ok for op in ops)
     return f"[{rec.now():6.1f}s] {phase:<36} writes ok {ok:6d}  failed {len(ops) - ok:6d}"
 
 
-def _ticker(rec: _Recorder, phase: list[str], progress: Callable[[str], None]) -> None:
+def _ticker(rec: Recorder, phase: list[str], progress: Callable[[str], None]) -> None:
     while not rec.stop.wait(1.0):
         progress(_progress_line(rec, phase[0]))
 
 
-def _sleep_until(rec: _Recorder, at: float) -> None:
+def sleep_until(rec: Recorder, at: float) -> None:
+    """Sleep until ``at`` seconds on ``rec``'s clock (at once if that is past)."""
     delay = at - rec.now()
     if delay > 0:
         time.sleep(delay)
@@ -172,6 +241,10 @@ def run_drill(
     over, and ``KeyboardInterrupt`` after tearing everything down.
     """
     options = options or DrillOptions()
+    if options.ha == "patroni":
+        from .patroni import run_patroni_drill  # noqa: PLC0415 - it imports this module
+
+        return run_patroni_drill(options, progress=progress)
     pool_mode = None if options.target == "direct" else options.target
     progress(
         "starting a local cluster: primary + streaming standby"
@@ -179,16 +252,14 @@ def run_drill(
     )
     # PgBouncer as the harness configures it (server_login_retry 0.1 s), recorded in the
     # report's config: it bounds how soon after a failed login PgBouncer tries again.
-    with LocalCluster(standbys=1, pgbouncer=pool_mode, synchronous=options.synchronous) as cluster:
+    with LocalCluster(
+        standbys=1, pgbouncer=pool_mode, synchronous=bool(options.synchronous)
+    ) as cluster:
         login_retry = (
             cluster.pgbouncer.settings["server_login_retry"] if cluster.pgbouncer else None
         )
         with cluster.primary.connect(superuser=False) as conn:
-            conn.execute(
-                f"CREATE TABLE {TABLE} (k bigint NOT NULL, stack text NOT NULL);"
-                f"CREATE INDEX ON {TABLE} (k)"
-            )
-            server_version = conn.info.server_version
+            server_version = create_table(conn)
         if cluster.pgbouncer is not None:
             hosts = [(cluster.pgbouncer.host, cluster.pgbouncer.port)]
         else:
@@ -201,47 +272,17 @@ def run_drill(
             prepare=pool_mode != "transaction",
         )
         progress(f"  up: {cluster!r}, files in {cluster.root}")
-        stacks: list[Stack] = []
-        rec = _Recorder(t0=time.monotonic())
-        threads: list[threading.Thread] = []
-        try:
-            for kind in options.stacks:
-                stacks.append(kind(endpoint, TABLE, options.workers))
-            progress(f"writing through {len(stacks)} stacks, {options.workers} workers each")
-            counter = itertools.count(1)
-            rec.t0 = time.monotonic()
-            phase = ["steady state"]
-            for stack in stacks:
-                for i in range(options.workers):
-                    thread = threading.Thread(
-                        target=_worker,
-                        args=(stack, counter.__next__, rec, 1.0 / options.rate),
-                        name=f"drill {stack.name} #{i}",
-                        daemon=True,
-                    )
-                    thread.start()
-                    threads.append(thread)
-            ticker = threading.Thread(target=_ticker, args=(rec, phase, progress), daemon=True)
-            ticker.start()
-            marks, reachable_at = _fail_over(cluster, options, rec, phase, progress)
-            phase[0] = "primary reachable: writing"
-            _sleep_until(rec, reachable_at + options.after)
-            window_end = rec.now()
-            progress(f"[{window_end:6.1f}s] stopping the workers")
-        finally:
-            rec.stop.set()
-            deadline = time.monotonic() + RUNNER_TIMEOUT + POOL_TIMEOUT + 5
-            for thread in threads:
-                thread.join(max(0.0, deadline - time.monotonic()))
-            for stack in stacks:
-                close_quietly(stack)
-        stuck = [t.name for t in threads if t.is_alive()]
-        if stuck:
-            progress(f"  workers still blocked after the deadline: {', '.join(stuck)}")
-        ops = list(rec.ops)
+        ops, marks, reachable_at, window_end = run_workload(
+            endpoint,
+            options,
+            lambda rec, phase: _fail_over(cluster, options, rec, phase, progress),
+            progress,
+        )
         progress(f"verifying {len(ops)} writes on the final primary ({cluster.primary.name})")
-        found = _found(cluster)
+        with cluster.primary.connect(superuser=False) as conn:
+            found = count_rows(conn)
     config: dict[str, object] = {
+        "ha": "local",
         "target": options.target,
         "stop": options.stop,
         "repoint_delay": options.repoint_delay if pool_mode else None,
@@ -266,20 +307,95 @@ def run_drill(
     )
 
 
+def create_table(conn: psycopg.Connection[Any]) -> int:
+    """Create the drill's table (:data:`TABLE`) through ``conn``; the server's version number."""
+    conn.execute(
+        f"CREATE TABLE {TABLE} (k bigint NOT NULL, stack text NOT NULL);CREATE INDEX ON {TABLE} (k)"
+    )
+    conn.commit()
+    return conn.info.server_version
+
+
+def count_rows(conn: psycopg.Connection[Any]) -> dict[int, int]:
+    """How many rows of :data:`TABLE` each key has, read through ``conn`` (absent keys: 0)."""
+    rows = conn.execute(f"SELECT k, count(*) FROM {TABLE} GROUP BY k").fetchall()
+    return {int(k): int(n) for k, n in rows}
+
+
+FailOver = Callable[[Recorder, list[str]], tuple[list[Mark], float]]
+"""The failover step of a drill: given the recorder (its clock) and the one-item phase list
+the progress ticker shows, performs the failover and returns the marks and the time (seconds
+since the workload started) from which the primary is reachable for the stacks."""
+
+
+def run_workload(
+    endpoint: Endpoint,
+    options: DrillOptions,
+    fail_over: FailOver,
+    progress: Callable[[str], None],
+) -> tuple[list[Op], list[Mark], float, float]:
+    """Write through every stack of ``options`` on ``endpoint`` while ``fail_over`` runs.
+
+    The workers start, ``fail_over`` is called (it sleeps until ``before`` itself), writing
+    goes on ``after`` seconds past the time it returns as reachable, then the workers stop
+    (an operation in progress is waited for, up to the runner's and pool's deadlines) and
+    every stack is closed, also on error and on Ctrl-C. Returns the ops, the marks, when the
+    primary was reachable and when the workload window ended (seconds since it started).
+    """
+    stacks: list[Stack] = []
+    rec = Recorder(t0=time.monotonic())
+    threads: list[threading.Thread] = []
+    try:
+        for kind in options.stacks:
+            stacks.append(kind(endpoint, TABLE, options.workers))
+        progress(f"writing through {len(stacks)} stacks, {options.workers} workers each")
+        counter = itertools.count(1)
+        rec.t0 = time.monotonic()
+        phase = ["steady state"]
+        for stack in stacks:
+            for i in range(options.workers):
+                thread = threading.Thread(
+                    target=_worker,
+                    args=(stack, counter.__next__, rec, 1.0 / options.rate),
+                    name=f"drill {stack.name} #{i}",
+                    daemon=True,
+                )
+                thread.start()
+                threads.append(thread)
+        ticker = threading.Thread(target=_ticker, args=(rec, phase, progress), daemon=True)
+        ticker.start()
+        marks, reachable_at = fail_over(rec, phase)
+        phase[0] = "primary reachable: writing"
+        sleep_until(rec, reachable_at + options.after)
+        window_end = rec.now()
+        progress(f"[{window_end:6.1f}s] stopping the workers")
+    finally:
+        rec.stop.set()
+        deadline = time.monotonic() + RUNNER_TIMEOUT + POOL_TIMEOUT + 5
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for stack in stacks:
+            close_quietly(stack)
+    stuck = [t.name for t in threads if t.is_alive()]
+    if stuck:
+        progress(f"  workers still blocked after the deadline: {', '.join(stuck)}")
+    return list(rec.ops), marks, reachable_at, window_end
+
+
 def _fail_over(
     cluster: LocalCluster,
     options: DrillOptions,
-    rec: _Recorder,
+    rec: Recorder,
     phase: list[str],
     progress: Callable[[str], None],
 ) -> tuple[list[Mark], float]:
     """Fail over (and repoint PgBouncer); the marks and when the primary became reachable."""
-    _sleep_until(rec, options.before)
+    sleep_until(rec, options.before)
     old = cluster.primary
     progress(f"[{rec.now():6.1f}s] failover: {options.stop} stop of {old.name}, promote")
     phase[0] = "failing over"
     marks = [Mark("failover started", rec.now())]
-    timings = cluster.failover(options.stop)
+    timings = cluster.failover(options.stop or "fast")
     stopped, promoted = (timings.ended_at[p] - rec.t0 for p in ("stop", "promote"))
     rejoined = timings.ended_at["rejoin"] - rec.t0
     marks += [
@@ -291,18 +407,12 @@ def _fail_over(
     if cluster.pgbouncer is None:
         return marks, promoted
     phase[0] = "PgBouncer still on the old primary"
-    _sleep_until(rec, promoted + options.repoint_delay)
+    sleep_until(rec, promoted + (options.repoint_delay or 0.0))
     repoint = cluster.repoint_pgbouncer(cluster.primary)
     reachable_at = repoint.ended_at["reload"] - rec.t0
     marks.append(Mark("PgBouncer repointed", reachable_at))
     progress(f"[{rec.now():6.1f}s] PgBouncer repointed to {cluster.primary.name}")
     return marks, reachable_at
-
-
-def _found(cluster: LocalCluster) -> dict[int, int]:
-    with cluster.primary.connect(superuser=False) as conn:
-        rows = conn.execute(f"SELECT k, count(*) FROM {TABLE} GROUP BY k").fetchall()
-    return {int(k): int(n) for k, n in rows}
 
 
 def _version(number: int) -> str:

@@ -22,6 +22,7 @@ from ..errors import CommitOutcomeUnknown
 from ..pool import ConnectionPool
 from ..retry import TransactionRunner
 from ..sqlalchemy import instrument
+from ..topology import PatroniTopology
 
 logger = logging.getLogger("pgfailover.drill")
 
@@ -37,7 +38,11 @@ class Endpoint:
     """Where the stacks connect: a libpq conninfo and the same as a SQLAlchemy URL.
 
     ``hosts`` is a list of ``(host, port)``: one for PgBouncer, several for a direct
-    multi-host DSN (libpq tries them in order).
+    multi-host DSN (libpq tries them in order). ``session_attrs``: libpq's
+    ``target_session_attrs`` for that conninfo (e.g. ``read-write``, what Patroni's docs
+    recommend), None to leave it out. ``patroni_urls``: Patroni REST API base URLs; when
+    given, pgfailover's pools connect through :class:`~pgfailover.PatroniTopology` over them
+    (their conninfo then carries no host or port); the other stacks use ``hosts``.
     """
 
     hosts: Sequence[tuple[str, int]]
@@ -47,6 +52,8 @@ class Endpoint:
     #: False behind PgBouncer in transaction mode (before 1.21 it cannot keep prepared
     #: statements: a client meets another server connection each transaction).
     prepare: bool = True
+    session_attrs: str | None = None
+    patroni_urls: tuple[str, ...] = ()
 
     def connect_kwargs(self) -> dict[str, Any]:
         """psycopg connection arguments every stack uses."""
@@ -54,6 +61,7 @@ class Endpoint:
 
     def conninfo(self) -> str:
         """The libpq conninfo (contains the password: never log it)."""
+        extra = {"target_session_attrs": self.session_attrs} if self.session_attrs else {}
         return psycopg.conninfo.make_conninfo(
             host=",".join(h for h, _ in self.hosts),
             port=",".join(str(p) for _, p in self.hosts),
@@ -61,7 +69,22 @@ class Endpoint:
             user=self.user,
             password=self.password,
             connect_timeout=2,
+            **extra,
         )
+
+    def topology_conninfo(self) -> str:
+        """The conninfo without host and port, for a pool with ``topology=`` (contains the
+        password: never log it)."""
+        return psycopg.conninfo.make_conninfo(
+            dbname=self.dbname, user=self.user, password=self.password, connect_timeout=2
+        )
+
+    def topology(self) -> PatroniTopology | None:
+        """A new :class:`~pgfailover.PatroniTopology` over ``patroni_urls`` (1 s REST
+        budget per refresh), None without them."""
+        if not self.patroni_urls:
+            return None
+        return PatroniTopology(self.patroni_urls, timeout=1.0)
 
     def url(self) -> sa.URL:
         """The SQLAlchemy URL (psycopg dialect; multi-host in the query as SQLAlchemy wants)."""
@@ -74,7 +97,11 @@ class Endpoint:
             host=host,
             port=port,
             database=self.dbname,
-            query={"connect_timeout": "2", **({"host": hosts} if len(hosts) > 1 else {})},
+            query={
+                "connect_timeout": "2",
+                **({"host": hosts} if len(hosts) > 1 else {}),
+                **({"target_session_attrs": self.session_attrs} if self.session_attrs else {}),
+            },
         )
 
 
@@ -122,13 +149,17 @@ class _PoolStack(Stack):
     runner: bool
 
     def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
+        # pgfailover's pool follows Patroni's leader when the endpoint names REST URLs
+        topology = endpoint.topology() if issubclass(self.pool_class, ConnectionPool) else None
+        extra: dict[str, Any] = {} if topology is None else {"topology": topology}
         self.pool = self.pool_class(
-            endpoint.conninfo(),
+            endpoint.conninfo() if topology is None else endpoint.topology_conninfo(),
             kwargs=endpoint.connect_kwargs(),
             min_size=size,
             max_size=size,
             timeout=POOL_TIMEOUT,
             open=True,
+            **extra,
         )
         self.work = _insert(table, self.name)
 
