@@ -3,8 +3,8 @@
 - ``drill``: the failover drill on a local or Patroni cluster (naive vs protected stacks),
   with a report, a timeline PNG and JSON;
 - ``probe DSN``: what each host of a DSN is (role, lag, PgBouncer);
-- ``pgbouncer doctor|repoint``: PgBouncer's failover settings checked; its databases
-  pointed at a new primary;
+- ``pgbouncer doctor|repoint|follow``: PgBouncer's failover settings checked; its
+  databases pointed at a new primary, once or at every failover;
 - ``demo``: the bare problem in a few seconds (stuck writes behind PgBouncer).
 """
 
