@@ -80,13 +80,18 @@ def prefer_read_write(conninfo: Any, pooler: bool | None) -> Any:
     pooler: libpq's check reads ParameterStatus, which a pooler may serve stale)."""
     if not isinstance(conninfo, str) or pooler is True:
         return conninfo
+    error: InvalidConninfo | None = None
     try:
         params = conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError as ex:
-        raise InvalidConninfo(
+        error = InvalidConninfo(
             "cannot parse the connection string: "
             + scrub(str(ex).strip(), secret_candidates(conninfo))
-        ) from None
+        )
+    if error is not None:
+        # raised outside the handler: psycopg's error quotes the string, password included,
+        # and would stay reachable as the new error's __context__ even with "from None"
+        raise error
     if "," in str(params.get("host", "")) and "target_session_attrs" not in params:
         return make_conninfo(conninfo, target_session_attrs="read-write")
     return conninfo
@@ -115,7 +120,12 @@ def failover_class(
     if not (isinstance(connection_class, type) and issubclass(connection_class, driver_class)):
         raise TypeError(
             f"connection_class must be a {driver_class.__module__}.{driver_class.__name__} "
-            f"subclass (pgfailover.{base.__name__} or your own), got {connection_class!r}"
+            f"subclass (pgfailover.{base.__name__} or your own), got "
+            + (  # a class by name; any other value by type only (a DSN would show its password)
+                repr(connection_class)
+                if isinstance(connection_class, type)
+                else f"a {type(connection_class).__name__}"
+            )
         )
     with _failover_classes_lock:
         made: type[Any] | None = _failover_classes.get((connection_class, base))
@@ -149,11 +159,11 @@ def check_topology(topology: Any, source_class: type[Any], conninfo: Any) -> Non
     if topology is None:
         return
     if not isinstance(topology, source_class):
+        prefix = "Async" if source_class.__name__.startswith("Async") else ""
         raise TypeError(
-            f"topology must be a {source_class.__name__} (for instance "
-            f"{'Async' if source_class.__name__.startswith('Async') else ''}PatroniTopology "
-            f"or {'Async' if source_class.__name__.startswith('Async') else ''}"
-            f"HostListTopology), got {type(topology).__name__}"
+            f"topology must be {'an' if prefix else 'a'} {source_class.__name__} (for "
+            f"instance {prefix}PatroniTopology or {prefix}HostListTopology), got "
+            f"{type(topology).__name__}"
         )
     if not isinstance(conninfo, str):
         raise TypeError(

@@ -70,6 +70,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
@@ -83,6 +84,8 @@ from .errors import NoPrimaryAvailable
 from .events import FailoverEvent, NodeInfo, _emit, caller_stack, diagnostics_of
 from .policy import RECONNECT_POLICY
 from .probe import PROBE_SQL, RoleReport, aprobe, probe, report_from_row, role_from_parameters
+from .topology import AsyncTopologySource, Fence, Topology, TopologyError, TopologySource
+from .topology._io import INBAND_SQL, observation_of
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -113,6 +116,7 @@ class Options:
     pooler: bool | None
     silence_limit: float | None
     probe_timeout: float
+    topology: TopologySource | AsyncTopologySource | None = None
 
 
 class Instrumentation:
@@ -128,6 +132,7 @@ class Instrumentation:
         )
         self._async = bool(engine.dialect.is_async)
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+        self._topology_seen: Topology | None = None  # the topology last followed
 
     # -- installation
     def _install(self, engine: Engine) -> None:
@@ -191,6 +196,8 @@ class Instrumentation:
         generation = proxied.info.get(_GENERATION, -1)
         purge = self.state.poisoned(generation, verdict, time.monotonic())
         ctx.invalidate_pool_on_disconnect = purge
+        if (verdict.rediscover_primary or purge) and self.options.topology is not None:
+            self.options.topology.invalidate()  # the next connection refreshes it, once
         self._report(original, verdict, proxied, purge)
         return None
 
@@ -260,6 +267,13 @@ class Instrumentation:
         cparams: dict[str, Any],
     ) -> tuple[Any, BaseException | None]:
         """One attempt: the connection if it leads to a writable primary, else (None, why)."""
+        topology = self.options.topology
+        if topology is not None:
+            try:
+                cparams = {**cparams, **self._leader_params(topology, cparams)}
+            except TopologyError as ex:  # no leader now, or the topology cannot be read
+                self.state.no_leader(topology.description, str(ex), time.monotonic())
+                return None, ex
         try:
             dbapi_conn = dialect.connect(*cargs, **cparams)
         except Exception as ex:
@@ -285,13 +299,27 @@ class Instrumentation:
                 endpoint = _endpoint(_driver(dbapi_conn), cparams)
                 _close_quietly(dbapi_conn)
                 self.state.not_primary(endpoint, finding(report), time.monotonic(), -1)
+                if topology is not None:
+                    topology.invalidate()
                 return None, None
+        if topology is not None and self._refused(topology, dbapi_conn, cparams):
+            return None, None
+        if validate:
             self.state.connected(time.monotonic())
-        now = time.monotonic()
-        info = conn_rec.info  # a new DBAPI connection: forget what was known of the old one
+        self._adopt(conn_rec.info, watched, report)
+        return dbapi_conn, None
+
+    def _adopt(
+        self,
+        info: dict[Any, Any],
+        watched: _watchdog.Watchable | None,
+        report: RoleReport | None,
+    ) -> None:
+        """Note in a pool record what is known of its new DBAPI connection, forgetting
+        what was known of the old one."""
         for key in (_REPORTED, _VIA_POOLER, _SERVER, _WATCHED):
             info.pop(key, None)
-        info[_CHECKED_AT] = now
+        info[_CHECKED_AT] = time.monotonic()
         info[_GENERATION] = self.state.generation
         if watched is not None:
             info[_WATCHED] = watched  # keeps it watched as long as the record holds it
@@ -299,7 +327,96 @@ class Instrumentation:
                 watched.via_pooler = report.via_pooler
         if report is not None:
             _remember(info, report)
-        return dbapi_conn, None
+
+    def _leader_params(
+        self, topology: TopologySource | AsyncTopologySource, cparams: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``host`` and ``port`` of the leader ``topology`` names, for the driver's connect
+        arguments (the topology refreshes itself when it must: see its module)."""
+        base = make_conninfo(
+            "",
+            **{
+                key: cparams[name]
+                for key, name in (
+                    ("user", "user"),
+                    ("password", "password"),
+                    ("dbname", "dbname" if "dbname" in cparams else "database"),
+                )
+                if cparams.get(name) is not None
+            },
+        )
+        if isinstance(topology, AsyncTopologySource):
+            conninfo = _await(topology.conninfo_for_leader(base))
+        else:
+            conninfo = topology.conninfo_for_leader(base)
+        params = conninfo_to_dict(conninfo)
+        return {"host": params["host"], "port": int(str(params.get("port", 5432)))}
+
+    def _refused(
+        self,
+        topology: TopologySource | AsyncTopologySource,
+        dbapi_conn: Any,
+        cparams: dict[str, Any],
+    ) -> bool:
+        """Whether the topology refuses a new connection (then closed and recorded)."""
+        fence = self._fence(topology, dbapi_conn, cparams)
+        if fence.accepted:
+            return False
+        endpoint = _endpoint(_driver(dbapi_conn), cparams)
+        _close_quietly(dbapi_conn)
+        what = f"node the topology refuses ({fence.reason})"
+        self.state.not_primary(endpoint, what, time.monotonic(), -1)
+        return True
+
+    def _fence(
+        self,
+        topology: TopologySource | AsyncTopologySource,
+        dbapi_conn: Any,
+        cparams: dict[str, Any],
+    ) -> Fence:
+        """The topology's verdict on a new connection (one in-band query)."""
+        driver = _driver(dbapi_conn)
+        if isinstance(topology, AsyncTopologySource) and isinstance(
+            driver, psycopg.AsyncConnection
+        ):
+            return _await(topology.validate(driver))
+        if isinstance(topology, TopologySource) and isinstance(driver, psycopg.Connection):
+            return topology.validate(driver)
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(INBAND_SQL)
+            in_recovery, read_only, timeline, lsn = cursor.fetchone()
+        finally:
+            cursor.close()
+        dbapi_conn.rollback()
+        host, port = cparams["host"], cparams["port"]
+        seen = observation_of(
+            host,
+            port,
+            in_recovery=in_recovery,
+            read_only=read_only,
+            timeline=timeline,
+            lsn=str(lsn) if lsn is not None else None,
+        )
+        return topology.judge(seen)
+
+    def _follow_topology(self, now: float) -> None:
+        """At checkout: the topology names another leader than when it was last looked at:
+        connections made before are suspect (in a split brain they would keep writing to
+        the old primary). Raise to make SQLAlchemy replace them all."""
+        topology = self.options.topology
+        assert topology is not None
+        current = topology.current()
+        before, self._topology_seen = self._topology_seen, current
+        if before is None or current is None or before.write_target is None:
+            return
+        old, new = before.write_target, current.write_target
+        if new is not None and new.address == old.address:
+            return
+        now_leader = f"{new.address} leads now" if new is not None else "no leader now"
+        what = f"former leader ({now_leader}, says {topology.description})"
+        purge = self.state.not_primary(old.address, what, now, self.state.generation)
+        raise _disconnection(f"{old.address} leads to a {what}", purge)
 
     def _watch(self, dialect: Dialect, dbapi_conn: Any) -> _watchdog.Watchable | None:
         """Register a new DBAPI connection with the process's watchdog (see the module
@@ -330,6 +447,9 @@ class Instrumentation:
         self, dbapi_conn: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
     ) -> None:
         now = time.monotonic()
+        topology = self.options.topology
+        if topology is not None and topology.current() is not self._topology_seen:
+            self._follow_topology(now)
         info = record.info
         generation = info.get(_GENERATION, -1)
         last_used = info.get(_CHECKED_AT, 0.0)
@@ -411,6 +531,7 @@ def instrument(
     pooler: bool | None = None,
     silence_limit: float | None = 5.0,
     probe_timeout: float = 3.0,
+    topology: TopologySource | AsyncTopologySource | None = None,
 ) -> Instrumentation:
     """Make ``engine`` (an ``Engine`` or ``AsyncEngine``) survive failovers; see the module doc.
 
@@ -433,6 +554,12 @@ def instrument(
             this engine. Default 5 s, as :attr:`pgfailover.Connection.silence_limit`.
         probe_timeout: seconds that bound the side connection's connect and its
             ``SELECT 1`` (a connect is given at least 2 s, libpq's minimum). Default 3 s.
+        topology: where to find the leader (a :class:`~pgfailover.topology.TopologySource`
+            for an ``Engine``, an :class:`~pgfailover.topology.AsyncTopologySource` for an
+            ``AsyncEngine``, e.g. ``PatroniTopology``): new connections go to the leader it
+            names (the URL's host and port are replaced), are fenced against it in-band,
+            a failover verdict invalidates it, and a checkout that finds it naming another
+            leader replaces the engine's connections. None (default): the URL's hosts.
 
     Returns the :class:`Instrumentation` (counters, :meth:`~Instrumentation.remove`).
     Calling it again on the same engine returns the same object; with different options it
@@ -445,6 +572,7 @@ def instrument(
         raise ValueError(
             f"instrument() needs a PostgreSQL engine, got dialect {sync_engine.dialect.name!r}"
         )
+    _check_topology(topology, is_async=bool(sync_engine.dialect.is_async))
     options = Options(
         recheck_interval=_seconds("recheck_interval", recheck_interval),
         timeout=_seconds("timeout", _default_timeout(sync_engine) if timeout is None else timeout)
@@ -452,6 +580,7 @@ def instrument(
         pooler=pooler,
         silence_limit=_positive("silence_limit", silence_limit, off=True),
         probe_timeout=_positive("probe_timeout", probe_timeout, off=False) or 0.0,
+        topology=topology,
     )
     with _registry_lock:
         existing = _registry.get(sync_engine)
@@ -549,6 +678,17 @@ def _bounded(dialect: Dialect, cparams: dict[str, Any], timeout: float) -> dict[
         return cparams
     bound = max(2, math.ceil(timeout)) if key == "connect_timeout" else max(timeout, 0.1)
     return {**cparams, key: bound}
+
+
+def _check_topology(topology: object, *, is_async: bool) -> None:
+    expected: type[Any] = AsyncTopologySource if is_async else TopologySource
+    if topology is not None and not isinstance(topology, expected):
+        kind = "an AsyncEngine" if is_async else "an Engine"
+        raise TypeError(
+            f"topology for {kind} must be {'an' if is_async else 'a'} {expected.__name__} "
+            "(for instance "
+            f"{'Async' if is_async else ''}PatroniTopology), got {type(topology).__name__}"
+        )
 
 
 def _disconnection(message: str, purge: bool) -> exc.DisconnectionError:

@@ -26,8 +26,8 @@ HOSTS = "host=db1,db2 port=5432,5433 dbname=app user=app"
 )
 def test_a_topology_of_the_wrong_kind_is_a_type_error(pool_class: Any, wrong: Any) -> None:
     """The error names the expected source class and examples of it."""
-    expected = "AsyncTopologySource" if pool_class is AsyncConnectionPool else "TopologySource"
-    with pytest.raises(TypeError, match=f"topology must be a {expected} .*HostListTopology"):
+    expected = "an AsyncTopologySource" if pool_class is AsyncConnectionPool else "a TopologySource"
+    with pytest.raises(TypeError, match=f"topology must be {expected} .*HostListTopology"):
         pool_class("dbname=app", topology=wrong, open=False)
 
 

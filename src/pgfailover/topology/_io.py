@@ -67,17 +67,35 @@ def inband_gen(conn: Any, host: str | None, port: int | None) -> PQGen[Observati
     about ``host``:``port``."""
     results = yield from simple_query(conn, _INBAND_QUERY)
     text = row_of(results[-1])
-    in_recovery = text[0] == b"t"
-    read_only = text[1] == b"t"
-    timeline = int(text[2]) if text[2] is not None else None
-    lsn = lsn_to_int(bytes(text[3]).decode()) if text[3] is not None else None
+    lsn = bytes(text[3]).decode() if text[3] is not None else None
+    return observation_of(
+        host,
+        port,
+        in_recovery=text[0] == b"t",
+        read_only=text[1] == b"t",
+        timeline=text[2],
+        lsn=lsn,
+    )
+
+
+def observation_of(
+    host: str | None,
+    port: int | None,
+    *,
+    in_recovery: bool,
+    read_only: bool,
+    timeline: object,
+    lsn: str | None,
+) -> Observation:
+    """The :class:`Observation` of an :data:`INBAND_SQL` row, whatever the driver that read
+    it (``timeline`` as text, bytes or an int)."""
     return Observation(
         host,
         port,
         in_recovery=in_recovery,
         writable=not in_recovery and not read_only,
-        timeline=timeline,
-        wal_lsn=lsn,
+        timeline=int(timeline) if timeline is not None else None,  # type: ignore[call-overload]
+        wal_lsn=lsn_to_int(lsn) if lsn is not None else None,
     )
 
 
