@@ -103,7 +103,8 @@ def test_follower_repoints_after_a_failover_and_ends_on_sigterm(cluster: LocalCl
         eventually(lambda: follower.said(f"points at {old.address}"), timeout=30)
         cluster.failover()
         eventually(lambda: _writes(cluster, name), timeout=30)
-        assert follower.said(f"at {new.address}")
+        # the follower's last lines of the repoint may still be on their way
+        eventually(lambda: follower.said(f"SHOW DATABASES: app, postgres at {new.address}"), 30)
         assert follower.said("RELOAD")
         follower.proc.send_signal(signal.SIGTERM)
         assert follower.proc.wait(15) == 0
