@@ -99,9 +99,9 @@ def revision() -> str:
     """The commit the library was run from, and the files of ``src/`` changed since (the
     run used them as they were in the working tree)."""
 
-    def git(*argv: str) -> str:
+    def git(*argv: str) -> str:  # porcelain lines start with a status column: no strip()
         proc = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False)
-        return proc.stdout.strip() if proc.returncode == 0 else ""
+        return proc.stdout.rstrip("\n") if proc.returncode == 0 else ""
 
     head = git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
     changed = git("status", "--porcelain", "--", "src").splitlines()

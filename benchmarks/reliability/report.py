@@ -164,6 +164,8 @@ def checks(run: Run) -> list[Check]:
     for f in run.files:
         if not f.present:
             out.append((f"{f.scenario}: {f.path} is not present (not run)", False))
+        elif f.timed_out:
+            out.append((f"{f.scenario}: {f.path} timed out after {f.seconds:g} s", False))
         else:
             out.append(
                 (

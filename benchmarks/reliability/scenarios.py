@@ -47,6 +47,8 @@ from .workload import (
 #: Seconds a stack may take to acknowledge the next calls after a fault before the
 #: scenario notes it as making no progress (and goes on).
 PROGRESS_TIMEOUT = 60.0
+#: Seconds a test file run by :func:`run_test_file` may take.
+TEST_FILE_TIMEOUT = 900.0
 
 
 @dataclass
@@ -343,15 +345,19 @@ class TestFileResult:
     skipped: int = 0
     seconds: float = 0.0
     returncode: int | None = None
+    timed_out: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """Every figure, JSON-ready."""
         return asdict(self)
 
 
-def run_test_file(scenario: str, path: Path, root: Path) -> TestFileResult:
+def run_test_file(
+    scenario: str, path: Path, root: Path, timeout: float = TEST_FILE_TIMEOUT
+) -> TestFileResult:
     """Run the pytest file ``path`` (relative to the repository ``root``) in a subprocess
-    and count its tests from a JUnit XML report; a missing file is reported, not run."""
+    and count its tests from a JUnit XML report; a missing file is reported, not run. A
+    run longer than ``timeout`` seconds is killed and reported as timed out (one failure)."""
     rel = str(path)
     if not (root / path).is_file():
         return TestFileResult(scenario, rel, present=False)
@@ -360,9 +366,20 @@ def run_test_file(scenario: str, path: Path, root: Path) -> TestFileResult:
         report = Path(tmp) / "junit.xml"
         argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
         argv += [f"--junitxml={report}", rel]
-        proc = subprocess.run(
-            argv, cwd=root, capture_output=True, text=True, check=False, env=dict(os.environ)
-        )
+        try:
+            proc = subprocess.run(
+                argv,
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=False,
+                env=dict(os.environ),
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            result = TestFileResult(scenario, rel, present=True, timed_out=True, failed=1)
+            result.seconds = round(time.monotonic() - started, 1)
+            return result
         result = TestFileResult(scenario, rel, present=True, returncode=proc.returncode)
         if report.is_file():
             root_el = ET.parse(report).getroot()  # noqa: S314 - pytest's own report, just written
