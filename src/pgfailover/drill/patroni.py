@@ -17,7 +17,11 @@ The sequence (times are seconds since the workload started):
    - ``switchover``: ``POST /switchover`` to the leader's REST API, naming the synchronous
      standby (or the first replica); the old leader rejoins as a replica;
    - ``freeze``: SIGSTOP of every process of the leader (a hung machine); once the new
-     leader takes writes, the old one is thawed and healed (it rejoins as a replica);
+     leader takes writes, the old one is thawed and healed (it rejoins as a replica). With
+     Patroni 3.0.2's etcd3 store the thawed leader may take its leader key back instead
+     (:meth:`~pgfailover.testing.PatroniCluster.thaw`): the timeline then says so, what the
+     new leader accepted meanwhile is rewound away by Patroni (counted as lost), and the
+     members are healed (:meth:`~pgfailover.testing.PatroniCluster.reset`) before counting;
 
    *new leader* is when Patroni's leader key (what ``GET /cluster`` reports) names another
    member, *writable* when that member accepts a write: from then on the primary is
@@ -247,10 +251,19 @@ def _fail_over(
         progress(f"[{rec.now():6.1f}s] {new.name} takes writes; thawing and healing {old.name}")
         thawed = cluster.thaw(old)
         healed = cluster.heal(old, timeout=STEP_TIMEOUT)
-        rest = [
-            Mark(f"{old.name} thawed", at(thawed.ended_at["thawed"])),
-            Mark(f"{old.name} rejoined as replica", at(healed.ended_at["rejoin"])),
-        ]
+        rest = [Mark(f"{old.name} thawed", at(thawed.ended_at["thawed"]))]
+        if cluster.leader() is old:
+            # Patroni 3.0.2 with etcd3 may let a thawed leader put its key back (see
+            # PatroniCluster.thaw): what the new leader accepted meanwhile is rewound away
+            progress(
+                f"[{rec.now():6.1f}s] {old.name} took Patroni's leader key back once thawed: "
+                f"what {new.name} accepted meanwhile is rewound away; healing the cluster"
+            )
+            rest.append(Mark(f"{old.name} leads again", at(healed.ended_at["rejoin"])))
+            converged = cluster.reset(timeout=STEP_TIMEOUT)
+            rest.append(Mark("members converged", at(converged.ended_at["converge"])))
+        else:
+            rest.append(Mark(f"{old.name} rejoined as replica", at(healed.ended_at["rejoin"])))
     marks += [
         Mark(f"{new.name} named leader", elected),
         Mark(f"{new.name} takes writes (new leader)", writable),
