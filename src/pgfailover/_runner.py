@@ -401,6 +401,28 @@ def record_sqlalchemy(conn: Any) -> CommitRecord:
     return record
 
 
+#: Where an instrumented engine's pool record keeps the watchdog's handle of its DBAPI
+#: connection (see pgfailover.sqlalchemy).
+WATCHED_KEY = "pgfailover.watched"
+
+
+def watched_of(conn: Any, deadline: float) -> Any | None:
+    """Give the statement in flight on a SQLAlchemy (async) Connection a ``deadline``
+    (``time.monotonic()``) the process's watchdog enforces; return the watched handle (to
+    clear it afterwards), None when the connection is not watched (an engine not
+    instrumented, or its watchdog off)."""
+    sync = getattr(conn, "sync_connection", None) or conn
+    try:
+        info = sync.connection.info
+    except Exception as ex:  # closed or invalidated: nothing to watch
+        logger.debug("no pooled connection to give the deadline to: %r", ex)
+        return None
+    watched = info.get(WATCHED_KEY)
+    if watched is not None:
+        watched._pgf_deadline = deadline
+    return watched
+
+
 def observe_sql(conn: Any) -> str:
     """OBSERVE_SQL in the paramstyle of a SQLAlchemy connection's driver."""
     style = conn.dialect.paramstyle

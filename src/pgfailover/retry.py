@@ -328,9 +328,12 @@ class _EngineShell:
         idempotent: bool,
     ) -> Any:
         phase, record, result, read_only = Phase.CONNECT, None, None, False
+        watched = None
         try:
             with self._unit() as (handle, conn):
                 phase, read_only = Phase.TRANSACTION, _runner.sqlalchemy_read_only(conn)
+                if timeout is not None:  # the watchdog cuts a statement past the deadline
+                    watched = _runner.watched_of(conn, time.monotonic() + timeout)
                 if not (read_only or idempotent):
                     record = _runner.record_sqlalchemy(conn)
                 result = _run_work(work, handle, args, kwargs)
@@ -341,6 +344,9 @@ class _EngineShell:
                 return result
         except Exception as ex:
             raise Failed(ex, phase, record, result, read_only=read_only) from ex
+        finally:
+            if watched is not None:
+                watched._pgf_deadline = None  # the deadline ends with the attempt
 
     def observe(
         self, record: CommitRecord, timeout: float | None, check: Any

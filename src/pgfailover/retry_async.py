@@ -343,9 +343,12 @@ class _EngineShell:
         idempotent: bool,
     ) -> Any:
         phase, record, result, read_only = Phase.CONNECT, None, None, False
+        watched = None
         try:
             async with self._unit() as (handle, conn):
                 phase, read_only = Phase.TRANSACTION, _runner.sqlalchemy_read_only(conn)
+                if timeout is not None:  # the watchdog cuts a statement past the deadline
+                    watched = _runner.watched_of(conn, time.monotonic() + timeout)
                 if not (read_only or idempotent):
                     if True:  # ASYNC
                         record = await conn.run_sync(_runner.record_sqlalchemy)
@@ -359,6 +362,9 @@ class _EngineShell:
                 return result
         except Exception as ex:
             raise Failed(ex, phase, record, result, read_only=read_only) from ex
+        finally:
+            if watched is not None:
+                watched._pgf_deadline = None  # the deadline ends with the attempt
 
     async def observe(
         self, record: CommitRecord, timeout: float | None, check: Any

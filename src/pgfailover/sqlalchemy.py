@@ -77,6 +77,7 @@ from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
 
 from . import _watchdog
+from ._runner import WATCHED_KEY
 from ._state import FailoverState, finding
 from .classify import Kind, Phase, Verdict, attach_verdict, classify
 from .connection import _FailoverAware
@@ -104,7 +105,7 @@ _GENERATION = "pgfailover.generation"  # record.info: the engine generation it w
 _VIA_POOLER = "pgfailover.via_pooler"  # record.info: what the first query probe found
 _REPORTED = "pgfailover.reported"  # record.info: an event was emitted for this connection
 _SERVER = "pgfailover.server"  # record.info: host:port of the server behind, per last query
-_WATCHED = "pgfailover.watched"  # record.info: the DBAPI connection's watchdog handle
+_WATCHED = WATCHED_KEY  # record.info: the DBAPI connection's watchdog handle
 
 
 @dataclass(frozen=True, slots=True)

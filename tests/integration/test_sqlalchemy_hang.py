@@ -200,6 +200,40 @@ async def test_a_slow_statement_on_a_live_server_is_left_alone(
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+async def test_the_runners_deadline_cuts_a_statement_in_flight_on_an_engine(
+    pgfailover_cluster: LocalCluster, kind: str
+) -> None:
+    """Under the retry runner with timeout=1.5, a 60 s statement on a live server (never
+    silent long enough for the watchdog to ask) is cut at the runner's deadline: the call
+    ends with a lost connection well before the statement would have."""
+    engine = _engine(pgfailover_cluster.primary.url(KINDS[kind][0]), kind, silence_limit=60.0)
+
+    def work(conn: Any) -> None:
+        conn.execute(sa.text("SELECT pg_sleep(60)"))
+
+    async def awork(conn: Any) -> None:
+        await conn.run_sync(work)
+
+    async def run() -> None:
+        if isinstance(engine, AsyncEngine):
+            await pgfailover.AsyncTransactionRunner(engine, timeout=1.5)(awork)
+        else:
+            pgfailover.TransactionRunner(engine, timeout=1.5)(work)
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            await run()
+        elapsed = time.monotonic() - started
+    finally:
+        await _dispose(engine)
+    # only a cut ends a 60 s statement on a live server this early: its socket was shut
+    # down, which the driver reports as a lost connection
+    assert elapsed < 30, f"the statement was not cut at the deadline ({elapsed:.1f} s)"
+    assert info.value.connection_invalidated
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 async def test_the_side_probe_reaches_the_same_server_with_the_connections_credentials(
     pgfailover_cluster: LocalCluster, kind: str
 ) -> None:

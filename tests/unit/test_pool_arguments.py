@@ -13,7 +13,9 @@ SECRET = "s3cret-Pa55w0rd"
 
 def _chain(ex: BaseException | None) -> str:
     parts: list[str] = []
-    while ex is not None:
+    seen: set[int] = set()
+    while ex is not None and id(ex) not in seen:  # a chain may loop
+        seen.add(id(ex))
         parts += [str(ex), repr(ex), *getattr(ex, "__notes__", [])]
         ex = ex.__cause__ or ex.__context__
     return "\n".join(parts)
