@@ -45,4 +45,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-psycopg-* .venv-django-* .mypy_cache .ruff_cache .pytest_cache .hypothesis
