@@ -239,7 +239,6 @@ def test_a_replayed_marker_makes_the_new_primarys_status_the_answer(
         assert outcome is Outcome.NOT_COMMITTED
 
 
-
 @given(pair=related())
 def test_a_reason_only_quotes_given_values(pair: tuple[CommitRecord, Observation]) -> None:
     """Every LSN and number a reason mentions is one of the inputs, verbatim."""
