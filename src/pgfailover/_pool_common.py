@@ -14,7 +14,7 @@ from psycopg_pool.base import AttemptWithBackoff
 
 from ._secrets import scrub, secret_candidates
 from .errors import InvalidConninfo
-from .policy import RECONNECT_POLICY
+from .policy import CONNECT_ATTEMPT_BOUND, RECONNECT_POLICY
 
 
 class FastAttempt(AttemptWithBackoff):
@@ -170,3 +170,20 @@ def check_topology(topology: Any, source_class: type[Any], conninfo: Any) -> Non
             "with topology=, conninfo must be a string holding everything but the host and "
             f"port (dbname, user, ...), got {type(conninfo).__name__}"
         )
+
+
+def connect_bound(conninfo: Any, kwargs: Any) -> float | None:
+    """The bound a pool puts on each connection attempt (see
+    :data:`~pgfailover.policy.CONNECT_ATTEMPT_BOUND`), None when the caller set its own
+    ``connect_timeout`` (in the conninfo or the keyword arguments) or gave them as
+    callables (then only they know)."""
+    if not isinstance(conninfo, str) or (kwargs is not None and not isinstance(kwargs, dict)):
+        return None
+    if kwargs and "connect_timeout" in kwargs:
+        return None
+    try:
+        if "connect_timeout" in conninfo_to_dict(conninfo):
+            return None
+    except psycopg.ProgrammingError:
+        return None  # reported by prefer_read_write, with the password hidden
+    return CONNECT_ATTEMPT_BOUND

@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     import tenacity
 
 __all__ = [
+    "CONNECT_ATTEMPT_BOUND",
     "RECONNECT_POLICY",
     "Attempt",
     "Decision",
@@ -543,6 +544,12 @@ def _clip(wait: float, now: float, deadline: float | None) -> float:
 #: attempts per second per process. No deadline of its own: the pool's or engine's
 #: timeout bounds it. 0 in testing mode, like every wait of a policy.
 RECONNECT_POLICY = RetryPolicy(timeout=None, wait_initial=0.05, wait_max=0.2, wait_exp_base=1.5)
+
+#: Seconds one connection attempt may take when the caller set no bound of its own
+#: (libpq's ``connect_timeout``, asyncpg's ``timeout``): a server that accepts TCP and then
+#: never answers (a frozen machine, a proxy whose backend vanished) ends the attempt within
+#: it, so that the next attempt can go elsewhere. libpq counts whole seconds, at least 2.
+CONNECT_ATTEMPT_BOUND = 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,8 @@ class AsyncConnectionPool(_BasePool[CT]):
         self._pgf_base_conninfo = conninfo
         self._pgf_leader_seen = ""  # the conninfo last resolved through the topology
         self._pgf_topology_seen: Topology | None = None  # the topology the pool last followed
+        #: seconds one connection attempt may take (see _pool_common.connect_bound)
+        self._pgf_connect_bound = _pool_common.connect_bound(conninfo, kwargs.get("kwargs"))
         if topology is not None:
             conninfo = self._pgf_leader_conninfo
         connection_class = _pool_common.failover_class(
@@ -141,6 +143,8 @@ class AsyncConnectionPool(_BasePool[CT]):
             await self._pgf_configure_user(conn)
 
     async def _connect(self, timeout: float | None = None) -> CT:
+        if timeout is None:  # psycopg_pool sets no connect_timeout then: a frozen server
+            timeout = self._pgf_connect_bound  # would hold the attempt for ever
         try:
             conn = await super()._connect(timeout)
         except NotWritable as ex:

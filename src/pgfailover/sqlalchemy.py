@@ -83,7 +83,7 @@ from .classify import Kind, Phase, Verdict, attach_verdict, classify
 from .connection import _FailoverAware
 from .errors import NoPrimaryAvailable
 from .events import FailoverEvent, NodeInfo, _emit, caller_stack, diagnostics_of
-from .policy import RECONNECT_POLICY
+from .policy import CONNECT_ATTEMPT_BOUND, RECONNECT_POLICY
 from .probe import PROBE_SQL, RoleReport, aprobe, probe, report_from_row, role_from_parameters
 from .topology import AsyncTopologySource, Fence, Topology, TopologyError, TopologySource
 from .topology._io import INBAND_SQL, observation_of
@@ -673,10 +673,13 @@ def _bounded(dialect: Dialect, cparams: dict[str, Any], timeout: float) -> dict[
     """``cparams`` with a bound on one connection attempt when the caller set none: the
     engine waits ``timeout`` seconds for a primary in all, while the drivers' own defaults
     (130 s for libpq's longest wait, 60 s for asyncpg) would let a single attempt to a
-    silent host outlast it. libpq's minimum is 2 s. The caller's own value is kept."""
+    silent host outlast it; and no attempt takes more than
+    :data:`~pgfailover.policy.CONNECT_ATTEMPT_BOUND`, so a frozen host does not hold the
+    next attempt back. libpq's minimum is 2 s. The caller's own value is kept."""
     key = _CONNECT_BOUNDS.get(dialect.driver)
     if key is None or key in cparams or ("dsn" in cparams and key in str(cparams["dsn"])):
         return cparams
+    timeout = min(timeout, CONNECT_ATTEMPT_BOUND)  # then the next attempt can go elsewhere
     bound = max(2, math.ceil(timeout)) if key == "connect_timeout" else max(timeout, 0.1)
     return {**cparams, key: bound}
 

@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+import psycopg_pool
 import pytest
 
 import pgfailover
 from pgfailover.events import RetryEvent
+from pgfailover.policy import CONNECT_ATTEMPT_BOUND
 from pgfailover.pool_async import AsyncConnectionPool
 from pgfailover.testing import LocalCluster, Node
 
@@ -155,3 +157,23 @@ async def test_a_commit_cut_on_a_frozen_primary_is_looked_up_not_guessed(
     ]
     assert elapsed < BOUND + 10.0, f"the runner took {elapsed:.1f} s"
     assert count_key(pgfailover_cluster, keys_table, key) == 1
+
+
+async def test_a_new_connection_to_a_frozen_server_gives_up_within_the_connect_bound(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """With no connect_timeout of the caller's, each of the pool's connection attempts to a
+    frozen server (TCP accepted, nothing answered) ends within CONNECT_ATTEMPT_BOUND and
+    counts as an error, so the pool keeps trying (and could reach another node) instead of
+    waiting for ever in one attempt; the request times out with the pool's own error."""
+    node = pgfailover_cluster.primary
+    pgfailover_cluster.freeze(node)
+    try:
+        async with AsyncConnectionPool[Any](node.dsn(), min_size=0, max_size=1, open=False) as pool:
+            await pool.open()
+            with pytest.raises((psycopg_pool.PoolTimeout, pgfailover.NoPrimaryAvailable)):
+                await pool.getconn(timeout=2 * CONNECT_ATTEMPT_BOUND + 3)
+            errors = pool.get_stats().get("connections_errors", 0)
+    finally:
+        pgfailover_cluster.thaw(node)
+    assert errors >= 1, "no connection attempt ended: one hung on the frozen server"
