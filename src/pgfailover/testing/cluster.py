@@ -664,15 +664,27 @@ class LocalCluster:
     def promote(self, node: Node) -> Timings:
         """Promote the standby ``node`` and wait until it accepts writes; it becomes ``primary``."""
         watch = _Stopwatch()
-        with watch.phase("promote"), node.connect() as conn:
-            # pg_promote(wait => true) polls every 100 ms; polling ourselves measures tighter.
-            conn.execute("SELECT pg_promote(false)")
-            _poll(
-                f"{node.name} to accept writes",
-                lambda: self._writable(conn),
-                self.ready_timeout,
-                interval=0.005,
-            )
+        with watch.phase("promote"):
+            with node.connect() as conn:
+                # pg_promote(wait => true) polls every 100 ms; polling ourselves measures
+                # tighter.
+                conn.execute("SELECT pg_promote(false)")
+            polling: list[Conn] = []
+
+            def writable() -> bool | None:
+                # a session the server ended while it promoted (seen once, cause unknown)
+                # is replaced rather than polled, closed, until the deadline
+                if not polling or polling[0].closed:
+                    if polling:
+                        polling.pop().close()
+                    polling.append(node.connect())
+                return self._writable(polling[0])
+
+            try:
+                _poll(f"{node.name} to accept writes", writable, self.ready_timeout, interval=0.005)
+            finally:
+                for conn in polling:
+                    conn.close()
         self._primary = node
         return watch.result()
 
