@@ -96,7 +96,9 @@ def test_multihost_dsn_shows_one_primary_and_one_standby_with_lag(
         assert report.server_version is not None
         assert report.server_version.startswith(f"{cluster.bin.major}.")
     assert exit_code(reports) == 0
-    assert notes(reports) == []
+    # the one note allowed: a loaded machine may take a second between the commit above and
+    # the survey, and the standby's replay age then says the primary is idle (it is)
+    assert [n for n in notes(reports) if "the primary is idle" not in n] == []
     for text in (format_report(reports), to_json(reports)):
         assert cluster.password not in text
 
