@@ -20,14 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import django  # type: ignore[import-untyped]  # in the dev extras: missing must fail, not skip
 import pytest
 
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.cluster import SUPERUSER
 from pgfailover.testing.plugin import ClusterFactory
 from pgfailover.testing.proxy import FaultProxy
-
-django = pytest.importorskip("django")
 
 pytestmark = pytest.mark.integration
 
