@@ -62,6 +62,7 @@ from .errors import NotWritable
 from .events import PoolEvent, _emit
 from .probe import probe
 from .topology import Topology, TopologyError, TopologySource
+from .topology.model import former_leader, leader_moved
 
 CT = TypeVar("CT", bound=psycopg.Connection[Any])
 
@@ -241,14 +242,12 @@ class ConnectionPool(_BasePool[CT]):
         writes): purge them. No I/O beyond closing idle connections."""
         assert self.topology is not None
         current = self.topology.current()
-        before, self._pgf_topology_seen = self._pgf_topology_seen, current
-        if before is None or current is None or before.write_target is None:
+        moved = leader_moved(self._pgf_topology_seen, current)
+        self._pgf_topology_seen = current
+        if moved is None:
             return
-        old, new = before.write_target, current.write_target
-        if new is not None and new.address == old.address:
-            return
-        now_leader = f"{new.address} leads now" if new is not None else "no leader now"
-        finding = f"former leader ({now_leader}, says {self.topology.description})"
+        old, new = moved
+        finding = former_leader(old, new, self.topology.description)
         if self._pgf.not_primary(old.address, finding, monotonic(), self._pgf.generation):
             self.drain()
 

@@ -87,6 +87,7 @@ from .policy import CONNECT_ATTEMPT_BOUND, RECONNECT_POLICY
 from .probe import PROBE_SQL, RoleReport, aprobe, probe, report_from_row, role_from_parameters
 from .topology import AsyncTopologySource, Fence, Topology, TopologyError, TopologySource
 from .topology._io import INBAND_SQL, observation_of
+from .topology.model import former_leader, leader_moved
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -408,14 +409,12 @@ class Instrumentation:
         topology = self.options.topology
         assert topology is not None
         current = topology.current()
-        before, self._topology_seen = self._topology_seen, current
-        if before is None or current is None or before.write_target is None:
+        moved = leader_moved(self._topology_seen, current)
+        self._topology_seen = current
+        if moved is None:
             return
-        old, new = before.write_target, current.write_target
-        if new is not None and new.address == old.address:
-            return
-        now_leader = f"{new.address} leads now" if new is not None else "no leader now"
-        what = f"former leader ({now_leader}, says {topology.description})"
+        old, new = moved
+        what = former_leader(old, new, topology.description)
         purge = self.state.not_primary(old.address, what, now, self.state.generation)
         raise _disconnection(f"{old.address} leads to a {what}", purge)
 

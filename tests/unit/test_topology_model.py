@@ -30,7 +30,12 @@ from pgfailover.topology import (
     fence,
     parse_cluster,
 )
-from pgfailover.topology.model import inband_topology, next_generation
+from pgfailover.topology.model import (
+    former_leader,
+    inband_topology,
+    leader_moved,
+    next_generation,
+)
 from pgfailover.topology.patroni import normalize_url
 
 #: What Patroni 3.0 answers on /cluster (patroni.utils.cluster_as_json), trimmed.
@@ -436,3 +441,27 @@ def test_topology_event_is_logged_once_at_warning_and_exported(
     assert [r.getMessage() for r in caplog.records] == [
         "topology PatroniTopology(x): fenced: h:1 refused (leader h:2)"
     ]
+
+
+def test_leader_moved_names_the_former_and_new_write_target_only_when_they_differ() -> None:
+    """leader_moved: None for an unknown side or the same write target; (old, new) when the
+    leader changed, (old, None) when none leads now; former_leader says so in words."""
+    before = _topology()
+    assert before.write_target is not None
+    assert leader_moved(None, before) is None
+    assert leader_moved(before, None) is None
+    assert leader_moved(before, _topology()) is None  # the same leader, seen again
+    doc = json.loads(json.dumps(PATRONI_3))
+    doc["members"][0]["role"], doc["members"][1]["role"] = "replica", "leader"
+    moved = leader_moved(before, _parse(doc))
+    assert moved is not None
+    old, new = moved
+    assert old.address == before.write_target.address
+    assert new is not None
+    assert new.address != old.address
+    assert f"{new.address} leads now" in former_leader(old, new, "src")
+    doc["members"][1]["role"] = "replica"
+    leaderless = _parse(doc)
+    assert leader_moved(before, leaderless) == (before.write_target, None)
+    assert "no leader now" in former_leader(old, None, "src")
+    assert leader_moved(leaderless, before) is None  # nobody led before: nothing suspect

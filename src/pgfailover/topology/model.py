@@ -567,6 +567,26 @@ def fence(topology: Topology | None, observation: Observation) -> Fence:  # noqa
 # --------------------------------------------------------------------------- conninfo
 
 
+def leader_moved(
+    before: Topology | None, current: Topology | None
+) -> tuple[Member, Member | None] | None:
+    """``(former write target, the new one or None)`` when ``current`` names another write
+    target than ``before`` did (connections made before are then suspect); None when it
+    names the same one, or when either is unknown or ``before`` named none."""
+    if before is None or current is None or before.write_target is None:
+        return None
+    old, new = before.write_target, current.write_target
+    if new is not None and new.address == old.address:
+        return None
+    return old, new
+
+
+def former_leader(old: Member, new: Member | None, source: str) -> str:
+    """What a former write target is now, for events and errors."""
+    now_leader = f"{new.address} leads now" if new is not None else "no leader now"
+    return f"former leader ({now_leader}, says {source})"
+
+
 def conninfo_for(base_conninfo: str, member: Member) -> str:
     """``base_conninfo`` with host and port set to ``member``'s, every other parameter
     untouched.
