@@ -53,7 +53,7 @@ from psycopg_pool import PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection
 
-from . import _pool_common
+from . import _pool_common, _registry
 from ._pool_common import FastAttempt, endpoint
 from ._state import FailoverState, finding
 from .classify import Kind, Phase, classify
@@ -117,6 +117,7 @@ class ConnectionPool(_BasePool[CT]):
             configure=self._pgf_configure,
             **kwargs,
         )
+        _registry.add_pool(self)  # for pgfailover.metrics and pgfailover.health
 
     @property
     def failover_state(self) -> FailoverState:
@@ -295,6 +296,10 @@ class ConnectionPool(_BasePool[CT]):
         super().putconn(conn)
         if purge:
             self.drain()
+
+    def close(self, timeout: float = 5.0) -> None:
+        _registry.discard_pool(self)
+        super().close(timeout)
 
     def get_stats(self) -> dict[str, int]:
         return {**super().get_stats(), **self._pgf.stats()}

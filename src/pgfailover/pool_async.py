@@ -50,7 +50,7 @@ from psycopg_pool import PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool_async import AddConnection
 
-from . import _pool_common
+from . import _pool_common, _registry
 from ._pool_common import FastAttempt, endpoint
 from ._state import FailoverState, finding
 from .classify import Kind, Phase, classify
@@ -114,6 +114,7 @@ class AsyncConnectionPool(_BasePool[CT]):
             configure=self._pgf_configure,
             **kwargs,
         )
+        _registry.add_pool(self)  # for pgfailover.metrics and pgfailover.health
 
     @property
     def failover_state(self) -> FailoverState:
@@ -296,6 +297,10 @@ class AsyncConnectionPool(_BasePool[CT]):
         await super().putconn(conn)
         if purge:
             await self.drain()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        _registry.discard_pool(self)
+        await super().close(timeout)
 
     def get_stats(self) -> dict[str, int]:
         return {**super().get_stats(), **self._pgf.stats()}
