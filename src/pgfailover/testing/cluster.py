@@ -36,6 +36,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from ._binaries import PostgresBinaries, find_pgbouncer, find_postgres
+from ._follower import DEFAULT_INTERVAL, FollowerProcess, wait_points_at
 from ._osuser import OsUser, server_user
 from ._ports import release_port, reserve_port
 from ._process import ServerProcess
@@ -323,11 +324,15 @@ class LocalCluster:
     and ``pg_settings`` add or override settings. ``synchronous`` makes replication
     synchronous (a commit returns once one standby has flushed it): without it, like
     PostgreSQL's default, an ``immediate`` stop or a kill can lose the last acknowledged
-    commits. ``ready_timeout`` bounds every wait, in seconds. ``base_dir`` is where the
-    temporary directory goes (system default when None); ``keep_dir`` keeps it after close.
-    Addresses: :meth:`Node.dsn` / :meth:`PgBouncer.dsn` (libpq conninfo) and
-    :meth:`Node.url` / :meth:`PgBouncer.url` (SQLAlchemy URLs); both contain the password,
-    which no repr shows.
+    commits. ``follower`` runs the real ``pgfailover pgbouncer follow --hosts`` process
+    (:attr:`follower`, log in ``follower/follower.log``) with PgBouncer: :meth:`failover`
+    leaves PgBouncer to it, :meth:`wait_pgbouncer_points_at` waits for its repoint, and
+    :meth:`reset` waits for it instead of repointing; ``follower_interval`` is its pause
+    between rounds, in seconds. ``ready_timeout`` bounds every wait, in seconds.
+    ``base_dir`` is where the temporary directory goes (system default when None);
+    ``keep_dir`` keeps it after close. Addresses: :meth:`Node.dsn` /
+    :meth:`PgBouncer.dsn` (libpq conninfo) and :meth:`Node.url` / :meth:`PgBouncer.url`
+    (SQLAlchemy URLs); both contain the password, which no repr shows.
     """
 
     def __init__(
@@ -347,7 +352,11 @@ class LocalCluster:
         ready_timeout: float = 60.0,
         dbname: str = "app",
         user: str = "app",
+        follower: bool = False,
+        follower_interval: float = DEFAULT_INTERVAL,
     ) -> None:
+        if follower and pgbouncer is None:
+            raise ValueError("follower=True needs a PgBouncer to follow (pass pgbouncer=...)")
         if standbys < 0:
             raise ValueError(f"standbys must be >= 0, got {standbys}")
         if pgbouncer not in (None, "session", "transaction", "statement"):
@@ -390,6 +399,10 @@ class LocalCluster:
         self._closed = False
         #: Frozen nodes (by name) and the PIDs :meth:`freeze` stopped, postmaster first.
         self._frozen: dict[str, list[int]] = {}
+        self._want_follower = follower
+        self._follower_interval = follower_interval
+        #: The PgBouncer follower process (``follower=True``), None otherwise.
+        self.follower: FollowerProcess | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalCluster:
@@ -453,6 +466,9 @@ class LocalCluster:
         if self._pool_mode:
             with watch.phase("pgbouncer"):
                 self._start_pgbouncer(self._pool_mode, primary)
+            if self._want_follower:
+                with watch.phase("follower"):
+                    self._start_follower()
         logger.info("local cluster up in %s: %s", root, watch.result())
 
     def close(self) -> None:
@@ -461,6 +477,8 @@ class LocalCluster:
             return
         self._closed = True
         self._thaw_all()  # a stopped process would never act on the signals below
+        if self.follower is not None:
+            self.follower.stop(10)
         procs: list[ServerProcess] = []
         if self.pgbouncer and self.pgbouncer.process:
             self.pgbouncer.process.signal(signal.SIGTERM)
@@ -717,8 +735,9 @@ class LocalCluster:
         """The realistic failover: stop the primary, promote a standby until it accepts writes,
         point the other standbys at it, and bring the old primary back as its standby.
 
-        PgBouncer is left untouched (it still points at the old primary, now a standby).
-        Phases: ``stop``, ``promote`` (until writable), ``rejoin``.
+        PgBouncer is left untouched (it still points at the old primary, now a standby,
+        until the follower, with ``follower=True``, repoints it). Phases: ``stop``,
+        ``promote`` (until writable), ``rejoin``.
         """
         old = self.primary
         target = target or self._first_standby()
@@ -745,8 +764,34 @@ class LocalCluster:
             timings = self.failover("fast", target=target)
         if repoint_pgbouncer and self.pgbouncer:
             with watch.phase("repoint"):
-                self.repoint_pgbouncer(self.primary)
+                if self.follower is not None:
+                    self.wait_pgbouncer_points_at(self.primary)
+                else:
+                    self.repoint_pgbouncer(self.primary)
         watch.notes.update(timings.notes)
+        return watch.result()
+
+    def wait_pgbouncer_points_at(self, node: Node, timeout: float | None = None) -> Timings:
+        """Wait until PgBouncer's ``SHOW DATABASES`` has every database at ``node`` (the
+        follower's repoint, with ``follower=True``); then PgBouncer's ``target`` is ``node``.
+
+        Polls with a deadline of ``timeout`` seconds (None: ``ready_timeout``);
+        :class:`HarnessError` past it, or as soon as the follower process has exited (with
+        its log tail). Phase: ``follow``.
+        """
+        if self.pgbouncer is None:
+            raise HarnessError("this cluster has no PgBouncer (pass pgbouncer='transaction')")
+        watch = _Stopwatch()
+        with watch.phase("follow"):
+            wait_points_at(
+                self.pgbouncer.admin_dsn(),
+                node.host,
+                node.port,
+                (self.dbname, "postgres"),
+                timeout=timeout or self.ready_timeout,
+                follower=self.follower,
+            )
+            self.pgbouncer.target = node
         return watch.result()
 
     def repoint_pgbouncer(self, node: Node) -> Timings:
@@ -818,6 +863,9 @@ class LocalCluster:
                     self.pgbouncer.target = home
                     self._write_pgbouncer_config(self.pgbouncer, home)
                     self._spawn_pgbouncer(self.pgbouncer)
+                elif self.follower is not None:
+                    self._start_follower()  # a no-op while it runs
+                    self.wait_pgbouncer_points_at(home)
                 elif self.pgbouncer.target is not home:
                     self.repoint_pgbouncer(home)
         return watch.result()
@@ -1075,6 +1123,22 @@ class LocalCluster:
             return True
 
         _poll("pgbouncer to accept connections", check, self.ready_timeout)
+
+    def _start_follower(self) -> None:
+        """Start the follower process of ``follower=True`` (a no-op while it runs)."""
+        assert self.pgbouncer is not None
+        if self.follower is None:
+            self.follower = FollowerProcess(
+                self._rt.root / "follower",
+                admin_dsn=self._dsn(
+                    HOST, self.pgbouncer.port, dbname="pgbouncer", user=SUPERUSER, password=None
+                ),
+                source=["--hosts", ",".join(n.address for n in self.nodes)],
+                check_dsn=make_conninfo(dbname="postgres", user=SUPERUSER),
+                passwords={SUPERUSER: self.superuser_password},
+                interval=self._follower_interval,
+            )
+        self.follower.start(self.ready_timeout)
 
     def _write_pgbouncer_config(self, bouncer: PgBouncer, target: Node) -> None:
         settings = {

@@ -72,6 +72,7 @@ from psycopg.conninfo import make_conninfo
 
 from ._binaries import PostgresBinaries, find_pgbouncer, find_postgres
 from ._etcd import Etcd, find_etcd
+from ._follower import DEFAULT_INTERVAL, FollowerProcess, wait_points_at
 from ._osuser import OsUser, server_user
 from ._ports import release_port, reserve_port
 from ._process import ServerProcess
@@ -391,6 +392,11 @@ class PatroniCluster:
     Patroni's synchronous mode (a commit waits for the synchronous standby; failover goes to
     it only). ``pgbouncer`` is a pool mode to put a PgBouncer in front of the leader, or None;
     ``server_login_retry`` and ``pgbouncer_settings`` as in :class:`LocalCluster`.
+    ``follower`` (with ``pgbouncer``) runs the real ``pgfailover pgbouncer follow --patroni``
+    process (:attr:`follower`, log in ``follower/follower.log``), watching every member's
+    REST API: nothing here repoints PgBouncer then (:meth:`reset` waits for the follower,
+    as :meth:`wait_pgbouncer_points_at` does); ``follower_interval`` is its pause between
+    rounds, in seconds.
     ``pg_settings`` add or override PostgreSQL settings (in Patroni's DCS configuration).
     ``ready_timeout`` bounds each wait, in seconds. ``base_dir``: where the temporary directory
     goes (system default when None); ``keep_dir`` keeps it after close. ``scope`` is Patroni's
@@ -422,7 +428,11 @@ class PatroniCluster:
         dbname: str = "app",
         user: str = "app",
         scope: str = "pgfailover",
+        follower: bool = False,
+        follower_interval: float = DEFAULT_INTERVAL,
     ) -> None:
+        if follower and pgbouncer is None:
+            raise ValueError("follower=True needs a PgBouncer to follow (pass pgbouncer=...)")
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
         if synchronous_mode and nodes < 2:
@@ -484,6 +494,10 @@ class PatroniCluster:
         self._root: Path | None = None
         self._ports: list[int] = []
         self._closed = False
+        self._want_follower = follower
+        self._follower_interval = follower_interval
+        #: The PgBouncer follower process (``follower=True``), None otherwise.
+        self.follower: FollowerProcess | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> PatroniCluster:
@@ -556,6 +570,9 @@ class PatroniCluster:
         if self._pool_mode:
             with watch.phase("pgbouncer"):
                 self._start_pgbouncer(self._pool_mode, leader)
+            if self._want_follower:
+                with watch.phase("follower"):
+                    self._start_follower()
         logger.info("Patroni cluster up in %s: %s", root, watch.result())
 
     def close(self) -> None:
@@ -568,6 +585,8 @@ class PatroniCluster:
         if self._closed:
             return
         self._closed = True
+        if self.follower is not None:
+            self.follower.stop(10)
         for node in self.nodes:
             self._kill_patroni(node)
         for node in self.nodes:
@@ -901,6 +920,9 @@ class PatroniCluster:
                 if not self.pgbouncer.running:
                     self._write_pgbouncer_config(self.pgbouncer, leader)
                     self._spawn_pgbouncer(self.pgbouncer)
+                elif self.follower is not None:
+                    self._start_follower()  # a no-op while it runs
+                    self.wait_pgbouncer_points_at(leader, timeout)
                 elif self._pgbouncer_target is not leader:
                     self.repoint_pgbouncer(leader)
         return watch.result()
@@ -971,6 +993,30 @@ class PatroniCluster:
                 timeout,
             )
         watch.notes.update(old_leader=leader.name, new_leader=candidate.name)
+        return watch.result()
+
+    def wait_pgbouncer_points_at(self, node: PatroniNode, timeout: float | None = None) -> Timings:
+        """Wait until PgBouncer's ``SHOW DATABASES`` has every database at ``node`` (the
+        follower's repoint, with ``follower=True``).
+
+        Polls with a deadline of ``timeout`` seconds (None: ``ready_timeout``);
+        :class:`HarnessError` past it, or as soon as the follower process has exited (with
+        its log tail). Phase: ``follow``.
+        """
+        if self.pgbouncer is None:
+            raise HarnessError("this cluster has no PgBouncer (pass pgbouncer='transaction')")
+        watch = _Stopwatch()
+        with watch.phase("follow"):
+            wait_points_at(
+                self.pgbouncer.admin_dsn(),
+                node.host,
+                node.port,
+                (self.dbname, "postgres"),
+                timeout=timeout or self.ready_timeout,
+                follower=self.follower,
+            )
+            self.pgbouncer.target = cast("Any", node)
+            self._pgbouncer_target = node
         return watch.result()
 
     def repoint_pgbouncer(self, node: PatroniNode) -> Timings:
@@ -1297,6 +1343,22 @@ class PatroniCluster:
             return True
 
         _poll("pgbouncer to accept connections", check, self.ready_timeout)
+
+    def _start_follower(self) -> None:
+        """Start the follower process of ``follower=True`` (a no-op while it runs)."""
+        assert self.pgbouncer is not None
+        if self.follower is None:
+            self.follower = FollowerProcess(
+                self._rt.root / "follower",
+                admin_dsn=self._dsn(
+                    HOST, self.pgbouncer.port, dbname="pgbouncer", user=SUPERUSER, password=None
+                ),
+                source=["--patroni", ",".join(n.rest_url for n in self.nodes)],
+                check_dsn=make_conninfo(dbname="postgres", user=SUPERUSER),
+                passwords={SUPERUSER: self.superuser_password},
+                interval=self._follower_interval,
+            )
+        self.follower.start(self.ready_timeout)
 
     def _write_pgbouncer_config(self, bouncer: PgBouncer, target: PatroniNode) -> None:
         settings = {
