@@ -383,3 +383,59 @@ def test_atomic_looks_a_lost_commit_up_and_writes_once(
     assert p.ask("count", db="default", key=key)["count"] == 1
     actions = p.ask("retry_actions")["actions"]
     assert actions == (["committed"] if when == "after_reply" else ["retry"]), actions
+
+
+def test_topology_through_options_follows_the_leader(
+    pgfailover_cluster: LocalCluster, project: list[Project]
+) -> None:
+    """OPTIONS {"topology": {"kind": "hosts"}} (a HostListTopology over the alias's HOST
+    list, listing the standby first): new connections go to the leader it names, a request
+    costs no more round trips than without a topology, and across a failover the first or
+    second write request after it succeeds and every one after, on the new primary (the
+    failover verdict invalidated the topology, the next connection refreshed it); with
+    Django's pool too (Django 5.1+). A bad spec raises ImproperlyConfigured naming the
+    alias."""
+    c = pgfailover_cluster
+    standby = next(n for n in c.nodes if n is not c.primary)
+    nodes = [standby, c.primary]  # the leader last: libpq's order would pick the standby
+    host, port = ",".join(n.host for n in nodes), ",".join(str(n.port) for n in nodes)
+    topology = {"topology": {"kind": "hosts", "timeout": 2, "max_age": 60}}
+    dbs = {
+        "default": database(PGF, host=host, port=port, cluster=c, options=topology),
+        "bad": database(PGF, host=host, port=port, cluster=c, options={"topology": {"kind": 1}}),
+    }
+    if HAS_POOL:
+        dbs["pooled"] = database(
+            PGF,
+            host=host,
+            port=port,
+            cluster=c,
+            conn_max_age=0,
+            options={**topology, "pool": {"min_size": 1, "max_size": 2, "timeout": 10}},
+        )
+    p = Project(dbs)
+    project.append(p)
+    answer = p.ask("wrapper", db="bad")
+    assert answer["error"] == "ImproperlyConfigured", answer
+    assert "'bad'" in answer["message"], answer
+    assert "kind" in answer["message"], answer
+    assert c.password not in answer["message"]
+    p.ask("migrate", db="default")
+    aliases = [alias for alias in dbs if alias != "bad"]
+    for alias in aliases:
+        served = p.request("/server/", alias)
+        assert served["status"] == 200, served
+        assert served["body"]["port"] == c.primary.port, (alias, served)
+    n = 20
+    assert p.ask("trace", path="/write/", db="default", n=n)["round_trips"] == n
+
+    old = c.primary.port
+    c.failover()
+    assert c.primary.port != old
+    after = {alias: [p.request("/server/", alias) for _ in range(6)] for alias in aliases}
+    print({a: [r["status"] for r in rs] for a, rs in after.items()})
+    for alias, results in after.items():
+        first_ok = next(i for i, r in enumerate(results) if r["status"] == 200)
+        assert first_ok <= 1, (alias, results)
+        assert all(r["status"] == 200 for r in results[first_ok:]), (alias, results)
+        assert {r["body"]["port"] for r in results[first_ok:]} == {c.primary.port}, results

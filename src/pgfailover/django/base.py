@@ -23,13 +23,22 @@ and changes only what a failover needs (psycopg 3 only):
   is closed and :class:`~pgfailover.errors.NotWritable` (a ``psycopg.OperationalError``,
   ``django.db.OperationalError`` in a view) is raised;
 - a multi-host ``HOST`` (``"db1,db2"``) gets libpq's ``target_session_attrs=read-write``
-  unless ``OPTIONS`` sets it or says a pooler is in front.
+  unless ``OPTIONS`` sets it, says a pooler is in front, or names a topology;
+- with ``OPTIONS {"topology": ...}`` (see :mod:`pgfailover.django._topology`): a new
+  connection goes to the leader the topology names (``HOST``/``PORT`` are then only the
+  topology's business), is checked in-band against it before use (a writable node that is
+  not the leader is refused: fencing; one query per new connection), a failover verdict
+  invalidates the topology so that the next connection refreshes it, and a persistent
+  connection opened before the topology named another leader is closed at the end of its
+  request, or refused by its next health check (no round trip: the topology is cached).
+  With the pool, the pool gets the topology (``pgfailover.ConnectionPool(topology=)``).
 
 Extra ``OPTIONS`` (taken out before psycopg sees the others): ``pooler`` (True: a
 multiplexing pooler such as PgBouncer is in front, so the role is always asked with a
 query; False: direct, ParameterStatus is trusted; None, the default: detected by the first
-probe of each connection) and ``recheck_interval`` (seconds, default 10; 0 probes at every
-health check, None never for idleness alone).
+probe of each connection), ``recheck_interval`` (seconds, default 10; 0 probes at every
+health check, None never for idleness alone) and ``topology`` (None, the default: the
+``HOST`` list, tried by libpq).
 """
 
 from __future__ import annotations
@@ -52,10 +61,14 @@ from psycopg.pq import TransactionStatus
 
 from .. import _pool_common
 from .._state import FailoverState, finding
+from ..classify import Phase, classify
 from ..connection import Connection
 from ..errors import NotWritable
 from ..events import _emit
 from ..probe import probe
+from ..topology import Topology, TopologyError, TopologySource
+from ..topology.model import ROUTING_KEYS, former_leader, leader_moved
+from ._topology import base_conninfo, topology_from
 
 if not is_psycopg3:  # pragma: no cover - Django picks psycopg 3 when both are installed
     raise ImproperlyConfigured(
@@ -155,6 +168,10 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
             )
         self.pgf_pooler: bool | None = pooler
         self.pgf_recheck_interval: float | None = recheck
+        #: The alias's topology source (shared by its threads), None without one.
+        self.pgf_topology: TopologySource | None = topology_from(
+            self.alias, options.get("topology"), self.settings_dict
+        )
 
     @property
     def pgf_state(self) -> FailoverState:
@@ -166,8 +183,14 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
         params: dict[str, Any] = super().get_connection_params()
         params.pop("pooler", None)
         params.pop("recheck_interval", None)
+        params.pop("topology", None)
         host = str(params.get("host") or "")
-        if "," in host and "target_session_attrs" not in params and self.pgf_pooler is not True:
+        if (
+            "," in host
+            and "target_session_attrs" not in params
+            and self.pgf_pooler is not True
+            and self.pgf_topology is None
+        ):
             params["target_session_attrs"] = "read-write"
         return params
 
@@ -194,7 +217,14 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
             connect_kwargs["autocommit"] = True  # Django sets its own mode after checkout
             options.setdefault("recheck_interval", self.pgf_recheck_interval)
             options.setdefault("pooler", self.pgf_pooler)
+            conninfo = ""
+            if self.pgf_topology is not None:
+                options.setdefault("topology", self.pgf_topology)
+                conninfo = base_conninfo(connect_kwargs)  # the leader's host and port added
+                for key in ROUTING_KEYS:
+                    connect_kwargs.pop(key, None)
             pool = ConnectionPool(
+                conninfo,
                 kwargs=connect_kwargs,
                 open=False,
                 configure=self._configure_connection,
@@ -205,31 +235,86 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
 
     # -- opening and closing
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
-        conn = super().get_new_connection(conn_params)
         if self.pool is not None:
-            return conn  # the pool checked its role
+            return super().get_new_connection(conn_params)  # the pool checked its role
         state = self.pgf_state
+        topology = self.pgf_topology
+        if topology is not None:
+            conn_params = self._pgf_leader_params(topology, conn_params, state)
+        try:
+            conn = super().get_new_connection(conn_params)
+        except psycopg.Error as ex:
+            verdict = classify(ex, phase=Phase.CONNECT)
+            if verdict.is_failover and topology is not None:
+                topology.invalidate()  # the next attempt asks where the leader is
+            raise
         now = monotonic()
         conn.pool_generation = state.generation
         conn.pool_returned_at = now
-        if state.outage_since is not None:
-            self._pgf_check_new(conn, state)
+        if topology is not None or state.outage_since is not None:
+            self._pgf_check_new(conn, state, topology)
         return conn
 
-    def _pgf_check_new(self, conn: Connection[Any], state: FailoverState) -> None:
-        """During an outage: refuse a new connection that does not reach a writable primary."""
+    def _pgf_leader_params(
+        self, topology: TopologySource, conn_params: dict[str, Any], state: FailoverState
+    ) -> dict[str, Any]:
+        """``conn_params`` with the host and port of the leader ``topology`` names (it
+        refreshes itself when it must); NoLeader or TopologyUnavailable (both
+        ``psycopg.OperationalError``) when it names none."""
+        try:
+            conninfo = topology.conninfo_for_leader(base_conninfo(conn_params))
+        except TopologyError as ex:
+            state.no_leader(topology.description, str(ex), monotonic())
+            raise
+        leader = psycopg.conninfo.conninfo_to_dict(conninfo)
+        params = {k: v for k, v in conn_params.items() if k not in ROUTING_KEYS}
+        params["host"], params["port"] = leader["host"], leader.get("port", 5432)
+        return params
+
+    def _pgf_check_new(
+        self, conn: Connection[Any], state: FailoverState, topology: TopologySource | None
+    ) -> None:
+        """During an outage, or always with a topology: refuse a new connection that does
+        not reach a writable primary (or, with a topology, the leader it names)."""
         try:
             report = probe(conn, pooler=self._pgf_pooler(state))
+            fence = topology.validate(conn) if topology is not None and report.writable else None
         except psycopg.Error:
             conn.close()
             raise
         state.probed(report)
-        if not report.writable:
+        refused = finding(report) if not report.writable else None
+        if fence is not None and not fence.accepted:
+            refused = f"node the topology refuses ({fence.reason})"
+        if refused is not None:
             where = _pool_common.endpoint(conn)
             conn.close()
-            state.not_primary(where, finding(report), monotonic(), -1)
-            raise NotWritable(report, where, finding(report))
+            state.not_primary(where, refused, monotonic(), -1)
+            if topology is not None:
+                topology.invalidate()
+            raise NotWritable(report, where, refused)
+        if topology is not None:
+            conn.pgf_topology_seen = topology.current()  # type: ignore[attr-defined]
         state.connected(monotonic())
+
+    def _pgf_leader_moved(self, conn: Any) -> bool:
+        """Whether the topology names another leader (or none) than when ``conn`` was
+        opened: then it is closed, as the pools purge such connections (it may still accept
+        writes: a split brain). No I/O: the topology's cached view. The first connection to
+        notice it records it (a ``generation purged`` event, the old leader's address)."""
+        topology = self.pgf_topology
+        if topology is None or conn is None:
+            return False
+        seen: Topology | None = getattr(conn, "pgf_topology_seen", None)
+        moved = leader_moved(seen, topology.current())
+        if moved is None:
+            return False
+        old, new = moved
+        what = former_leader(old, new, topology.description)
+        self.pgf_state.not_primary(
+            old.address, what, monotonic(), getattr(conn, "pool_generation", -1)
+        )
+        return True
 
     def _pgf_pooler(self, state: FailoverState) -> bool | None:
         return self.pgf_pooler if self.pgf_pooler is not None else state.pooler
@@ -239,7 +324,9 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
         verdict = getattr(conn, "poisoned", None)
         if verdict is not None and self.pool is None:
             # the pool counts its own in putconn()
-            self.pgf_state.poisoned(conn.pool_generation, verdict, monotonic())
+            purge = self.pgf_state.poisoned(conn.pool_generation, verdict, monotonic())
+            if (verdict.rediscover_primary or purge) and self.pgf_topology is not None:
+                self.pgf_topology.invalidate()  # the next connection refreshes it, once
         return super()._close()
 
     # -- health
@@ -253,6 +340,12 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
             return False
         if self.pool is not None:
             return True  # the pool checks the role at the next checkout when needed
+        return self._pgf_usable(conn)
+
+    def _pgf_usable(self, conn: Any) -> bool:
+        """:meth:`is_usable` for an open connection without a pool."""
+        if self._pgf_leader_moved(conn):
+            return False
         state = self.pgf_state
         generation = getattr(conn, "pool_generation", -1)
         reason = state.needs_check(
@@ -275,6 +368,8 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
         if not report.writable:
             where = _pool_common.endpoint(conn)
             state.not_primary(where, finding(report), monotonic(), generation)
+            if self.pgf_topology is not None:
+                self.pgf_topology.invalidate()
             return False
         conn.pool_generation = state.generation
         state.connected(monotonic())
@@ -285,7 +380,10 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
         Django saw no error: the failure may have been caught) and notes when the
         connection went idle, for the next health check."""
         conn = self.connection
-        if conn is not None and getattr(conn, "poisoned", None) is not None:
+        if conn is not None and (
+            getattr(conn, "poisoned", None) is not None
+            or (self.pool is None and self._pgf_leader_moved(conn))
+        ):
             self.close()
             return
         super().close_if_unusable_or_obsolete()

@@ -12,6 +12,7 @@ urlpatterns = [
     path("tx-write/", views.tx_write),
     path("nested/", views.nested),
     path("pid/", views.backend_pid),
+    path("server/", views.server),
     path("caught-failover/", views.caught_failover),
     path("read/", views.read),
 ]

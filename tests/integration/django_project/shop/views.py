@@ -70,6 +70,17 @@ def backend_pid(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"pid": wrapper.connection.info.backend_pid})
 
 
+def server(request: HttpRequest) -> JsonResponse:
+    """The port of the server this request's connection leads to (``inet_server_port()``,
+    so the server's own, through a pooler too), after a write on it."""
+    db, key = _params(request)
+    Item.objects.using(db).create(key=key)
+    with connections[db].cursor() as cur:
+        cur.execute("SELECT inet_server_port()")
+        (port,) = cur.fetchone()
+    return JsonResponse({"port": port})
+
+
 def caught_failover(request: HttpRequest) -> JsonResponse:
     """A write that meets a standby's 0A000 (simulated on the live primary) and catches it."""
     db, key = _params(request)
