@@ -22,6 +22,7 @@ __all__ = [
     "MAX_RATE",
     "MAX_SECONDS",
     "MAX_WORKERS",
+    "OPTIONAL_STACK_NAMES",
     "STACK_NAMES",
     "select_stacks",
     "stack_key",
@@ -66,6 +67,18 @@ STACK_NAMES: Final = (
     "SQLAlchemy instrumented + runner",
 )
 
+#: Stacks that run only when ``--stacks`` names them (they need Django: the stock backend,
+#: and ``pgfailover.django`` under its runner). ``pgfailover.drill.stacks.OPTIONAL_STACKS``
+#: has one class per name, in this order.
+OPTIONAL_STACK_NAMES: Final = ("Django postgresql", "Django pgfailover + runner")
+#: Display order of every stack: naive ones first, each group in its list's order.
+_ORDER: Final = (
+    *STACK_NAMES[:2],
+    OPTIONAL_STACK_NAMES[0],
+    *STACK_NAMES[2:],
+    OPTIONAL_STACK_NAMES[1],
+)
+
 
 def stack_key(name: str) -> str:
     """The slug of a stack name: lower case, every run of other characters than letters and
@@ -74,13 +87,14 @@ def stack_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-_BY_KEY: Final = {stack_key(name): name for name in STACK_NAMES}
+_BY_KEY: Final = {stack_key(name): name for name in _ORDER}
 
 
 def select_stacks(text: str) -> tuple[str, ...]:
     """The stack names a comma-separated ``--stacks`` value selects, in display order.
 
-    Each item is a stack's name as the report shows it or its slug (:func:`stack_key`);
+    Each item is a stack's name as the report shows it or its slug (:func:`stack_key`),
+    from :data:`STACK_NAMES` or :data:`OPTIONAL_STACK_NAMES`;
     case, spaces and punctuation do not matter (``psycopg_pool``, ``psycopg-pool`` and
     ``PSYCOPG POOL`` are the same stack). Raises ValueError naming the unknown items and
     listing the valid keys, or saying that none was given.
@@ -97,4 +111,4 @@ def select_stacks(text: str) -> tuple[str, ...]:
             "(or the names the report shows)"
         )
     chosen = {_BY_KEY[stack_key(item)] for item in items}
-    return tuple(name for name in STACK_NAMES if name in chosen)
+    return tuple(name for name in _ORDER if name in chosen)

@@ -43,10 +43,12 @@ from .options import (
     MAX_RATE,
     MAX_SECONDS,
     MAX_WORKERS,
+    OPTIONAL_STACK_NAMES,
     STACK_NAMES,
 )
 from .report import DrillReport, Mark, Op, build_report
 from .stacks import (
+    OPTIONAL_STACKS,
     POOL_TIMEOUT,
     RUNNER_TIMEOUT,
     STACKS,
@@ -422,11 +424,14 @@ def _version(number: int) -> str:
 def stacks_named(names: Sequence[str]) -> tuple[type[Stack], ...]:
     """The stack classes called ``names`` (as the report shows them, e.g. from
     :func:`pgfailover.drill.options.select_stacks`), in display order; ValueError naming
-    the unknown ones and the valid ones."""
-    unknown = [name for name in names if name not in STACK_NAMES]
+    the unknown ones and the valid ones. The optional (Django) stacks are accepted too."""
+    known = (*STACK_NAMES, *OPTIONAL_STACK_NAMES)
+    unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(
             f"unknown stack {', '.join(map(repr, unknown))}: choose from "
-            f"{', '.join(map(repr, STACK_NAMES))}"
+            f"{', '.join(map(repr, known))}"
         )
-    return tuple(kind for kind in STACKS if kind.name in names)
+    order = {name: i for i, name in enumerate(names)}
+    chosen = [kind for kind in (*STACKS, *OPTIONAL_STACKS) if kind.name in order]
+    return tuple(sorted(chosen, key=lambda kind: order[kind.name]))

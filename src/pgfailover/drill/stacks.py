@@ -5,11 +5,20 @@ writes one row per operation (``INSERT INTO <table> (k, stack) VALUES (key, name
 plain ``psycopg_pool`` pool, a SQLAlchemy engine with ``pool_pre_ping``, pgfailover's pool,
 an instrumented engine, and both of those under the retry runner. The drill's workers call
 :meth:`Stack.write` and record what the application saw; nothing here hides an error.
+
+Two Django stacks run only when ``--stacks`` names them (:data:`OPTIONAL_STACKS`; they need
+Django): Django's stock PostgreSQL backend and ``pgfailover.django`` under
+``pgfailover.django.atomic``'s runner, both with persistent connections and health checks
+(``CONN_MAX_AGE`` 600, ``CONN_HEALTH_CHECKS``), each write a request's worth of Django:
+the end-of-request check, the write through Django's cursor, the end-of-request check.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -268,17 +277,149 @@ STACKS: tuple[type[Stack], ...] = (
 def error_code(ex: BaseException) -> tuple[str, bool]:
     """What a failed write is filed under, and whether its outcome is unknown.
 
-    The driver error's own SQLSTATE (looking through SQLAlchemy's wrapper), else the class
+    The driver error's own SQLSTATE (looking through SQLAlchemy's wrapper, and through
+    Django's: its ``django.db`` error has the driver's as ``__cause__``), else the class
     name of the error (``PoolTimeout``, ``NoPrimaryAvailable``, ``OperationalError`` for a
-    lost connection...). Causes are not looked into: a pool timeout is filed as one even
-    when the connection attempts behind it failed with a SQLSTATE.
+    lost connection...). Other causes are not looked into: a pool timeout is filed as one
+    even when the connection attempts behind it failed with a SQLSTATE.
     :class:`~pgfailover.errors.CommitOutcomeUnknown` is filed under its name, unknown=True.
     """
     if isinstance(ex, CommitOutcomeUnknown):
         return type(ex).__name__, True
+    if type(ex).__module__ == "django.db.utils" and ex.__cause__ is not None:
+        ex = ex.__cause__  # Django's wrapper of the driver's error
     inner = getattr(ex, "orig", None) or ex
     sqlstate = getattr(inner, "sqlstate", None)
     return (sqlstate if isinstance(sqlstate, str) and sqlstate else type(inner).__name__), False
+
+
+_django_lock = threading.Lock()
+_django_aliases = itertools.count(1)
+
+
+def _django_connections() -> Any:
+    """Django's ``connections``, Django set up first if the process has not done it: with
+    ``settings.configure()`` (no database of its own, Django's logging left alone) unless
+    ``DJANGO_SETTINGS_MODULE`` names a settings module. Each Django stack adds its own
+    alias to it, so several stacks (and drills) share one configured process."""
+    with _django_lock:
+        import django  # type: ignore[import-untyped]  # noqa: PLC0415 - optional
+        from django.apps import apps  # type: ignore[import-untyped]  # noqa: PLC0415
+        from django.conf import settings  # type: ignore[import-untyped]  # noqa: PLC0415
+
+        if not settings.configured and not os.environ.get("DJANGO_SETTINGS_MODULE"):
+            settings.configure(DATABASES={}, INSTALLED_APPS=[], USE_TZ=True, LOGGING_CONFIG=None)
+        if not apps.ready:
+            django.setup(set_prefix=False)
+        from django.db import connections  # type: ignore[import-untyped]  # noqa: PLC0415
+
+        return connections
+
+
+class _DjangoStack(Stack):
+    """A Django database alias of ``engine``, persistent connections with health checks;
+    each write one request: Django's end-of-request check before and after (what its
+    ``request_started`` and ``request_finished`` signals run), the INSERT through Django's
+    cursor in between, under ``pgfailover.django``'s runner if ``runner``.
+
+    The alias (``pgfailover-drill-<n>``, unique in the process) is added to Django's
+    connection settings and removed by :meth:`close`. Django keeps a connection per thread:
+    each worker has its own, closed by :meth:`close` once the workers stopped."""
+
+    engine: str
+    runner: bool
+
+    def __init__(self, endpoint: Endpoint, table: str, size: int) -> None:
+        self.connections = _django_connections()
+        self.alias = f"pgfailover-drill-{next(_django_aliases)}"
+        options: dict[str, Any] = {"connect_timeout": 2}
+        if endpoint.session_attrs:
+            options["target_session_attrs"] = endpoint.session_attrs
+        if endpoint.patroni_urls and self.runner:
+            # pgfailover's backend follows Patroni's leader, like pgfailover's pools
+            options["topology"] = {"kind": "patroni", "urls": list(endpoint.patroni_urls)}
+            options["topology"]["timeout"] = 1.0
+        entry = {
+            "ENGINE": self.engine,
+            "NAME": endpoint.dbname,
+            "USER": endpoint.user,
+            "PASSWORD": endpoint.password,
+            "HOST": ",".join(h for h, _ in endpoint.hosts),
+            "PORT": ",".join(str(p) for _, p in endpoint.hosts),
+            "CONN_MAX_AGE": 600,
+            "CONN_HEALTH_CHECKS": True,
+            "OPTIONS": options,
+        }
+        handler = self.connections
+        # Django's defaults for the entry, as for the settings' own aliases
+        handler.settings[self.alias] = handler.configure_settings(
+            {"default": {}, self.alias: entry}
+        )[self.alias]
+        self.sql = f"INSERT INTO {table} (k, stack) VALUES (%s, %s)"
+        self._wrappers: list[Any] = []
+        self._lock = threading.Lock()
+        self._atomic: Callable[..., None] | None = None
+        if self.runner:
+            from ..django import AtomicRunner  # noqa: PLC0415 - needs Django
+
+            self._atomic = AtomicRunner(self.alias, timeout=RUNNER_TIMEOUT)
+
+    def _wrapper(self) -> Any:
+        wrapper = self.connections[self.alias]  # this thread's
+        if not getattr(wrapper, "_pgf_drill_seen", False):
+            wrapper._pgf_drill_seen = True
+            with self._lock:
+                self._wrappers.append(wrapper)
+        return wrapper
+
+    def _insert(self, wrapper: Any, key: int) -> None:
+        with wrapper.cursor() as cur:
+            cur.execute(self.sql, (key, self.name))
+
+    def write(self, key: int) -> None:
+        wrapper = self._wrapper()
+        wrapper.close_if_unusable_or_obsolete()  # request_started
+        try:
+            if self._atomic is not None:
+                self._atomic(self._insert, wrapper, key)
+            else:
+                self._insert(wrapper, key)
+        finally:
+            wrapper.close_if_unusable_or_obsolete()  # request_finished
+
+    def close(self) -> None:
+        # The wrappers belong to the (stopped) worker threads; Django would refuse to close
+        # them from this one, so their driver connections are closed directly.
+        with self._lock:
+            wrappers, self._wrappers = self._wrappers, []
+        try:
+            for wrapper in wrappers:
+                conn, wrapper.connection = wrapper.connection, None
+                if conn is not None:
+                    conn.close()
+        finally:
+            self.connections.settings.pop(self.alias, None)
+
+
+class NaiveDjango(_DjangoStack):
+    name = "Django postgresql"
+    protected = False
+    description = "Django's django.db.backends.postgresql, CONN_MAX_AGE + CONN_HEALTH_CHECKS"
+    engine = "django.db.backends.postgresql"
+    runner = False
+
+
+class ProtectedDjangoRunner(_DjangoStack):
+    name = "Django pgfailover + runner"
+    protected = True
+    description = "ENGINE pgfailover.django, each write under pgfailover.django.atomic"
+    engine = "pgfailover.django"
+    runner = True
+
+
+#: Stacks that run only when ``--stacks`` names them (they need Django), with the names
+#: and order of :data:`pgfailover.drill.options.OPTIONAL_STACK_NAMES`.
+OPTIONAL_STACKS: tuple[type[Stack], ...] = (NaiveDjango, ProtectedDjangoRunner)
 
 
 def close_quietly(stack: Stack) -> None:
