@@ -135,7 +135,15 @@ def _add_drill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="--ha local only: seconds from the promotion to PgBouncer's repoint, the outage "
         "an operator or a Patroni callback takes; the repoint comes no earlier than the old "
         "primary's rejoin, so 0 repoints as soon as the failover ends; ignored with --target "
-        f"direct (default: {DEFAULT_REPOINT_DELAY:g})",
+        f"direct (default: {DEFAULT_REPOINT_DELAY:g}; none with --follower)",
+    )
+    drill.add_argument(
+        "--follower",
+        action="store_true",
+        help="PgBouncer follows the primary by itself: the real `pgfailover pgbouncer follow` "
+        "process repoints it (--hosts for --ha local, --patroni for --ha patroni), nobody by "
+        "hand; needs a PgBouncer --target (session by default), with --ha patroni too "
+        "(default: off, PgBouncer repointed by the drill --repoint-delay after the promotion)",
     )
     drill.add_argument(
         "--before",
@@ -217,6 +225,7 @@ def _run_drill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             target=args.target,
             stop=args.stop,
             repoint_delay=args.repoint_delay,
+            follower=args.follower,
             before=args.before,
             after=args.after,
             rate=args.rate,

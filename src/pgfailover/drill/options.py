@@ -14,6 +14,7 @@ from typing import Final
 __all__ = [
     "DEFAULT_AFTER",
     "DEFAULT_BEFORE",
+    "DEFAULT_FOLLOWER_INTERVAL",
     "DEFAULT_RATE",
     "DEFAULT_REPOINT_DELAY",
     "DEFAULT_WORKERS",
@@ -30,6 +31,9 @@ __all__ = [
 
 #: Seconds from the promotion to PgBouncer's repoint.
 DEFAULT_REPOINT_DELAY: Final = 2.0
+#: Seconds between two rounds of the PgBouncer follower of ``--follower`` (the default of
+#: ``pgfailover pgbouncer follow --interval``).
+DEFAULT_FOLLOWER_INTERVAL: Final = 0.5
 #: Seconds of writing before the failover.
 DEFAULT_BEFORE: Final = 3.0
 #: Seconds of writing after the primary is reachable again.

@@ -28,6 +28,11 @@ The sequence (times are seconds since the workload started):
    **reachable** for the stacks;
 4. ``after`` seconds after that the workers stop, and every key is counted on the leader.
 
+With ``follower`` a PgBouncer (the ``target`` pool mode) stands in front of the leader and
+every stack connects through it; the real ``pgfailover pgbouncer follow --patroni`` process
+repoints it, nobody else: the primary is **reachable** from the instant PgBouncer's ``SHOW
+DATABASES`` shows the new leader (polled every 10 ms), and no earlier than *writable*.
+
 Everything started is torn down at the end, on error and on Ctrl-C.
 """
 
@@ -42,8 +47,18 @@ import psycopg
 
 from ..testing import PatroniCluster
 from ..testing.patroni import PatroniError, PatroniNode, PatroniTimeout
+from .options import DEFAULT_FOLLOWER_INTERVAL
 from .report import DrillReport, Mark, build_report
-from .run import DrillOptions, Recorder, count_rows, create_table, run_workload, sleep_until
+from .run import (
+    DrillOptions,
+    Recorder,
+    RepointWatch,
+    count_rows,
+    create_table,
+    follower_config,
+    run_workload,
+    sleep_until,
+)
 from .stacks import Endpoint
 
 __all__ = ["NODES", "run_patroni_drill"]
@@ -73,19 +88,40 @@ def run_patroni_drill(
         f"starting a Patroni cluster: etcd + {NODES} members"
         + (" (synchronous_mode)" if synchronous else " (asynchronous replication)")
     )
-    with PatroniCluster(nodes=NODES, synchronous_mode=synchronous) as cluster:
+    pool_mode = options.target if options.target in ("session", "transaction") else None
+    if options.follower:
+        progress(
+            f"  behind PgBouncer ({pool_mode} mode), which follows the leader by itself: "
+            "pgfailover pgbouncer follow --patroni"
+        )
+    with PatroniCluster(
+        nodes=NODES,
+        synchronous_mode=synchronous,
+        pgbouncer=pool_mode if options.follower else None,
+        follower=options.follower,
+        follower_interval=DEFAULT_FOLLOWER_INTERVAL,
+    ) as cluster:
         leader = cluster.wait_leader()
         with leader.connect(superuser=False) as conn:
             server_version = create_table(conn)
         patroni_version = _patroni_version(leader)
-        endpoint = Endpoint(
-            [(node.host, node.port) for node in cluster.nodes],
-            cluster.dbname,
-            cluster.user,
-            cluster.password,
-            session_attrs="read-write",
-            patroni_urls=tuple(node.rest_url for node in cluster.nodes),
-        )
+        if cluster.pgbouncer is not None:
+            endpoint = Endpoint(
+                [(cluster.pgbouncer.host, cluster.pgbouncer.port)],
+                cluster.dbname,
+                cluster.user,
+                cluster.password,
+                prepare=pool_mode != "transaction",
+            )
+        else:
+            endpoint = Endpoint(
+                [(node.host, node.port) for node in cluster.nodes],
+                cluster.dbname,
+                cluster.user,
+                cluster.password,
+                session_attrs="read-write",
+                patroni_urls=tuple(node.rest_url for node in cluster.nodes),
+            )
         progress(f"  up: {cluster!r}, leader {leader.name}, files in {cluster.root}")
         if synchronous:
             _wait_sync_standby(cluster)
@@ -99,12 +135,23 @@ def run_patroni_drill(
         progress(f"verifying {len(ops)} writes on the final leader ({final.name})")
         with final.connect(superuser=False) as conn:
             found = count_rows(conn)
+    if options.follower:
+        where: dict[str, object] = {
+            "target": options.target,
+            "naive conninfo": "PgBouncer",
+            "pgfailover pools": "PgBouncer",
+            **follower_config(options),
+        }
+    else:
+        where = {
+            "target": "direct",
+            "naive conninfo": "multi-host, target_session_attrs=read-write",
+            "pgfailover pools": "PatroniTopology (REST API of every member)",
+        }
     config: dict[str, object] = {
         "ha": "patroni",
         "fault": options.fault,
-        "target": "direct",
-        "naive conninfo": "multi-host, target_session_attrs=read-write",
-        "pgfailover pools": "PatroniTopology (REST API of every member)",
+        **where,
         "nodes": NODES,
         "ttl": cluster.ttl,
         "loop_wait": cluster.loop_wait,
@@ -220,6 +267,53 @@ def _fail_over(
     def at(instant: float) -> float:
         return max(0.0, instant - rec.t0)
 
+    repoint = None
+    if cluster.follower is not None and cluster.pgbouncer is not None:
+        repoint = RepointWatch(cluster.pgbouncer.admin_dsn(), cluster.dbname, (old.host, old.port))
+        repoint.start()
+    try:
+        marks, new, lost, elected, writable = _inflict(
+            cluster, fault, old, rec=rec, phase=phase, progress=progress
+        )
+    except BaseException:
+        if repoint is not None:
+            repoint.cancel()
+        raise
+    progress(
+        f"[{rec.now():6.1f}s] new leader {new.name}: named {elected - lost:.3f} s and "
+        f"writable {writable - lost:.3f} s after the {fault}"
+    )
+    if repoint is None:
+        return marks, writable
+    phase[0] = "waiting for the follower's repoint"
+    repointed_at, endpoint = repoint.wait(STEP_TIMEOUT)
+    reachable = max(at(repointed_at), writable)
+    marks.append(
+        Mark(f"PgBouncer repointed by the follower to {endpoint[0]}:{endpoint[1]}", reachable)
+    )
+    marks.sort(key=lambda mark: mark.at)
+    progress(
+        f"[{rec.now():6.1f}s] the follower repointed PgBouncer, "
+        f"{reachable - writable:.3f} s after the new leader took writes"
+    )
+    return marks, reachable
+
+
+def _inflict(
+    cluster: PatroniCluster,
+    fault: str | None,
+    old: PatroniNode,
+    *,
+    rec: Recorder,
+    phase: list[str],
+    progress: Callable[[str], None],
+) -> tuple[list[Mark], PatroniNode, float, float, float]:
+    """The fault proper: the marks, the new leader, and when (seconds on ``rec``'s clock)
+    the leader was lost, the new one named and writable."""
+
+    def at(instant: float) -> float:
+        return max(0.0, instant - rec.t0)
+
     if fault == "crash":
         progress(f"[{rec.now():6.1f}s] crash: kill -9 of leader {old.name} (Patroni + postgres)")
         timings = cluster.kill_leader(timeout=STEP_TIMEOUT)
@@ -270,8 +364,4 @@ def _fail_over(
         *rest,
     ]
     marks.sort(key=lambda mark: mark.at)
-    progress(
-        f"[{rec.now():6.1f}s] new leader {new.name}: named {elected - lost:.3f} s and "
-        f"writable {writable - lost:.3f} s after the {fault}"
-    )
-    return marks, writable
+    return marks, new, lost, elected, writable

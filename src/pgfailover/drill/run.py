@@ -10,8 +10,11 @@ The sequence (times are seconds since the workload started):
    promoted until it accepts writes, the old primary rejoins as a standby;
 4. behind PgBouncer, ``repoint_delay`` seconds after the promotion (but not before the old
    primary has rejoined: the harness's failover returns then), PgBouncer is repointed
-   to the new primary: that is when the primary becomes reachable for the stacks. With a
-   direct multi-host DSN it is reachable as soon as the promotion ends;
+   to the new primary: that is when the primary becomes reachable for the stacks. With
+   ``follower`` nobody repoints PgBouncer by hand: the real ``pgfailover pgbouncer follow``
+   process does, and the primary is reachable from the instant ``SHOW DATABASES`` shows
+   the new primary (polled every 10 ms). With a direct multi-host DSN it is reachable as
+   soon as the promotion ends;
 5. ``after`` seconds later the workers stop (an operation in progress, e.g. a runner
    still retrying, is waited for), and every key is looked up on the final primary.
 
@@ -35,6 +38,7 @@ from ..testing.cluster import StopMode
 from .options import (
     DEFAULT_AFTER,
     DEFAULT_BEFORE,
+    DEFAULT_FOLLOWER_INTERVAL,
     DEFAULT_RATE,
     DEFAULT_REPOINT_DELAY,
     DEFAULT_WORKERS,
@@ -93,6 +97,13 @@ class DrillOptions:
     means off for ``local`` (PostgreSQL's default: an ``immediate`` stop may then lose
     acknowledged commits whatever the client does) and on for ``patroni``.
 
+    ``follower``: PgBouncer is repointed by the real follower process (``pgfailover
+    pgbouncer follow``, every :data:`~pgfailover.drill.options.DEFAULT_FOLLOWER_INTERVAL`
+    seconds, ``--hosts`` for ``local``, ``--patroni`` for ``patroni``) and never by hand:
+    ``repoint_delay`` does not apply (refused), ``target`` must be a PgBouncer mode (None
+    means ``session`` for both kinds; ``direct`` is refused), and a Patroni drill then
+    connects every stack through PgBouncer in front of the leader.
+
     After construction the ``None`` defaults that apply are filled in (a local drill's
     ``target``, ``stop``, ``repoint_delay``, ``synchronous``; a Patroni drill's ``target``
     ``direct``, ``fault``, ``synchronous``); ``stop`` and ``repoint_delay`` stay None for a
@@ -111,6 +122,7 @@ class DrillOptions:
     synchronous: bool | None = None
     ha: Ha = "local"
     fault: Fault | None = None
+    follower: bool = False
 
     def __post_init__(self) -> None:
         if self.ha not in HA_KINDS:
@@ -128,6 +140,7 @@ class DrillOptions:
                 f"repoint_delay must be between 0 and {MAX_SECONDS:g} seconds, "
                 f"got {self.repoint_delay!r}"
             )
+        self._follower_defaults()
         if self.ha == "patroni":
             self._patroni_defaults()
         else:
@@ -148,6 +161,21 @@ class DrillOptions:
         if not self.stacks:
             raise ValueError("choose at least one stack")
 
+    def _follower_defaults(self) -> None:
+        if not self.follower:
+            return
+        if self.target == "direct":
+            raise ValueError(
+                "follower (--follower) repoints PgBouncer: choose a PgBouncer target "
+                "(--target session or transaction), not direct"
+            )
+        if self.repoint_delay is not None:
+            raise ValueError(
+                "repoint_delay (--repoint-delay) is the manual repoint's delay: with the "
+                "follower (--follower) nobody repoints PgBouncer by hand; leave it out"
+            )
+        object.__setattr__(self, "target", self.target or "session")
+
     def _local_defaults(self) -> None:
         if self.fault is not None:
             raise ValueError(
@@ -157,17 +185,18 @@ class DrillOptions:
         set_ = object.__setattr__
         set_(self, "target", self.target or "session")
         set_(self, "stop", self.stop or "fast")
-        if self.repoint_delay is None:
+        if self.repoint_delay is None and not self.follower:
             set_(self, "repoint_delay", DEFAULT_REPOINT_DELAY)
         set_(self, "synchronous", bool(self.synchronous))
 
     def _patroni_defaults(self) -> None:
-        if self.target not in (None, "direct"):
+        if self.target not in (None, "direct") and not self.follower:
             raise ValueError(
                 f"target (--target) {self.target!r} does not apply to the Patroni drill "
                 "(--ha patroni): its stacks connect to the members directly (naive ones "
                 "through a multi-host target_session_attrs=read-write conninfo, pgfailover's "
-                "through PatroniTopology); leave target out or use 'direct'"
+                "through PatroniTopology); leave target out or use 'direct', or add the "
+                "PgBouncer follower (--follower)"
             )
         if self.stop is not None:
             raise ValueError(
@@ -180,7 +209,7 @@ class DrillOptions:
                 "only: the Patroni drill has no PgBouncer to repoint"
             )
         set_ = object.__setattr__
-        set_(self, "target", "direct")
+        set_(self, "target", self.target or "direct")
         set_(self, "fault", self.fault or "crash")
         set_(self, "synchronous", True if self.synchronous is None else self.synchronous)
 
@@ -254,8 +283,14 @@ def run_drill(
     )
     # PgBouncer as the harness configures it (server_login_retry 0.1 s), recorded in the
     # report's config: it bounds how soon after a failed login PgBouncer tries again.
+    if options.follower:
+        progress("  PgBouncer follows the primary by itself: pgfailover pgbouncer follow --hosts")
     with LocalCluster(
-        standbys=1, pgbouncer=pool_mode, synchronous=bool(options.synchronous)
+        standbys=1,
+        pgbouncer=pool_mode,
+        synchronous=bool(options.synchronous),
+        follower=options.follower,
+        follower_interval=DEFAULT_FOLLOWER_INTERVAL,
     ) as cluster:
         login_retry = (
             cluster.pgbouncer.settings["server_login_retry"] if cluster.pgbouncer else None
@@ -288,6 +323,7 @@ def run_drill(
         "target": options.target,
         "stop": options.stop,
         "repoint_delay": options.repoint_delay if pool_mode else None,
+        **follower_config(options),
         "server_login_retry": None if login_retry is None else float(login_retry),
         "before": options.before,
         "after": options.after,
@@ -396,8 +432,17 @@ def _fail_over(
     old = cluster.primary
     progress(f"[{rec.now():6.1f}s] failover: {options.stop} stop of {old.name}, promote")
     phase[0] = "failing over"
+    watch = None
+    if cluster.follower is not None and cluster.pgbouncer is not None:
+        watch = RepointWatch(cluster.pgbouncer.admin_dsn(), cluster.dbname, (old.host, old.port))
+        watch.start()
     marks = [Mark("failover started", rec.now())]
-    timings = cluster.failover(options.stop or "fast")
+    try:
+        timings = cluster.failover(options.stop or "fast")
+    except BaseException:
+        if watch is not None:
+            watch.cancel()
+        raise
     stopped, promoted = (timings.ended_at[p] - rec.t0 for p in ("stop", "promote"))
     rejoined = timings.ended_at["rejoin"] - rec.t0
     marks += [
@@ -408,6 +453,17 @@ def _fail_over(
     progress(f"[{rec.now():6.1f}s] new primary {cluster.primary.name}: {timings}")
     if cluster.pgbouncer is None:
         return marks, promoted
+    if watch is not None:
+        phase[0] = "waiting for the follower's repoint"
+        at, _ = watch.wait(cluster.ready_timeout)
+        reachable_at = max(at - rec.t0, promoted)
+        marks.append(Mark("PgBouncer repointed by the follower", reachable_at))
+        marks.sort(key=lambda mark: mark.at)
+        progress(
+            f"[{rec.now():6.1f}s] the follower repointed PgBouncer to {cluster.primary.name}, "
+            f"{reachable_at - promoted:.3f} s after the promotion"
+        )
+        return marks, reachable_at
     phase[0] = "PgBouncer still on the old primary"
     sleep_until(rec, promoted + (options.repoint_delay or 0.0))
     repoint = cluster.repoint_pgbouncer(cluster.primary)
@@ -415,6 +471,78 @@ def _fail_over(
     marks.append(Mark("PgBouncer repointed", reachable_at))
     progress(f"[{rec.now():6.1f}s] PgBouncer repointed to {cluster.primary.name}")
     return marks, reachable_at
+
+
+def follower_config(options: DrillOptions) -> dict[str, object]:
+    """The report's config entry saying who repoints PgBouncer (empty without PgBouncer)."""
+    if options.follower:
+        return {
+            "pgbouncer repoint": "by the follower process (pgfailover pgbouncer follow, "
+            f"--interval {DEFAULT_FOLLOWER_INTERVAL:g}), no manual repoint"
+        }
+    return {}
+
+
+class RepointWatch:
+    """Polls PgBouncer's ``SHOW DATABASES`` from a thread of its own (every 10 ms, one
+    admin connection) until ``database`` points elsewhere than ``away_from`` (``(host,
+    port)``); records that instant (``time.monotonic()``) and the new ``(host, port)``.
+    This is how the drill sees the follower's repoint without taking part in it."""
+
+    def __init__(self, admin_dsn: str, database: str, away_from: tuple[str, int]) -> None:
+        self._dsn, self._database, self._away = admin_dsn, database, away_from
+        self.at: float | None = None
+        self.endpoint: tuple[str, int] | None = None
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="drill repoint watch", daemon=True)
+
+    def start(self) -> RepointWatch:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from ..pgbouncer.admin import AdminConsole, AdminError  # noqa: PLC0415 - drill only
+
+        admin: AdminConsole | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    admin = admin or AdminConsole(self._dsn)
+                    rows = [r for r in admin.databases() if r.name == self._database]
+                except AdminError:
+                    if admin is not None:
+                        admin.close()
+                    admin = None
+                    rows = []
+                if rows and rows[0].host and (rows[0].host, rows[0].port) != self._away:
+                    self.at, self.endpoint = time.monotonic(), (rows[0].host, rows[0].port)
+                    return
+                self._stop.wait(0.01)
+        except BaseException as ex:  # reported by wait()
+            self.error = ex
+        finally:
+            if admin is not None:
+                admin.close()
+            self._done.set()
+
+    def wait(self, timeout: float) -> tuple[float, tuple[str, int]]:
+        """When PgBouncer pointed elsewhere, and where; HarnessError after ``timeout``
+        seconds or when polling failed."""
+        from ..testing import HarnessError  # noqa: PLC0415 - the package loads lazily
+
+        finished = self._done.wait(timeout)
+        self._stop.set()
+        if self.error is not None:
+            raise HarnessError(f"watching PgBouncer failed: {self.error}") from self.error
+        if not finished or self.at is None or self.endpoint is None:
+            raise HarnessError(f"the follower did not repoint PgBouncer within {timeout:g} s")
+        return self.at, self.endpoint
+
+    def cancel(self) -> None:
+        """Stop polling (idempotent)."""
+        self._stop.set()
 
 
 def _version(number: int) -> str:
