@@ -14,7 +14,13 @@ from psycopg_pool.base import AttemptWithBackoff
 
 from ._secrets import scrub, secret_candidates
 from .errors import InvalidConninfo
+from .monitor import Endpoint, WatchTarget
 from .policy import CONNECT_ATTEMPT_BOUND, RECONNECT_POLICY
+
+#: Seconds between two rechecks of a connection attempt held while the monitor watches an
+#: outage: the monitor wakes held attempts at once when the primary is back; the recheck
+#: only lets an attempt give up at ``reconnect_timeout``, or go on if the monitor stopped.
+PARK_RECHECK = 1.0
 
 
 class FastAttempt(AttemptWithBackoff):
@@ -187,3 +193,29 @@ def connect_bound(conninfo: Any, kwargs: Any) -> float | None:
     except psycopg.ProgrammingError:
         return None  # reported by prefer_read_write, with the password hidden
     return CONNECT_ATTEMPT_BOUND
+
+
+def check_monitor(monitor: Any, monitor_class: type[Any]) -> None:
+    """``TypeError`` for a ``monitor=`` that is neither a bool nor a Monitor."""
+    if not isinstance(monitor, (bool, monitor_class)):
+        raise TypeError(
+            "monitor must be True (the process monitor), False (none) or a "
+            f"pgfailover.monitor.Monitor, got {type(monitor).__name__}"
+        )
+
+
+def watch_target(conninfo: Any, kwargs: Any) -> WatchTarget | None:
+    """What the monitor needs to watch a pool's endpoint; None when the conninfo or the
+    keyword arguments are callables (resolved per connection: only they know) or cannot
+    be parsed."""
+    if not isinstance(conninfo, str) or (kwargs is not None and not isinstance(kwargs, dict)):
+        return None
+    kwargs = dict(kwargs or {})
+    try:
+        params: dict[str, Any] = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return None
+    for key in ("host", "hostaddr", "port", "dbname", "user"):
+        if kwargs.get(key) is not None:
+            params[key] = kwargs[key]
+    return WatchTarget(Endpoint.of(params), conninfo, kwargs)

@@ -58,6 +58,14 @@ class FailoverState:
         self.hosts: dict[str, str] = {}
         self._probing = False
         self._last_probe = 0.0
+        #: True while the process monitor watches the pool's endpoint: during an outage the
+        #: pool then makes no connection attempt of its own until the monitor has seen a
+        #: writable primary there (:meth:`primary_back`); see :mod:`pgfailover.monitor`.
+        self.monitored = False
+        self._released = False  # the monitor saw the primary back since the outage began
+        #: Called (outside the lock) when the pool meets trouble the monitor should look
+        #: at now: an outage begins, or a connection attempt after a release failed.
+        self.on_suspect: Callable[[], None] | None = None
         self.counters = {
             "failovers_detected": 0,
             "connections_poisoned": 0,
@@ -72,12 +80,13 @@ class FailoverState:
         """A poisoned connection came back. True if the caller must purge the generation."""
         with self._lock:
             self.counters["connections_poisoned"] += 1
-            if verdict.is_failover:
-                self._outage(now)
+            suspect = verdict.is_failover and self._outage(now)
             purge = verdict.purge_generation and generation == self.generation
             if purge:
                 self.generation += 1
                 self.counters["generations_purged"] += 1
+        if suspect:
+            self._suspect()
         if purge:
             self._event("generation purged", reason=verdict.reason)
         return purge
@@ -87,30 +96,37 @@ class FailoverState:
         with self._lock:
             self.counters["connections_rejected"] += 1
             self.hosts[endpoint] = finding
-            self._outage(now)
+            suspect = self._outage(now)
             purge = generation == self.generation
             if purge:
                 self.generation += 1
                 self.counters["generations_purged"] += 1
+        if suspect:
+            self._suspect()
         if purge:
             self._event("generation purged", reason=f"{endpoint} leads to a {finding}")
         return purge
 
     def connect_failed(self, endpoint: str, verdict: Verdict, now: float) -> None:
         """Opening a connection failed with ``verdict``."""
+        suspect = False
         with self._lock:
             if verdict.kind is Kind.CONFIGURATION:
                 self.hosts[endpoint] = f"auth or configuration failure: {verdict.message}"
             else:
                 self.hosts[endpoint] = f"down: {verdict.message}"
                 if verdict.is_failover:
-                    self._outage(now)
+                    suspect = self._outage(now)
+        if suspect:
+            self._suspect()
 
     def no_leader(self, source: str, reason: str, now: float) -> None:
         """The topology ``source`` named no leader to connect to (or could not be read)."""
         with self._lock:
             self.hosts[source] = reason
-            self._outage(now)
+            suspect = self._outage(now)
+        if suspect:
+            self._suspect()
 
     def connected(self, now: float) -> None:
         """A new connection reached a writable primary: the outage, if any, is over."""
@@ -137,18 +153,60 @@ class FailoverState:
         if self._on_event is not None:
             self._on_event(PoolEvent(action, self.name, self.generation, reason, recovery))
 
-    def _outage(self, now: float) -> None:
+    def _outage(self, now: float) -> bool:
+        """Note an outage (under the lock). True if the monitor should look now: the
+        outage begins, or it goes on after the monitor had released the pool."""
         if self.outage_since is None:
             self.outage_since = now
             self.counters["failovers_detected"] += 1
+            self._released = False
+            return True
+        if self._released:
+            self._released = False
+            return True
+        return False
+
+    def _suspect(self) -> None:
+        if self.monitored and (hook := self.on_suspect) is not None:
+            hook()
+
+    def primary_back(self) -> bool:
+        """The monitor found a writable primary at the pool's endpoint: connection attempts
+        may go (all at once: the monitor spreads the pools). True if an outage was under
+        way (the caller then wakes the attempts it held back)."""
+        with self._lock:
+            self._released = True
+            return self.outage_since is not None
+
+    def endpoint_lost(self, endpoint: str, finding: str, now: float) -> bool:
+        """The monitor found no writable primary at the pool's endpoint (``finding`` says
+        what it found). Starts an outage, without asking the monitor back; True if the
+        caller must purge the current generation: when the pool knew of no outage (one
+        that knew has purged already, when its own requests met the failure)."""
+        with self._lock:
+            self.hosts[endpoint] = finding
+            purge = self.outage_since is None
+            self._outage(now)
+            if purge:
+                self.generation += 1
+                self.counters["generations_purged"] += 1
+        if purge:
+            self._event("generation purged", reason=f"the monitor found a {finding} at {endpoint}")
+        return purge
 
     # -- decisions
     def may_connect(self, now: float) -> bool:
         """Single flight: during an outage, one connection attempt at a time, and not more
-        often than MIN_PROBE_INTERVAL. Call :meth:`connect_done` after a True answer."""
+        often than MIN_PROBE_INTERVAL. Call :meth:`connect_done` after a True answer.
+
+        While the monitor watches the endpoint (:attr:`monitored`), the pool makes no
+        attempt of its own during an outage until the monitor has seen a writable primary
+        (:meth:`primary_back`), then every held attempt may go."""
         with self._lock:
             if self.outage_since is None:
                 return True
+            if self.monitored:
+                return self._released
             if self._probing or now - self._last_probe < MIN_PROBE_INTERVAL:
                 return False
             self._probing = True

@@ -30,6 +30,11 @@ pgfailover's connection classes and:
   every new connection against it in-band (a writable node that is not the leader is
   refused: fencing), and invalidate the topology on every failover verdict, so the next
   connection attempt refreshes it (once, shared by all the pools using the same source);
+- register with the process monitor (:mod:`pgfailover.monitor`; ``monitor=True``, the
+  default): one watch connection per endpoint purges the pool's stale connections when the
+  endpoint stops being writable, before a request meets them; during the outage the pool
+  makes no connection attempt of its own (the monitor is the one prober of the process) and
+  the monitor wakes it when a writable primary is back;
 - count what happened in ``get_stats()``.
 
 Decisions live in :class:`~pgfailover._state.FailoverState` (no I/O); the pool class is a
@@ -39,7 +44,10 @@ thin shell. ``pool_async.py`` is the source; ``tools/async_to_sync.py`` generate
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import itertools
+import threading
 from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import Any, TypeVar
@@ -48,7 +56,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool as _BasePool
 from psycopg_pool import PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
-from psycopg_pool.pool_async import AddConnection
+from psycopg_pool.pool_async import AddConnection, MaintenanceTask
 
 from . import _pool_common, _registry
 from ._pool_common import FastAttempt, endpoint
@@ -57,6 +65,7 @@ from .classify import Kind, Phase, classify
 from .connection import AsyncConnection, _FailoverAware
 from .errors import NotWritable
 from .events import PoolEvent, _emit
+from .monitor import Monitor, WatchTarget, process_monitor
 from .probe import aprobe
 from .topology import AsyncTopologySource, Topology, TopologyError
 from .topology.model import former_leader, leader_moved
@@ -79,6 +88,10 @@ class AsyncConnectionPool(_BasePool[CT]):
     leader: ``conninfo`` must then be a string without the host and port (any given are
     replaced by the leader's). Share one topology object between the pools that reach the
     same cluster: its refreshes are single-flight per object.
+    ``monitor``: True (default) registers the pool with the process's shared
+    :class:`~pgfailover.monitor.Monitor` when it opens, False keeps the pool on its own
+    (it then probes by itself during an outage, one attempt at a time), a ``Monitor``
+    registers it with that one.
     """
 
     def __init__(
@@ -90,9 +103,20 @@ class AsyncConnectionPool(_BasePool[CT]):
         recheck_interval: float | None = 10.0,
         pooler: bool | None = None,
         topology: AsyncTopologySource | None = None,
+        monitor: Monitor | bool = True,
         **kwargs: Any,
     ) -> None:
         _pool_common.check_options(recheck_interval, pooler)
+        _pool_common.check_monitor(monitor, Monitor)
+        self._pgf_monitor_choice = monitor
+        self._pgf_monitor: Monitor | None = None  # the one registered with, while open
+        # connection attempts held during an outage while the monitor watches (token ->
+        # attempt, growing); see _add_connection and _pgf_unpark
+        self._pgf_parked: dict[int, tuple[AttemptWithBackoff, bool]] = {}
+        self._pgf_parked_lock = threading.Lock()
+        self._pgf_tokens = itertools.count()
+        if True:  # ASYNC
+            self._pgf_loop: asyncio.AbstractEventLoop | None = None
         _pool_common.check_topology(topology, AsyncTopologySource, conninfo)
         self.topology = topology
         self._pgf_base_conninfo = conninfo
@@ -120,6 +144,70 @@ class AsyncConnectionPool(_BasePool[CT]):
     def failover_state(self) -> FailoverState:
         """The pool's failover knowledge and counters (read-only use)."""
         return self._pgf
+
+    # -- the process monitor
+    def _open(self) -> None:
+        was_closed = self._closed
+        super()._open()
+        if not (was_closed and not self._closed) or self._pgf_monitor_choice is False:
+            return
+        if True:  # ASYNC
+            self._pgf_loop = asyncio.get_running_loop()
+        choice = self._pgf_monitor_choice
+        monitor = process_monitor() if choice is True else choice
+        assert isinstance(monitor, Monitor)
+        self._pgf_monitor = monitor
+        monitor.register(self)
+
+    def _pgf_watch_target(self) -> WatchTarget | None:
+        """Where the monitor should look (see :class:`~pgfailover.monitor.Member`)."""
+        if self.topology is not None:
+            return None
+        return _pool_common.watch_target(self.conninfo, self.kwargs)
+
+    def _pgf_endpoint_lost(self, where: str, found: str) -> None:
+        """The monitor found no writable primary (called from its thread)."""
+        if self._pgf.endpoint_lost(where, found, monotonic()):
+            self._pgf_in_pool(_Drain(self))
+
+    def _pgf_endpoint_back(self) -> None:
+        """The monitor found a writable primary again (called from its thread)."""
+        if self._pgf.primary_back():
+            self._pgf_in_pool(_Unpark(self, None))
+
+    def _pgf_in_pool(self, task: MaintenanceTask) -> None:
+        """Hand ``task`` to the pool's workers, from any thread."""
+        if self._closed:
+            return
+        if True:  # ASYNC
+            loop = self._pgf_loop
+            if loop is None or loop.is_closed():
+                return
+            try:  # noqa: SIM105 - contextlib would be an unused import in the sync twin
+                loop.call_soon_threadsafe(self.run_task, task)
+            except RuntimeError:  # the loop closed meanwhile: the pool is gone with it
+                pass
+        else:
+            self.run_task(task)
+
+    def _pgf_park(self, attempt: AttemptWithBackoff, growing: bool) -> int:
+        token = next(self._pgf_tokens)
+        with self._pgf_parked_lock:
+            self._pgf_parked[token] = (attempt, growing)
+        return token
+
+    async def _pgf_unpark(self, token: int | None) -> None:
+        """Send held connection attempts on: all (``token`` None, the monitor's wake-up)
+        or one (its periodic recheck, which holds it again while the outage lasts)."""
+        with self._pgf_parked_lock:
+            if token is None:
+                held = list(self._pgf_parked.values())
+                self._pgf_parked.clear()
+            else:
+                one = self._pgf_parked.pop(token, None)
+                held = [] if one is None else [one]
+        for attempt, growing in held:
+            self.run_task(AddConnection(self, attempt, growing=growing))
 
     # -- connection life cycle
     async def _pgf_leader_conninfo(self) -> str:
@@ -202,6 +290,12 @@ class AsyncConnectionPool(_BasePool[CT]):
         if not self._pgf.may_connect(now):
             attempt.update_delay(now)
             if not attempt.time_to_give_up(now):
+                if self._pgf.monitored:  # held until the monitor sees the primary back
+                    token = self._pgf_park(attempt, growing)
+                    await self.schedule_task(_Unpark(self, token), _pool_common.PARK_RECHECK)
+                    if self._pgf.may_connect(monotonic()):  # released meanwhile
+                        self.run_task(_Unpark(self, token))
+                    return
                 await self.schedule_task(
                     AddConnection(self, attempt, growing=growing), attempt.delay
                 )
@@ -300,6 +394,11 @@ class AsyncConnectionPool(_BasePool[CT]):
 
     async def close(self, timeout: float = 5.0) -> None:
         _registry.discard_pool(self)
+        monitor, self._pgf_monitor = self._pgf_monitor, None
+        if monitor is not None:
+            monitor.unregister(self)
+        with self._pgf_parked_lock:
+            self._pgf_parked.clear()
         await super().close(timeout)
 
     def get_stats(self) -> dict[str, int]:
@@ -307,3 +406,21 @@ class AsyncConnectionPool(_BasePool[CT]):
 
     def _pgf_event(self, event: PoolEvent) -> None:
         _emit(dataclasses.replace(event, pool=getattr(self, "name", "")))
+
+
+class _Drain(MaintenanceTask):
+    """The monitor found the endpoint not writable: purge the pool's connections."""
+
+    async def _run(self, pool: Any) -> None:
+        await pool.drain()
+
+
+class _Unpark(MaintenanceTask):
+    """Send held connection attempts on (all of them when ``token`` is None)."""
+
+    def __init__(self, pool: Any, token: int | None) -> None:
+        super().__init__(pool)
+        self.token = token
+
+    async def _run(self, pool: Any) -> None:
+        await pool._pgf_unpark(self.token)

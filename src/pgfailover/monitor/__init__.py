@@ -1,0 +1,41 @@
+"""One monitor per process: notice a failover before requests do, recover faster.
+
+Pools register with the process's :class:`Monitor` when they open (``monitor=True``, the
+default; ``monitor=False`` opts out; a :class:`Monitor` of your own changes the timings).
+For each endpoint (host list, ports, database), not each pool, the monitor keeps one watch
+connection:
+
+- while all is well it runs one role query every ``interval`` (1 s, +/-20 % jitter) and, on
+  a direct connection, notices the loss of its session at once (it waits on the socket);
+- when the endpoint stops being writable (lost, standby, read-only) it purges the stale
+  connections of every pool there before requests meet them, and the pools stop making
+  connection attempts of their own: the monitor alone looks, every ``outage_interval``
+  (50 ms), so a process has one prober per endpoint whatever its number of pools;
+- when a writable primary is back it wakes the pools, spread over up to 0.25 s so that a
+  hundred pools do not stampede PgBouncer or the server.
+
+A pool whose own request meets a failure first makes the watch look at once. A pool the
+monitor cannot watch (a callable conninfo, ``topology=``) keeps its own single-flight prober.
+The monitor runs in one daemon thread with its own asyncio loop, for sync and async pools
+alike. Decisions are pure (:mod:`pgfailover.monitor.model`).
+"""
+
+from __future__ import annotations
+
+from ._runtime import CONNECT_TIMEOUT, PROBE_TIMEOUT, Member, Monitor, WatchTarget, process_monitor
+from .model import INTERVAL, OUTAGE_INTERVAL, Endpoint, EndpointWatch, Health, Status
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "INTERVAL",
+    "OUTAGE_INTERVAL",
+    "PROBE_TIMEOUT",
+    "Endpoint",
+    "EndpointWatch",
+    "Health",
+    "Member",
+    "Monitor",
+    "Status",
+    "WatchTarget",
+    "process_monitor",
+]
