@@ -199,6 +199,54 @@ def test_session_mode_stock_backend_stays_broken_pgfailover_recovers(
     assert "leads to a standby" in before["default"][-1]["message"], before
 
 
+def test_session_mode_with_django_pool(
+    session_mode_cluster: LocalCluster, project: list[Project]
+) -> None:
+    """The same through PgBouncer in session mode with Django's pool (OPTIONS "pool",
+    Django 5.1+) and CONN_HEALTH_CHECKS: after the failover and the repoint the stock
+    backend's psycopg_pool keeps serving connections bound to the demoted node (its check
+    runs an empty query, which a standby passes), so write requests keep failing with
+    25006; pgfailover.django's pool (a pgfailover.ConnectionPool) serves the first or
+    second write request and every one after."""
+    if not HAS_POOL:
+        pytest.skip(f"Django {django.get_version()} has no connection pool (5.1+)")
+    cluster = session_mode_cluster
+    pgb = cluster.pgbouncer
+    assert pgb is not None
+    pool = {"pool": {"min_size": 2, "max_size": 2, "timeout": 3}}
+    dbs = {
+        alias: database(
+            engine, host=pgb.host, port=pgb.port, cluster=cluster, conn_max_age=0, options=pool
+        )
+        for alias, engine in (("default", PGF), ("stock", STOCK))
+    }
+    p = Project(dbs)
+    project.append(p)
+    p.ask("migrate", db="default")
+    for alias in dbs:
+        for _ in range(3):  # every pooled connection used once
+            assert p.request("/write/", alias)["status"] == 200
+
+    cluster.failover()
+    before = {alias: [p.request("/write/", alias) for _ in range(2)] for alias in dbs}
+    cluster.repoint_pgbouncer(cluster.primary)
+    after = {alias: [p.request("/write/", alias) for _ in range(8)] for alias in dbs}
+
+    def summary(results: list[dict[str, Any]]) -> list[str]:
+        return [
+            str(r["status"]) if r["status"] == 200 else f"{r['sqlstate'] or r['error']}"
+            for r in results
+        ]
+
+    print({alias: (summary(before[alias]), summary(after[alias])) for alias in dbs})
+    ours = after["default"]
+    first_ok = next(i for i, r in enumerate(ours) if r["status"] == 200)
+    assert first_ok <= 1, ours
+    assert all(r["status"] == 200 for r in ours[first_ok:]), ours
+    stock = after["stock"]
+    assert all(r["status"] == 500 and r["sqlstate"] == "25006" for r in stock), stock
+
+
 @pytest.mark.parametrize("pool", [False, True], ids=["persistent", "pool"])
 def test_atomic_turns_a_failover_into_zero_failed_requests(
     pgfailover_cluster: LocalCluster, project: list[Project], pool: bool
