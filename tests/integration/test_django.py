@@ -316,7 +316,9 @@ def test_happy_path_costs_no_extra_round_trip(
     """Per request on a persistent connection, pgfailover.django makes no more round trips
     than the stock backend: one fewer with CONN_HEALTH_CHECKS (its check needs no SELECT 1
     without a reason), as many without; and AtomicRunner's transaction (the record rides in
-    BEGIN's round trip) as many as Django's own transaction.atomic."""
+    BEGIN's round trip) as many as Django's own transaction.atomic. With Django's pool and
+    CONN_HEALTH_CHECKS (Django 5.1+): one fewer per request than psycopg_pool's checkout
+    check, none beyond the INSERT."""
     node = pgfailover_cluster.primary
     c = pgfailover_cluster
     dbs = {
@@ -327,6 +329,12 @@ def test_happy_path_costs_no_extra_round_trip(
             STOCK, host=node.host, port=node.port, cluster=c, health_checks=False
         ),
     }
+    if HAS_POOL:  # Django's pool of one connection, with CONN_HEALTH_CHECKS
+        one = {"pool": {"min_size": 1, "max_size": 1}}
+        for alias, engine in (("pgf_pool", PGF), ("stock_pool", STOCK)):
+            dbs[alias] = database(
+                engine, host=node.host, port=node.port, cluster=c, conn_max_age=0, options=one
+            )
     p = Project(dbs)
     project.append(p)
     p.ask("migrate", db="default")
@@ -343,6 +351,10 @@ def test_happy_path_costs_no_extra_round_trip(
     assert checked["default"] == n, checked  # the INSERT alone
     assert plain["pgf_plain"] == plain["stock_plain"] == n, plain
     assert atomic == django_atomic == 4 * n, (atomic, django_atomic)  # BEGIN, 2 stmts, COMMIT
+    if HAS_POOL:
+        pooled = {db: trips("/write/", db) for db in ("pgf_pool", "stock_pool")}
+        assert pooled["stock_pool"] == 2 * n, pooled  # psycopg_pool's check, then the INSERT
+        assert pooled["pgf_pool"] == n, pooled  # the checkout check needs no round trip
 
 
 def test_caught_failover_error_still_ends_the_connection_with_the_request(

@@ -14,7 +14,8 @@
   ``loop_progress`` answers how many are done, ``loop_stop`` the outcomes and the number
   of RetryEvents seen since the first loop started;
 - ``{"op": "trace", "path": ..., "db": alias, "n": n}``: libpq round trips of ``n``
-  requests on the alias's persistent connection (after one warm-up request);
+  requests on the alias's persistent connection, or its pool's only connection (after one
+  warm-up request);
 - ``{"op": "count", "db": alias}`` (optional ``key``): the number of Items (with that key);
 - ``{"op": "retry_actions"}``: the actions of the RetryEvents seen since the last time;
 - ``{"op": "wrapper", "db": alias}``: the error (type, message) of connecting the alias;
@@ -104,11 +105,15 @@ class Loop(threading.Thread):
 
 
 def trace(client: Client, path: str, db: str, n: int) -> int:
-    """Round trips of ``n`` requests on the alias's persistent connection."""
+    """Round trips of ``n`` requests on the alias's persistent connection, or on its pool's
+    only connection (a pool of ``max_size`` 1: each request checks the same one out)."""
     request(client, path, db)  # warm-up: the connection is open and checked
     wrapper = connections[db]
+    pooled = getattr(wrapper, "pool", None) is not None
     wrapper.ensure_connection()
     pgconn = wrapper.connection.pgconn
+    if pooled:
+        wrapper.close()  # back to the pool, for the requests to check it out
     with tempfile.TemporaryFile("w+") as f:
         pgconn.trace(f.fileno())
         try:
@@ -118,7 +123,12 @@ def trace(client: Client, path: str, db: str, n: int) -> int:
                     raise RuntimeError(f"request failed: {result}")
         finally:
             pgconn.untrace()
-        if wrapper.connection is None or wrapper.connection.pgconn is not pgconn:
+        if pooled:
+            wrapper.ensure_connection()
+        same = wrapper.connection is not None and wrapper.connection.pgconn is pgconn
+        if pooled:
+            wrapper.close()
+        if not same:
             raise RuntimeError("the connection changed during the trace")
         f.seek(0)
         return round_trips(f.read())
