@@ -191,7 +191,7 @@ class FailoverState:
                 self.generation += 1
                 self.counters["generations_purged"] += 1
         if purge:
-            self._event("generation purged", reason=f"the monitor found a {finding} at {endpoint}")
+            self._event("generation purged", reason=f"{endpoint}: {finding} (seen by the monitor)")
         return purge
 
     # -- decisions

@@ -286,11 +286,12 @@ class Monitor:
     def _act(self, endpoint: Endpoint, change: Change | None, watch: EndpointWatch) -> None:
         """Tell the members what changed (in the monitor's thread)."""
         members = self.members(endpoint)
-        if change is Change.LOST:
-            for member in members:
-                _call(member._pgf_endpoint_lost, str(endpoint), watch.finding)
-            return
+        if watch.status is Status.MISCONFIGURED:
+            return  # the pools' own attempts give their callers the driver's error at once
         if watch.status is not Status.WRITABLE:
+            if change is Change.LOST or watch.news:  # purge once; keep the finding current
+                for member in members:
+                    _call(member._pgf_endpoint_lost, endpoint.address, watch.finding)
             return
         # back, or still writable after a member's suspicion: release held pools (a pool
         # that knows of no outage ignores it), spread so that they do not stampede

@@ -55,12 +55,16 @@ class Endpoint:
     dbname: str
 
     def __str__(self) -> str:
+        return f"{self.address}/{self.dbname}"
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (comma-separated for a host list), as the pools' errors name it."""
         hosts = self.hosts.split(",")
         ports = self.ports.split(",")
         if len(ports) == 1:
             ports = ports * len(hosts)
-        where = ",".join(f"{h}:{p}" for h, p in zip(hosts, ports, strict=False))
-        return f"{where}/{self.dbname}"
+        return ",".join(f"{h}:{p}" for h, p in zip(hosts, ports, strict=False))
 
     @classmethod
     def of(cls, params: Mapping[str, object]) -> Endpoint:
@@ -144,6 +148,8 @@ class EndpointWatch:
         self.suspected = False
         self.checks = 0
         self.connects = 0
+        #: whether the last observation changed the status or the finding
+        self.news = False
 
     def observe(self, status: Status, finding: str, now: float, wall: float) -> Change | None:
         """Record what one look found; the change to act on, if any.
@@ -156,6 +162,7 @@ class EndpointWatch:
         self.checked_wall = wall
         self.suspected = False
         previous = self.status
+        self.news = status is not previous or finding != self.finding
         if status is not previous:
             self.status = status
             self.since = now
