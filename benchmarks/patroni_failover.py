@@ -1,9 +1,19 @@
-"""Patroni failovers next to the application's recovery: leader crashes and switchovers.
+"""Patroni failovers next to the application's recovery: leader crashes, switchovers and
+frozen leaders.
 
 One :class:`~pgfailover.testing.PatroniCluster` (etcd + 3 members, the harness's fast profile:
-ttl 10, loop_wait 1, retry_timeout 3, ``synchronous_mode`` on). ``--runs`` leader crashes
-(SIGKILL of the leader's Patroni and postmaster) and ``--runs`` switchovers (``POST
-/switchover`` to the synchronous standby), the cluster healed (:meth:`reset`) before each.
+ttl 10, loop_wait 1, retry_timeout 3, ``synchronous_mode`` on). ``--runs`` runs of each fault
+in ``--faults`` (default all three), the cluster healed (:meth:`reset`) before each:
+
+- ``crash``: SIGKILL of the leader's Patroni and postmaster;
+- ``switchover``: ``POST /switchover`` to the synchronous standby;
+- ``freeze``: SIGSTOP of every process of the leader (a hung machine: its sockets stay open
+  and its kernel keeps acknowledging). Patroni names another leader once the frozen one's
+  lease runs out (about ``ttl``). The writers are stopped and every key counted on the new
+  leader *before* the old one is thawed (with Patroni 3.0.2's etcd3 store a thawed leader
+  may take its key back and rewind what the new one accepted); writes still blocked on the
+  frozen node then (a plain pool has no bound) end after the thaw and are reported as
+  ``late``, outside the lost/duplicated count.
 
 During each run, three stacks write under load (``--writers`` threads each, one insert of a
 unique key every ``--interval`` seconds per thread), built as the drill builds them:
@@ -22,13 +32,20 @@ reconnecting when the session breaks. From the probes:
 - *Patroni's promotion gap*: from the old leader's last probe success to that instant.
 
 Per stack: *first write after writable* (the end of the first acknowledged write that ended
-at or after "new leader writable", minus that instant), the *write gap* (the longest stretch
+at or after "new leader writable", minus that instant), the *longest call* (the longest
+write from start to end, success or failure, among those that ended before the count), the
+*write gap* (the longest stretch
 without an acknowledged write from 1 s before the fault to the end of the run), failed and
 unknown-outcome writes, and, counting every key on the final leader, lost (acknowledged,
 absent) and duplicated keys. Patroni's own phases come from the harness's
 :class:`~pgfailover.testing.Timings`.
 
     python benchmarks/patroni_failover.py --runs 5 --json benchmarks/results/patroni_failover.json
+    python benchmarks/patroni_failover.py --faults freeze --runs 5 --log /tmp/freeze.log
+
+``--log FILE`` writes pgfailover's own log (DEBUG, with ``time.monotonic()`` stamps, the
+same clock as the results) to FILE: where the time goes between the fault and the first
+acknowledged write.
 """
 
 from __future__ import annotations
@@ -65,7 +82,7 @@ from pgfailover.testing import PatroniCluster
 from pgfailover.testing.patroni import PatroniNode
 
 STACKS: tuple[type[Stack], ...] = (NaivePool, ProtectedPool, ProtectedPoolRunner)
-FAULTS = ("crash", "switchover")
+FAULTS = ("crash", "switchover", "freeze")
 #: Seconds of writing before the fault, and after the new leader is writable.
 BEFORE, AFTER = 1.5, 3.0
 #: Seconds between two probe writes on each member.
@@ -73,7 +90,9 @@ PROBE_INTERVAL = 0.01
 #: The write gap is measured from this many seconds before the fault.
 GAP_LEAD = 1.0
 #: The issue's targets (seconds).
-CRASH_P50, CRASH_MAX, SWITCHOVER_EXTRA = 0.2, 0.5, 0.2
+CRASH_P50, CRASH_MAX, SWITCHOVER_EXTRA, FREEZE_MAX = 0.2, 0.5, 0.2, 0.5
+#: Seconds the writers of a freeze run get to finish once stopped, before the count.
+FREEZE_JOIN = 30.0
 
 
 @dataclass(frozen=True)
@@ -163,9 +182,18 @@ class Load:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.join(60)
+
+    def stop(self) -> None:
+        """Ask every writer to stop after its current write."""
         self._stop.set()
+
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds in all for the writers to end."""
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(60)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self, stack: Stack, next_key: Callable[[], int]) -> None:
         next_at = time.monotonic()
@@ -184,6 +212,19 @@ class Load:
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
 
+@dataclass(frozen=True)
+class DefaultBoundEndpoint(Endpoint):
+    """The drill's endpoint, but pgfailover's pools get no ``connect_timeout`` of their
+    own: each connection attempt is bounded by pgfailover's default
+    (:data:`~pgfailover.policy.CONNECT_ATTEMPT_BOUND`), as in an application that sets
+    none. The naive stacks keep the drill's ``connect_timeout=2``."""
+
+    def topology_conninfo(self) -> str:
+        return psycopg.conninfo.make_conninfo(
+            dbname=self.dbname, user=self.user, password=self.password
+        )
+
+
 def _sleep_until(at: float) -> None:
     time.sleep(max(0.0, at - time.monotonic()))
 
@@ -197,13 +238,23 @@ def _wait_sync_standby(cluster: PatroniCluster, timeout: float = 60.0) -> None:
 
 
 def _stack_result(
-    writes: list[Write], found: dict[int, int], fault_at: float, writable: float, end: float
+    writes: list[Write],
+    found: dict[int, int],
+    fault_at: float,
+    writable: float,
+    end: float,
+    *,
+    counted_at: float,
 ) -> dict[str, Any]:
+    late = [w for w in writes if w.end > counted_at]  # ended after the count (freeze only)
+    writes = [w for w in writes if w.end <= counted_at]
     ok_ends = sorted(w.end for w in writes if w.ok and w.end >= fault_at - GAP_LEAD)
     after = [t for t in ok_ends if t >= writable]
     points = [fault_at - GAP_LEAD, *(t for t in ok_ends if t <= end), end]
     acked = {w.key for w in writes if w.ok}
     return {
+        "late": len(late),
+        "longest_call": max((w.end - w.start for w in writes), default=0.0),
         "writes": len(writes),
         "ok": sum(w.ok for w in writes),
         "failed": sum(not w.ok for w in writes),
@@ -221,6 +272,33 @@ def _stack_result(
 _KEYS = itertools.count(1)
 
 
+def _inflict(
+    cluster: PatroniCluster, fault: str, old: PatroniNode
+) -> tuple[PatroniNode, float, dict[str, float], float | None]:
+    """Inflict ``fault`` on leader ``old``; return the new leader, the fault's instant,
+    Patroni's phases (seconds from the fault) and when the harness saw the new leader
+    writable (None for a freeze: the probes say it)."""
+    if fault == "crash":
+        timings = cluster.kill_leader()
+        fault_at = timings.ended_at["killed"] - timings.phases["killed"]
+        patroni = {
+            "killed": timings.phases["killed"],
+            "elected": timings.ended_at["elected"] - fault_at,
+            "writable": timings.ended_at["writable"] - fault_at,
+        }
+    elif fault == "switchover":
+        timings = cluster.switchover()
+        fault_at = timings.ended_at["writable"] - timings.phases["writable"]
+        patroni = {"writable": timings.phases["writable"]}
+    else:
+        fault_at = time.monotonic()
+        cluster.freeze(old)
+        new, elected_at = _wait_other_leader(cluster, old)
+        return new, fault_at, {"elected": elected_at - fault_at}, None
+    new = cluster.node(timings.notes["new_leader"])
+    return new, fault_at, patroni, timings.ended_at["writable"]
+
+
 def one_run(
     cluster: PatroniCluster, endpoint: Endpoint, fault: str, writers: int, interval: float
 ) -> dict[str, Any]:
@@ -229,6 +307,7 @@ def one_run(
     _wait_sync_standby(cluster)
     old = cluster.wait_leader()
     stacks: list[Stack] = []
+    found: dict[int, int] | None = None
     try:
         stacks = [kind(endpoint, TABLE, writers) for kind in STACKS]
         with (
@@ -239,28 +318,27 @@ def one_run(
         ):
             probes = {p.node.name: p for p in (p0, p1, p2)}
             _sleep_until(time.monotonic() + BEFORE)
-            if fault == "crash":
-                timings = cluster.kill_leader()
-                fault_at = timings.ended_at["killed"] - timings.phases["killed"]
-                patroni = {
-                    "killed": timings.phases["killed"],
-                    "elected": timings.ended_at["elected"] - fault_at,
-                    "writable": timings.ended_at["writable"] - fault_at,
-                }
-            else:
-                timings = cluster.switchover()
-                fault_at = timings.ended_at["writable"] - timings.phases["writable"]
-                patroni = {"writable": timings.phases["writable"]}
-            new = cluster.node(timings.notes["new_leader"])
+            new, fault_at, patroni, harness_writable = _inflict(cluster, fault, old)
             writable = probes[new.name].wait_first_after(fault_at)
             old_last = probes[old.name].last_before(writable)
-            _sleep_until(max(writable, timings.ended_at["writable"]) + AFTER)
+            if harness_writable is None:
+                patroni["writable"] = writable - fault_at
+            _sleep_until(max(writable, harness_writable or writable) + AFTER)
             end = time.monotonic()
+            if fault == "freeze":  # count before the thaw (see the module docstring)
+                load.stop()
+                load.join(FREEZE_JOIN)
+                counted_at = time.monotonic()
+                with new.connect(superuser=False) as conn:
+                    found = count_rows(conn)
+                cluster.thaw(old)
     finally:
         for stack in stacks:
             close_quietly(stack)
-    with new.connect(superuser=False) as conn:
-        found = count_rows(conn)
+    if found is None:
+        counted_at = time.monotonic()
+        with new.connect(superuser=False) as conn:
+            found = count_rows(conn)
     writes = load.writes
     return {
         "fault": fault,
@@ -269,16 +347,37 @@ def one_run(
         "patroni": patroni,
         "probe": {
             "writable": writable - fault_at,
-            "harness_writable_minus_probe": timings.ended_at["writable"] - writable,
+            "harness_writable_minus_probe": (
+                None if harness_writable is None else harness_writable - writable
+            ),
             "promotion_gap": None if old_last is None else writable - old_last,
         },
         "stacks": {
             kind.name: _stack_result(
-                [w for w in writes if w.stack == kind.name], found, fault_at, writable, end
+                [w for w in writes if w.stack == kind.name],
+                found,
+                fault_at,
+                writable,
+                end,
+                counted_at=counted_at,
             )
             for kind in STACKS
         },
     }
+
+
+def _wait_other_leader(
+    cluster: PatroniCluster, old: PatroniNode, timeout: float = 60.0
+) -> tuple[PatroniNode, float]:
+    """The member etcd names leader once it is not ``old``, and when that was seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        leader = cluster.leader()
+        if leader is not None and leader is not old:
+            return leader, time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no leader other than {old.name} within {timeout} s")
+        time.sleep(0.01)
 
 
 def _stats(values: list[float]) -> str:
@@ -288,10 +387,11 @@ def _stats(values: list[float]) -> str:
 
 
 def _report(runs: list[dict[str, Any]]) -> list[str]:
+    faults = [f for f in FAULTS if any(r["fault"] == f for r in runs)]
     out = ["### Patroni's own timings (seconds from the fault; median / max)", ""]
     out += ["| fault | runs | elected | writable (harness) | writable (probe) | promotion gap |"]
     out += ["|---|---|---|---|---|---|"]
-    for fault in FAULTS:
+    for fault in faults:
         rs = [r for r in runs if r["fault"] == fault]
         elected = [r["patroni"]["elected"] for r in rs if "elected" in r["patroni"]]
         gaps = [r["probe"]["promotion_gap"] for r in rs if r["probe"]["promotion_gap"] is not None]
@@ -302,11 +402,12 @@ def _report(runs: list[dict[str, Any]]) -> list[str]:
         )
     out += ["", "### The application (seconds; median / max over the runs)", ""]
     out += [
-        "| fault | stack | first write after writable | write gap | gap - promotion gap "
-        "| failed | failed after writable | unknown | lost | duplicated |"
+        "| fault | stack | first write after writable | longest call | write gap "
+        "| gap - promotion gap | failed | failed after writable | unknown | lost | duplicated "
+        "| late |"
     ]
-    out += ["|---|---|---|---|---|---|---|---|---|---|"]
-    for fault in FAULTS:
+    out += ["|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for fault in faults:
         rs = [r for r in runs if r["fault"] == fault]
         for kind in STACKS:
             ss = [r["stacks"][kind.name] for r in rs]
@@ -321,15 +422,28 @@ def _report(runs: list[dict[str, Any]]) -> list[str]:
                 if r["probe"]["promotion_gap"] is not None
             ]
             totals = [sum(s[k] for s in ss) for k in ("failed", "failed_after_writable")]
-            totals += [sum(s[k] for s in ss) for k in ("unknown", "lost", "duplicated")]
+            totals += [sum(s[k] for s in ss) for k in ("unknown", "lost", "duplicated", "late")]
             out.append(
-                f"| {fault} | {kind.name} | {first} | {_stats([s['write_gap'] for s in ss])} | "
+                f"| {fault} | {kind.name} | {first} | "
+                f"{_stats([s['longest_call'] for s in ss])} | "
+                f"{_stats([s['write_gap'] for s in ss])} | "
                 f"{_stats(extra)} | " + " | ".join(str(t) for t in totals) + " |"
             )
     out += ["", "### Targets", ""]
     crash = [r for r in runs if r["fault"] == "crash"]
     switch = [r for r in runs if r["fault"] == "switchover"]
+    freeze = [r for r in runs if r["fault"] == "freeze"]
     for name in ("pgfailover pool", "pgfailover pool + runner"):
+        if freeze:
+            firsts = [r["stacks"][name]["first_write_after_writable"] for r in freeze]
+            ok = None not in firsts and max(firsts) <= FREEZE_MAX
+            out.append(
+                f"- freeze, {name}: first write after writable <= {FREEZE_MAX} s (max): "
+                f"{'met' if ok else 'MISSED'} ({_stats([f for f in firsts if f is not None])}"
+                f"{', some run never wrote' if None in firsts else ''})"
+            )
+        if not crash:
+            continue
         firsts = [r["stacks"][name]["first_write_after_writable"] for r in crash]
         ok = None not in firsts and (
             statistics.median(firsts) <= CRASH_P50 and max(firsts) <= CRASH_MAX
@@ -339,6 +453,8 @@ def _report(runs: list[dict[str, Any]]) -> list[str]:
             f"{CRASH_MAX} s: {'met' if ok else 'MISSED'} "
             f"({_stats([f for f in firsts if f is not None])})"
         )
+        if not switch:
+            continue
         extra = [
             r["stacks"][name]["write_gap"] - r["probe"]["promotion_gap"]
             for r in switch
@@ -358,17 +474,49 @@ def _report(runs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+class _MonotonicFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{time.monotonic():.3f} {record.threadName} {super().format(record)}"
+
+
+def _log_to(path: Path) -> None:
+    """pgfailover's log at DEBUG into ``path``, each line stamped with ``time.monotonic()``."""
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(_MonotonicFormatter("%(name)s %(levelname)s %(message)s"))
+    pgf = logging.getLogger("pgfailover")
+    pgf.setLevel(logging.DEBUG)
+    pgf.addHandler(handler)
+    pgf.propagate = False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="crashes and switchovers, each")
+    parser.add_argument("--runs", type=int, default=5, help="runs of each fault")
+    parser.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help=f"comma-separated faults to run, among {', '.join(FAULTS)} (default: all)",
+    )
+    parser.add_argument("--log", type=Path, help="write pgfailover's DEBUG log here")
+    parser.add_argument(
+        "--pool-connect-timeout",
+        action="store_true",
+        help="give pgfailover's pools the drill's connect_timeout=2 (default: none, so "
+        "pgfailover's own bound applies)",
+    )
     parser.add_argument("--writers", type=int, default=2, help="writer threads per stack")
     parser.add_argument("--interval", type=float, default=0.02, help="seconds between writes")
     parser.add_argument("--json", type=Path, help="write every run's results here")
     args = parser.parse_args()
     if args.runs < 1 or args.writers < 1 or args.interval <= 0:
         parser.error("--runs and --writers must be >= 1, --interval > 0")
+    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    if not faults or not set(faults) <= set(FAULTS):
+        parser.error(f"--faults takes a comma-separated list among {', '.join(FAULTS)}")
     for name in ("", "psycopg", "pgfailover"):  # every failed connection is a WARNING
         logging.getLogger(name).setLevel(logging.ERROR)
+    if args.log:
+        _log_to(args.log)
     started = datetime.datetime.now(datetime.timezone.utc)
     runs: list[dict[str, Any]] = []
     with PatroniCluster(nodes=3, synchronous_mode=True) as cluster:
@@ -377,7 +525,7 @@ def main() -> int:
             server_version = create_table(conn)
         status, body = leader.api("/patroni")
         patroni_version = body.get("patroni", {}).get("version") if status == 200 else None
-        endpoint = Endpoint(
+        endpoint = (Endpoint if args.pool_connect_timeout else DefaultBoundEndpoint)(
             [(n.host, n.port) for n in cluster.nodes],
             cluster.dbname,
             cluster.user,
@@ -385,7 +533,7 @@ def main() -> int:
             session_attrs="read-write",
             patroni_urls=tuple(n.rest_url for n in cluster.nodes),
         )
-        for fault in FAULTS:
+        for fault in faults:
             for i in range(args.runs):
                 run = one_run(cluster, endpoint, fault, args.writers, args.interval)
                 runs.append(run)
@@ -413,6 +561,7 @@ def main() -> int:
         "writers_per_stack": args.writers,
         "interval": args.interval,
         "probe_interval": PROBE_INTERVAL,
+        "pgfailover_pool_connect_timeout": 2 if args.pool_connect_timeout else None,
     }
     print("\n".join(f"{k}: {v}" for k, v in meta.items()) + "\n")
     print("\n".join(_report(runs)))
