@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers
     from .errors import NoPrimaryAvailable
     from .pool import ConnectionPool
     from .pool_async import AsyncConnectionPool
+    from .readiness import health
     from .topology import (
         AsyncHostListTopology,
         AsyncPatroniTopology,
@@ -71,7 +72,12 @@ _TOPOLOGY_NAMES = (
 def __getattr__(name: str) -> object:
     """Import the optional integrations on first use: the pools need the ``pool`` extra
     (psycopg_pool), :mod:`pgfailover.sqlalchemy` the ``sqlalchemy`` extra; the topology
-    sources (:mod:`pgfailover.topology`) need nothing extra."""
+    sources (:mod:`pgfailover.topology`) and :func:`pgfailover.health`
+    (:mod:`pgfailover.readiness`) need nothing extra."""
+    if name == "health":
+        from .readiness import health  # noqa: PLC0415 - lazy: only probes need it
+
+        return health
     if name == "sqlalchemy":
         import importlib  # noqa: PLC0415 - lazy: the sqlalchemy extra is optional
 
@@ -128,6 +134,7 @@ __all__ = [  # includes the lazily imported pool and topology names
     "aprobe",
     "arun_transaction",
     "classify",
+    "health",
     "is_failover_error",
     "is_retryable",
     "probe",
