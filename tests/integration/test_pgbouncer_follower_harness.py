@@ -13,6 +13,8 @@ import psycopg
 import pytest
 
 from pgfailover.drill.stacks import Endpoint, NaivePool, ProtectedPoolRunner, Stack
+from pgfailover.pgbouncer.admin import AdminConsole
+from pgfailover.pgbouncer.repoint import repoint
 from pgfailover.testing import LocalCluster, PatroniCluster
 from pgfailover.testing._follower import FollowerProcess
 from pgfailover.testing.cluster import SUPERUSER
@@ -231,3 +233,42 @@ def test_patroni_switchover_followed(patroni: PatroniCluster) -> None:
     assert row == (False, new.port)
     log = patroni.follower.log_text(mark)
     assert f"SHOW DATABASES: app, postgres at {new.address}" in log, log
+
+
+def test_repoint_with_pause_holds_then_resumes(cluster: LocalCluster) -> None:
+    """``repoint(pause=...)`` sends PAUSE for each database before the rewrite and RESUME
+    after the RELOAD: PgBouncer takes the new address and no database stays paused (the
+    cluster's follower then puts PgBouncer back on the primary)."""
+    bouncer = cluster.pgbouncer
+    assert bouncer is not None
+    standby = cluster.standbys[0]
+    lines: list[str] = []
+    with AdminConsole(bouncer.admin_dsn()) as admin:
+        result = repoint(admin, standby.host, standby.port, pause=5.0, log=lines.append)
+        assert result.paused == ["app", "postgres"]
+        assert result.reloaded
+        rows = {row.name: row for row in admin.databases()}
+    assert lines.index("PAUSE app") < lines.index("RELOAD") < lines.index("RESUME app"), lines
+    assert not any(row.paused for row in rows.values())
+    cluster.wait_pgbouncer_points_at(cluster.primary, timeout=30)
+
+
+def test_repoint_pause_that_cannot_complete_is_withdrawn(cluster: LocalCluster) -> None:
+    """A client inside a transaction holds its server connection, so PAUSE cannot
+    complete: after the bound the pause is withdrawn (RESUME), the repoint goes on without
+    it, and the database is not left paused."""
+    bouncer = cluster.pgbouncer
+    assert bouncer is not None
+    standby = cluster.standbys[0]
+    lines: list[str] = []
+    with psycopg.connect(bouncer.dsn(), prepare_threshold=None, connect_timeout=5) as holder:
+        holder.execute("SELECT 1")  # a transaction stays open: its server stays linked
+        with AdminConsole(bouncer.admin_dsn()) as admin:
+            result = repoint(admin, standby.host, standby.port, pause=0.5, log=lines.append)
+            rows = {row.name: row for row in admin.databases()}
+        holder.rollback()
+    assert "app" not in result.paused
+    assert any("PAUSE app did not complete within 0.5 s" in line for line in lines), lines
+    assert result.reloaded  # repoint() checked with SHOW DATABASES that it took
+    assert not rows["app"].paused
+    cluster.wait_pgbouncer_points_at(cluster.primary, timeout=30)

@@ -10,6 +10,8 @@ messages never hold the password.
 from __future__ import annotations
 
 import re
+import select
+import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -54,6 +56,12 @@ class AdminAuthError(AdminError):
 class NotAdminConsole(AdminError):
     """The server reached is not a PgBouncer admin console (a PostgreSQL server, or a
     PgBouncer database other than ``pgbouncer``)."""
+
+
+class PauseTimeout(AdminError):
+    """``PAUSE`` did not complete in time (clients hold server connections: a transaction in
+    progress, or any client at all in session pooling); the pause was withdrawn with
+    ``RESUME``."""
 
 
 class Version(NamedTuple):
@@ -156,19 +164,9 @@ class AdminConsole:
             raise AdminInvalidDsn(f"cannot parse the admin DSN: {self._clean(ex)}") from None
         if not params.get("dbname"):
             dsn = make_conninfo(dsn, dbname="pgbouncer")
-        timeout = max(1, int(-(-connect_timeout // 1)))
-        try:
-            self._conn = psycopg.connect(
-                dsn, autocommit=True, prepare_threshold=None, connect_timeout=timeout
-            )
-        except psycopg.Error as ex:
-            message = self._clean(ex)
-            lowered = message.lower()
-            if any(marker in lowered for marker in _AUTH_MARKERS):
-                raise AdminAuthError(f"PgBouncer refused the login: {message}") from None
-            if any(marker in lowered for marker in _NOT_CONSOLE_MARKERS):
-                raise NotAdminConsole(f"not a PgBouncer admin console: {message}") from None
-            raise AdminUnreachable(f"cannot connect to the admin console: {message}") from None
+        self._dsn = dsn  # kept to open a second console (pause); never shown
+        self._connect_timeout = max(1, int(-(-connect_timeout // 1)))
+        self._conn = self._connect()
         try:
             self.version_text = self._version_text()
         except BaseException:
@@ -182,6 +180,23 @@ class AdminConsole:
             )
         #: PgBouncer's version, from ``SHOW VERSION`` at connection time.
         self.version: Version = version
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(
+                self._dsn,
+                autocommit=True,
+                prepare_threshold=None,
+                connect_timeout=self._connect_timeout,
+            )
+        except psycopg.Error as ex:
+            message = self._clean(ex)
+            lowered = message.lower()
+            if any(marker in lowered for marker in _AUTH_MARKERS):
+                raise AdminAuthError(f"PgBouncer refused the login: {message}") from None
+            if any(marker in lowered for marker in _NOT_CONSOLE_MARKERS):
+                raise NotAdminConsole(f"not a PgBouncer admin console: {message}") from None
+            raise AdminUnreachable(f"cannot connect to the admin console: {message}") from None
 
     def _clean(self, ex: BaseException) -> str:
         first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
@@ -262,10 +277,56 @@ class AdminConsole:
     def _on(self, verb: str, database: str | None) -> None:
         self._rows(verb if database is None else f"{verb} {_quote_name(database)}")
 
-    def pause(self, database: str | None = None) -> None:
+    def pause(self, database: str | None = None, *, timeout: float | None = None) -> None:
         """``PAUSE [db]``: wait for server connections to be released, then hold new
-        queries until :meth:`resume` (None: every database)."""
-        self._on("PAUSE", database)
+        queries until :meth:`resume` (None: every database).
+
+        ``timeout`` None waits for as long as PgBouncer takes (in session pooling, until
+        every client of the database disconnects). A number of seconds bounds the wait:
+        past it the pause is withdrawn (``RESUME`` from a second console connection), this
+        console is reconnected, and :class:`PauseTimeout` is raised.
+        """
+        if timeout is None:
+            self._on("PAUSE", database)
+            return
+        command = "PAUSE" if database is None else f"PAUSE {_quote_name(database)}"
+        if self._bounded(command, timeout):
+            return
+        stuck, self._conn = self._conn, self._connect()
+        try:
+            self._on("RESUME", database)
+        finally:
+            stuck.close()
+        raise PauseTimeout(
+            f"{command} did not complete within {timeout:g} s (clients hold server "
+            "connections); withdrawn with RESUME"
+        )
+
+    def _bounded(self, command: str, timeout: float) -> bool:
+        """Send ``command`` and wait up to ``timeout`` seconds for its answer; False when
+        none came (the command is still pending on this connection)."""
+        pgconn = self._conn.pgconn
+        deadline = time.monotonic() + timeout
+        try:
+            pgconn.send_query(command.encode())  # no parameters: the simple query protocol
+            while True:
+                pgconn.consume_input()
+                if not pgconn.is_busy():
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                select.select([pgconn.socket], [], [], min(remaining, 0.05))
+            errors = []
+            while (result := pgconn.get_result()) is not None:
+                if result.status == psycopg.pq.ExecStatus.FATAL_ERROR:
+                    errors.append(result.error_field(psycopg.pq.DiagnosticField.MESSAGE_PRIMARY))
+        except (psycopg.Error, OSError) as ex:
+            raise AdminError(f"{command}: {self._clean(ex)}") from None
+        if errors:
+            text = (errors[0] or b"").decode(errors="replace")
+            raise AdminError(f"{command}: {scrub(text, self._secrets)}")
+        return True
 
     def resume(self, database: str | None = None) -> None:
         """``RESUME [db]`` after :meth:`pause` or :meth:`kill` (None: every database)."""

@@ -36,7 +36,7 @@ from .doctor import (
     format_findings,
     merge,
 )
-from .follow import Follower, admin_label
+from .follow import PAUSE_TIMEOUT, Follower, admin_label
 from .ini import IniError, load_ini
 from .repoint import RepointFailed, repoint
 
@@ -156,6 +156,12 @@ def add_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="NAME",
         help="an entry to repoint (repeatable; default: every entry with a TCP host)",
     )
+    rep.add_argument(
+        "--pause",
+        action="store_true",
+        help="hold clients with PAUSE while rewriting and reloading, RESUME after (a PAUSE "
+        "not done within 2 s is withdrawn) (default: off)",
+    )
     _add_follow(commands)
 
 
@@ -211,6 +217,13 @@ def _add_follow(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=0.5,
         metavar="SECONDS",
         help="pause between two looks at the topology (default: %(default)s)",
+    )
+    fol.add_argument(
+        "--pause",
+        action="store_true",
+        help="hold clients with PAUSE while rewriting and reloading, RESUME after (a PAUSE "
+        "not done within 2 s, clients holding server connections, is withdrawn and the "
+        "repoint goes on without it) (default: off, repoint while clients run)",
     )
 
 
@@ -269,6 +282,7 @@ def run_follow(args: argparse.Namespace, out: _Out = print, err: _Out = _stderr)
             ini=args.ini,
             databases=args.database,
             interval=args.interval,
+            pause=args.pause,
             log=out,
         )
     except (ValueError, Error) as ex:
@@ -339,6 +353,7 @@ def run_repoint(args: argparse.Namespace, out: _Out = print, err: _Out = _stderr
                 ini_path=args.ini,
                 databases=args.database,
                 log=out,
+                pause=PAUSE_TIMEOUT if args.pause else None,
             )
     except RepointFailed as ex:
         err(f"pgfailover pgbouncer repoint: {ex}")

@@ -28,6 +28,8 @@ from .repoint import repoint
 
 #: Seconds between two rounds when the caller gives none.
 DEFAULT_INTERVAL = 0.5
+#: Seconds a ``PAUSE`` may take with ``pause=True`` before the repoint goes on without it.
+PAUSE_TIMEOUT = 2.0
 
 
 def admin_label(dsn: str) -> str:
@@ -47,7 +49,10 @@ class Follower:
     (``PGUSER``, ``PGPASSFILE``...). ``ini`` is the pgbouncer.ini to rewrite for every
     PgBouncer (None: each one's ``conffile``); ``databases`` selects entries as
     :func:`~.repoint.repoint` does (None: every entry with a TCP host). ``interval`` is the
-    pause between rounds, in seconds. ``log`` receives one line per action.
+    pause between rounds, in seconds. ``pause`` holds clients with ``PAUSE`` during each
+    repoint (see :func:`~.repoint.repoint`; each ``PAUSE`` bounded by
+    :data:`PAUSE_TIMEOUT`); False repoints while they run. ``log`` receives one line per
+    action.
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class Follower:
         ini: str | Path | None = None,
         databases: Iterable[str] | None = None,
         interval: float = DEFAULT_INTERVAL,
+        pause: bool = False,
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
         if not admins:
@@ -71,6 +77,7 @@ class Follower:
         self.ini = ini
         self.databases = None if databases is None else list(databases)
         self.interval = interval
+        self.pause = pause
         self._log = log
         self._said: dict[str, str] = {}  # subject -> last state logged
         self._secrets = [s for dsn in [*admins, check_conninfo] for s in secret_candidates(dsn)]
@@ -170,6 +177,7 @@ class Follower:
                         ini_path=self.ini,
                         databases=self.databases,
                         log=self._prefixed(label),
+                        pause=PAUSE_TIMEOUT if self.pause else None,
                     )
                     self._said[label] = f"at {leader.address}"
             except (AdminError, IniError) as ex:

@@ -1,6 +1,8 @@
 """Point PgBouncer's databases at a new primary: rewrite pgbouncer.ini's ``[databases]``
 entries atomically, ``RELOAD``, ``RECONNECT`` the databases whose server connections are
-still bound to the old node, and check with ``SHOW DATABASES`` that it took.
+still bound to the old node, and check with ``SHOW DATABASES`` that it took. Optionally
+(``pause``) the databases are held with ``PAUSE`` around the rewrite and ``RELOAD``, so
+that clients wait instead of reaching the old node meanwhile.
 
 Idempotent: when the file and the running configuration already point at the target,
 nothing is written and nothing is reloaded.
@@ -19,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .admin import AdminConsole, AdminError
+from .admin import AdminConsole, AdminError, PauseTimeout
 from .ini import IniError, Repointed, read_text, repoint_text
 
 
@@ -32,7 +34,8 @@ class RepointFailed(AdminError):
 class RepointResult:
     """What :func:`repoint` did: the ``path`` rewritten (or not: ``file_changed``), the
     ``entries`` it selected, whether it sent ``RELOAD`` (``reloaded``), the databases it
-    sent ``RECONNECT`` for (``reconnected``), and ``lingering``: server connections still
+    sent ``RECONNECT`` for (``reconnected``), those it held with ``PAUSE`` while it
+    rewrote and reloaded (``paused``, resumed since), and ``lingering``: server connections still
     bound to another address afterwards (marked ``close_needed``: in session pooling they
     close when their client disconnects, or at the end of its transaction with
     ``server_fast_close``)."""
@@ -44,6 +47,7 @@ class RepointResult:
     reloaded: bool = False
     reconnected: list[str] = field(default_factory=list)
     lingering: int = 0
+    paused: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -165,6 +169,39 @@ def _close_old(
         time.sleep(0.05)
 
 
+def _pause(
+    admin: AdminConsole,
+    names: list[str],
+    result: RepointResult,
+    *,
+    timeout: float,
+    log: Callable[[str], None],
+) -> None:
+    """PAUSE each database of ``names`` (each wait bounded by ``timeout`` seconds); one that
+    does not pause in time is left running (logged), the repoint goes on without it."""
+    for name in names:
+        try:
+            admin.pause(name, timeout=timeout)
+        except PauseTimeout as ex:
+            log(f"{ex}: repointing {name} without PAUSE")
+            continue
+        result.paused.append(name)
+        log(f"PAUSE {name}")
+
+
+def _resume(admin: AdminConsole, result: RepointResult, log: Callable[[str], None]) -> None:
+    """RESUME every database :func:`_pause` paused (each tried, the first error raised)."""
+    failed: AdminError | None = None
+    for name in result.paused:
+        try:
+            admin.resume(name)
+            log(f"RESUME {name}")
+        except AdminError as ex:
+            failed = failed or ex
+    if failed is not None:
+        raise failed
+
+
 def _apply(
     admin: AdminConsole,
     result: RepointResult,
@@ -173,6 +210,7 @@ def _apply(
     port: int,
     databases: Iterable[str] | None,
     settle: float,
+    pause: float | None,
     log: Callable[[str], None],
 ) -> list[str]:
     """The repoint proper, under the file lock; the names of the entries selected."""
@@ -182,6 +220,40 @@ def _apply(
     if not entries:
         raise IniError(f"{path} has no [databases] entry with a TCP host: name them")
     result.entries = entries
+    names = [e.name for e in entries]
+    if pause is not None and _stale(admin, names, host, port):
+        _pause(admin, names, result, timeout=pause, log=log)
+    try:
+        _rewrite_and_reload(admin, result, text, new_text, host=host, port=port, log=log)
+    finally:
+        _resume(admin, result, log)
+    running = {row.name: row for row in admin.databases()}
+    loaded = [n for n in names if n in running]
+    _close_old(admin, loaded, result, host=host, port=port, settle=settle, log=log)
+    return names
+
+
+def _stale(admin: AdminConsole, names: list[str], host: str, port: int) -> bool:
+    """Whether a database of ``names`` runs pointed elsewhere than ``host:port``."""
+    return any(
+        row.name in names and (row.host, row.port) != (host, port) for row in admin.databases()
+    )
+
+
+def _rewrite_and_reload(
+    admin: AdminConsole,
+    result: RepointResult,
+    text: str,
+    new_text: str,
+    *,
+    host: str,
+    port: int,
+    log: Callable[[str], None],
+) -> None:
+    """Write the file when it changes, RELOAD when it changed or PgBouncer runs another
+    address; :class:`RepointFailed` when ``SHOW DATABASES`` disagrees afterwards."""
+    path = result.path
+    entries = result.entries
     names = [e.name for e in entries]
     if new_text != text:
         write_atomically(path, new_text)
@@ -207,9 +279,6 @@ def _apply(
             f"after RELOAD, SHOW DATABASES still shows {', '.join(wrong)}, not {host}:{port}:"
             f" does PgBouncer read {path}?"
         )
-    loaded = [n for n in names if n in running]
-    _close_old(admin, loaded, result, host=host, port=port, settle=settle, log=log)
-    return names
 
 
 def repoint(
@@ -222,6 +291,7 @@ def repoint(
     log: Callable[[str], None] = lambda line: None,
     settle: float = 1.0,
     lock_timeout: float = 30.0,
+    pause: float | None = None,
 ) -> RepointResult:
     """Point the ``[databases]`` entries of PgBouncer at ``host:port``.
 
@@ -230,7 +300,12 @@ def repoint(
     name; None selects every entry with a TCP host. ``log`` receives one line per action.
     ``settle`` is how long, in seconds, to wait for server connections on the old node to
     close after ``RECONNECT`` before counting the ones that stay (``lingering``; 0: count at
-    once). Concurrent repoints of one file on one machine take turns (an exclusive
+    once). ``pause``: None (the default) rewrites and reloads while clients keep running;
+    a number of seconds first sends ``PAUSE`` for each selected database when PgBouncer
+    runs one pointed elsewhere (clients then wait instead of reaching the old node), and
+    ``RESUME`` after the ``RELOAD``, even on error; a database whose ``PAUSE`` does not complete
+    within that many seconds (its clients hold server connections) is repointed without
+    it. Concurrent repoints of one file on one machine take turns (an exclusive
     ``flock`` on the file, waited for up to ``lock_timeout`` seconds): the second finds the
     work done and changes nothing.
     Raises :class:`IniError` (file unreadable, unwritable, no entry selected),
@@ -240,7 +315,14 @@ def repoint(
     result = RepointResult(f"{host}:{port}", path)
     with file_lock(path, timeout=lock_timeout):
         names = _apply(
-            admin, result, host=host, port=port, databases=databases, settle=settle, log=log
+            admin,
+            result,
+            host=host,
+            port=port,
+            databases=databases,
+            settle=settle,
+            pause=pause,
+            log=log,
         )
     if not result.changed:
         log(f"already pointing {', '.join(names)} at {host}:{port}: nothing changed")
