@@ -24,10 +24,11 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 from psycopg import waiting
+from psycopg.abc import PQGen
 from psycopg.generators import notifies
 
 from .._secrets import scrub, secret_candidates
@@ -52,6 +53,10 @@ logger = logging.getLogger("pgfailover.monitor")
 PROBE_TIMEOUT = 1.0
 #: Seconds a watch connection attempt may take (libpq's ``connect_timeout``, at least 2).
 CONNECT_TIMEOUT = 2.0
+#: Seconds between two wake-ups of a wait on the watch connection's socket with no event.
+WAKE_INTERVAL = 1.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +279,11 @@ class Monitor:
                 loop.call_soon(ready.set)
                 try:
                     loop.run_forever()
-                finally:
+                finally:  # end what is left (a watch stopped past close()'s timeout)
+                    left = asyncio.all_tasks(loop)
+                    for task in left:
+                        task.cancel()
+                    loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
                     loop.close()
 
             thread = threading.Thread(target=run, name="pgfailover-monitor", daemon=True)
@@ -375,9 +384,7 @@ class _Watch:
         waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
         conn = self.conn
         if conn is not None and not conn.closed:
-            waits.append(
-                asyncio.ensure_future(waiting.wait_async(notifies(conn.pgconn), conn.pgconn.socket))
-            )
+            waits.append(asyncio.ensure_future(_waited(notifies(conn.pgconn), conn.pgconn.socket)))
         try:
             done, _ = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -408,7 +415,7 @@ class _Watch:
             phase = Phase.AUTOCOMMIT
             conn = self.conn
             report = await asyncio.wait_for(
-                waiting.wait_async(_probe_gen(conn), conn.pgconn.socket),
+                _waited(_probe_gen(conn), conn.pgconn.socket),
                 self.monitor.probe_timeout,
             )
         except (asyncio.TimeoutError, TimeoutError):
@@ -448,6 +455,13 @@ class _Watch:
                 await conn.close()
             except Exception:  # already broken: nothing to release
                 logger.debug("closing the watch connection failed", exc_info=True)
+
+
+def _waited(gen: PQGen[T], fileno: int) -> Coroutine[Any, Any, T]:
+    """Drive ``gen`` on the socket; bounded by the caller (``asyncio.wait_for``). The wake-up
+    interval is given: psycopg's default (0 in recent versions) would make every wait a
+    busy loop."""
+    return waiting.wait_async(gen, fileno, interval=WAKE_INTERVAL)
 
 
 _process_monitor: Monitor | None = None

@@ -1,0 +1,212 @@
+# pgfailover: generate-sync
+"""The process monitor on a real cluster: purge before requests, one prober, wake-ups.
+
+Written once, async; ``tools/async_to_sync.py`` generates ``test_monitor.py``, the same
+tests for the sync pool. Each test uses a private :class:`Monitor` with short timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from pgfailover.monitor import Monitor, Status
+from pgfailover.pool_async import AsyncConnectionPool
+from pgfailover.testing import LocalCluster
+from pgfailover.testing.plugin import ClusterFactory
+
+from .support import bouncer_cluster, eventually, eventually_async, table
+
+KWARGS: dict[str, Any] = {"prepare_threshold": None, "autocommit": True}
+
+
+async def _wait_for(check: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll ``check`` until it is true, failing the test after ``timeout`` seconds."""
+    if True:  # ASYNC
+        await eventually_async(check, timeout)
+    else:
+        eventually(check, timeout)
+
+
+async def _blocking(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking harness operation without blocking the event loop."""
+    if True:  # ASYNC
+        return await asyncio.to_thread(fn, *args)
+    else:
+        return fn(*args)
+
+
+async def _insert(pool: AsyncConnectionPool[Any], name: str) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(f"INSERT INTO {name} (writer) VALUES (1)")
+
+
+def _cluster_and_dsn(factory: ClusterFactory, through: str) -> tuple[LocalCluster, str]:
+    """A reset cluster and the DSN to reach it: PgBouncer in ``through`` mode, or the
+    nodes' multi-host list (``direct``, on the transaction-mode cluster)."""
+    if through == "direct":
+        cluster = bouncer_cluster(factory, "transaction")
+        return cluster, cluster.multihost_dsn(connect_timeout=2)
+    cluster = bouncer_cluster(factory, through)
+    assert cluster.pgbouncer is not None
+    return cluster, cluster.pgbouncer.dsn()
+
+
+async def _failover(cluster: LocalCluster, through: str) -> None:
+    await _blocking(cluster.failover)
+    if through != "direct":
+        await _blocking(cluster.repoint_pgbouncer, cluster.primary)
+
+
+@pytest.mark.parametrize("through", ["transaction", "session", "direct"])
+async def test_idle_pool_is_purged_and_refilled_before_its_next_request(
+    pgfailover_cluster_factory: ClusterFactory, through: str
+) -> None:
+    """A pool with no request in flight during a failover: the monitor purges its stale
+    connections and refills it once the primary is writable, so that the first request
+    after the failover succeeds at its first attempt (no poisoned connection, no retry)."""
+    cluster, dsn = _cluster_and_dsn(pgfailover_cluster_factory, through)
+    name = table(cluster)
+    monitor = Monitor(interval=0.2)
+    try:
+        async with AsyncConnectionPool[Any](
+            dsn, min_size=2, max_size=4, timeout=10, kwargs=KWARGS, monitor=monitor
+        ) as pool:
+            await pool.wait()
+            (endpoint,) = monitor.endpoints()
+            await _failover(cluster, through)
+
+            def refilled() -> bool:
+                watch = monitor.watch_of(endpoint)
+                stats = pool.get_stats()
+                return (
+                    watch is not None
+                    and watch.status is Status.WRITABLE
+                    and stats["generations_purged"] >= 1
+                    and stats.get("pool_available", 0) >= 2
+                    and pool.failover_state.outage_since is None
+                )
+
+            await _wait_for(refilled)
+            async with pool.connection() as conn:
+                await conn.execute(f"INSERT INTO {name} (writer) VALUES (1)")
+                cur = await conn.execute("SELECT pg_is_in_recovery()")
+                assert await cur.fetchone() == (False,)
+            stats = pool.get_stats()
+        assert stats["connections_poisoned"] == 0, stats  # no request met the failure
+        assert stats["failovers_detected"] == 1, stats
+    finally:
+        monitor.close()
+
+
+async def test_pools_of_one_endpoint_share_one_watch_and_hold_their_attempts(
+    pgfailover_cluster_factory: ClusterFactory,
+) -> None:
+    """Three pools on one PgBouncer endpoint: the monitor keeps one watch; while no primary
+    is reachable the pools make no connection attempt of their own (the watch is the one
+    prober, and it keeps looking); after the repoint every pool is woken and writes."""
+    cluster, dsn = _cluster_and_dsn(pgfailover_cluster_factory, "transaction")
+    name = table(cluster)
+    monitor = Monitor(interval=0.2)
+    pools = [
+        AsyncConnectionPool[Any](
+            dsn, min_size=1, max_size=2, timeout=10, kwargs=KWARGS, monitor=monitor, open=False
+        )
+        for _ in range(3)
+    ]
+    try:
+        for pool in pools:
+            await pool.open(wait=True)
+        assert len(monitor.endpoints()) == 1
+        await _blocking(cluster.failover)  # no repoint yet: PgBouncer leads to a standby
+        await _wait_for(lambda: all(p.failover_state.outage_since is not None for p in pools))
+        attempts = [p.get_stats().get("connections_num", 0) for p in pools]
+        looks = monitor.stats()["checks"]
+        await asyncio.sleep(1.0)  # a window of outage to count attempts in
+        assert [p.get_stats().get("connections_num", 0) for p in pools] == attempts
+        assert monitor.stats()["checks"] - looks >= 5  # 50 ms apart, on a loaded machine
+        await _blocking(cluster.repoint_pgbouncer, cluster.primary)
+        for i, pool in enumerate(pools):
+            async with pool.connection() as conn:
+                await conn.execute(f"INSERT INTO {name} (writer) VALUES (%s)", [i])
+        await _wait_for(lambda: all(p.failover_state.outage_since is None for p in pools))
+    finally:
+        for pool in pools:
+            await pool.close()
+        monitor.close()
+
+
+async def test_a_request_that_meets_the_failover_makes_the_watch_look_at_once(
+    pgfailover_cluster_factory: ClusterFactory,
+) -> None:
+    """With a watch interval of a minute, a pool whose request fails on the demoted node
+    makes the monitor look at once: the watch sees the standby within seconds."""
+    cluster, dsn = _cluster_and_dsn(pgfailover_cluster_factory, "transaction")
+    name = table(cluster)
+    monitor = Monitor(interval=60.0)
+    try:
+        async with AsyncConnectionPool[Any](
+            dsn, min_size=1, max_size=2, timeout=3, kwargs=KWARGS, monitor=monitor
+        ) as pool:
+            await pool.wait()
+            (endpoint,) = monitor.endpoints()
+            await _blocking(cluster.failover)
+            with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the failover gives
+                await _insert(pool, name)
+
+            def seen() -> bool:
+                watch = monitor.watch_of(endpoint)
+                return watch is not None and watch.status in (Status.READ_ONLY, Status.DOWN)
+
+            await _wait_for(seen, timeout=10.0)
+    finally:
+        monitor.close()
+
+
+async def test_direct_watch_notices_a_lost_session_at_once(
+    pgfailover_cluster_factory: ClusterFactory,
+) -> None:
+    """On a direct connection the watch waits on its session's socket: with a one-minute
+    interval, the primary's shutdown is noticed and the idle pool purged within seconds."""
+    cluster, _ = _cluster_and_dsn(pgfailover_cluster_factory, "direct")
+    monitor = Monitor(interval=60.0)
+    try:
+        async with AsyncConnectionPool[Any](
+            cluster.primary.dsn(connect_timeout=2),
+            min_size=1,
+            max_size=2,
+            kwargs=KWARGS,
+            monitor=monitor,
+        ) as pool:
+            await pool.wait()
+            await _blocking(cluster.failover)
+            await _wait_for(lambda: pool.get_stats()["generations_purged"] >= 1, timeout=10.0)
+            assert pool.get_stats()["connections_poisoned"] == 0
+    finally:
+        monitor.close()
+
+
+async def test_closing_the_last_pool_ends_the_watch_and_monitor_false_opts_out(
+    pgfailover_cluster_factory: ClusterFactory,
+) -> None:
+    """A pool made with monitor=False is not watched; closing the last watched pool of an
+    endpoint ends its watch (no endpoint left) before close() returns."""
+    _, dsn = _cluster_and_dsn(pgfailover_cluster_factory, "transaction")
+    monitor = Monitor(interval=0.2)
+    try:
+        async with AsyncConnectionPool[Any](dsn, min_size=1, kwargs=KWARGS, monitor=False) as pool:
+            await pool.wait()
+            assert not pool.failover_state.monitored
+        async with AsyncConnectionPool[Any](
+            dsn, min_size=1, kwargs=KWARGS, monitor=monitor
+        ) as pool:
+            await pool.wait()
+            assert pool.failover_state.monitored
+            assert len(monitor.endpoints()) == 1
+        assert monitor.endpoints() == []
+        assert not pool.failover_state.monitored
+    finally:
+        monitor.close()
