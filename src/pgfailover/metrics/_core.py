@@ -213,8 +213,8 @@ POOL_METRICS: tuple[Metric, ...] = (
         "pgfailover.failovers.detected",
         "counter",
         "{failover}",
-        "Outages the pool noticed: the first failover symptom after it last reached a "
-        "writable primary.",
+        "Outages the pool noticed: the first failover symptom (met by a request, or found "
+        "by the process monitor) after it last reached a writable primary.",
     ),
     Metric(
         "connections_poisoned",
@@ -292,7 +292,8 @@ EVENT_METRICS: tuple[Metric, ...] = (
         "histogram",
         "s",
         "Write-unavailable time of each outage, as the pool saw it: from its first failover "
-        "symptom to its next connection to a writable primary.",
+        "symptom (met by a request, or found by the process monitor) to its next connection "
+        "to a writable primary.",
         labels=("pool",),
     ),
     Metric(
