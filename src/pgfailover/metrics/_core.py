@@ -145,7 +145,8 @@ POOL_METRICS: tuple[Metric, ...] = (
         "pgfailover.pool.requests",
         "counter",
         "{request}",
-        "Requests for a connection (psycopg_pool's requests_num).",
+        "Requests for a connection (psycopg_pool's requests_num; a checkout whose "
+        "connection failed pgfailover's role check and was replaced counts once more).",
     ),
     Metric(
         "requests_queued",
@@ -205,7 +206,8 @@ POOL_METRICS: tuple[Metric, ...] = (
         "counter",
         "{connection}",
         "Connections found broken by the pool, in the pool or when returned "
-        "(psycopg_pool's connections_lost + returns_bad).",
+        "(psycopg_pool's connections_lost + returns_bad; a poisoned connection, closed by "
+        "pgfailover before its return, counts here too).",
     ),
     Metric(
         "failovers_detected",
