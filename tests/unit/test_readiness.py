@@ -8,6 +8,7 @@ from its monitor's watch. The apps are called in-process with the ASGI and WSGI 
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import time
 import weakref
@@ -409,3 +410,14 @@ def test_with_no_target_the_app_checks_every_open_pool_of_the_process(port: int)
         mine = "127.0.0.1:1: standby"
         assert any(mine in t["reason"] for t in json.loads(body)["targets"])
     assert all(mine not in t["reason"] for t in json.loads(_wsgi_get(app)[2])["targets"])
+
+
+@pytest.mark.parametrize("make_app", [asgi_app, wsgi_app])
+def test_the_apps_are_callable_objects_not_functions(make_app: Any, port: int) -> None:
+    """The apps are instances, not functions: Starlette's ``Route("/ready", app)`` (and
+    FastAPI's) treats a function as a request handler and any other callable as an ASGI
+    app, which is what the docs' mount example relies on."""
+    app = make_app(_pool(port, open=False))
+    assert callable(app)
+    assert not inspect.isfunction(app)
+    assert not inspect.ismethod(app)
