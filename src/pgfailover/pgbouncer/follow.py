@@ -9,11 +9,19 @@ source's fencing rules: never a node that is not the confirmed leader), then
 :func:`~.repoint.repoint` that PgBouncer. Every action is one line through ``log``; a state
 that does not change (no leader, a PgBouncer unreachable) is logged once. Idempotent, and
 safe to run on several machines at once: each repoint is a no-op when already done.
+
+While something is amiss (no leader, a leader not confirmed yet, a source or a PgBouncer
+that does not answer) rounds come every :data:`FAST_INTERVAL` seconds instead of
+``interval``, for at most :data:`FAST_WINDOW` seconds: a failover seen half-way (the old
+primary gone, the new one not yet promoted) is followed as soon as the promotion ends. Each
+PgBouncer's admin console connection is kept from one round to the next (opened again when
+it fails).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -30,6 +38,10 @@ from .repoint import repoint
 DEFAULT_INTERVAL = 0.5
 #: Seconds a ``PAUSE`` may take with ``pause=True`` before the repoint goes on without it.
 PAUSE_TIMEOUT = 2.0
+#: Seconds between two rounds while something is amiss (at most ``interval``).
+FAST_INTERVAL = 0.05
+#: Seconds of fast rounds at most, from the first round that found something amiss.
+FAST_WINDOW = 30.0
 
 
 def admin_label(dsn: str) -> str:
@@ -52,7 +64,8 @@ class Follower:
     pause between rounds, in seconds. ``pause`` holds clients with ``PAUSE`` during each
     repoint (see :func:`~.repoint.repoint`; each ``PAUSE`` bounded by
     :data:`PAUSE_TIMEOUT`); False repoints while they run. ``log`` receives one line per
-    action.
+    action. :meth:`step` keeps each PgBouncer's console connection open for the next
+    round: call :meth:`close` when done with it (:meth:`run` does).
     """
 
     def __init__(
@@ -80,6 +93,7 @@ class Follower:
         self.pause = pause
         self._log = log
         self._said: dict[str, str] = {}  # subject -> last state logged
+        self._consoles: dict[str, AdminConsole] = {}  # admin DSN -> console kept open
         self._secrets = [s for dsn in [*admins, check_conninfo] for s in secret_candidates(dsn)]
 
     def _once(self, subject: str, state: str, line: str) -> None:
@@ -156,37 +170,83 @@ class Follower:
                 else f"{leader.name} at {leader.address}"
             ),
         )
-        ok, confirmed = True, False
+        ok, confirmed = True, [False]
         for dsn in self.admins:
             label = admin_label(dsn)
             try:
-                with AdminConsole(dsn) as admin:
-                    if self._points_at(admin, leader):
-                        self._once(
-                            label, f"at {leader.address}", f"{label}: points at {leader.address}"
-                        )
-                        continue
-                    confirmed = confirmed or self._confirmed(leader)
-                    if not confirmed:
-                        return False
-                    host, port = leader.endpoint or ("", 0)
-                    repoint(
-                        admin,
-                        host,
-                        port,
-                        ini_path=self.ini,
-                        databases=self.databases,
-                        log=self._prefixed(label),
-                        pause=PAUSE_TIMEOUT if self.pause else None,
-                    )
-                    self._said[label] = f"at {leader.address}"
+                kept = dsn in self._consoles
+                try:
+                    done = self._follow_on(self._console(dsn), leader, label, confirmed)
+                except AdminError:
+                    if not kept:
+                        raise
+                    # the connection kept from an earlier round may be the one that failed
+                    self._drop(dsn)
+                    done = self._follow_on(self._console(dsn), leader, label, confirmed)
+                if not done:
+                    return False
             except (AdminError, IniError) as ex:
                 ok = False
+                self._drop(dsn)
                 self._once(label, f"error {ex}", f"{label}: {ex}")
         return ok
 
+    def _follow_on(
+        self, admin: AdminConsole, leader: Member, label: str, confirmed: list[bool]
+    ) -> bool:
+        """Point one PgBouncer at ``leader`` unless it already is; False when the leader is
+        not confirmed in-band (``confirmed[0]`` caches a confirmation for the round)."""
+        if self._points_at(admin, leader):
+            self._once(label, f"at {leader.address}", f"{label}: points at {leader.address}")
+            return True
+        confirmed[0] = confirmed[0] or self._confirmed(leader)
+        if not confirmed[0]:
+            return False
+        host, port = leader.endpoint or ("", 0)
+        repoint(
+            admin,
+            host,
+            port,
+            ini_path=self.ini,
+            databases=self.databases,
+            log=self._prefixed(label),
+            pause=PAUSE_TIMEOUT if self.pause else None,
+        )
+        self._said[label] = f"at {leader.address}"
+        return True
+
+    def _console(self, dsn: str) -> AdminConsole:
+        """The console of ``dsn`` kept from an earlier round, or a new one."""
+        console = self._consoles.get(dsn)
+        if console is None:
+            console = self._consoles[dsn] = AdminConsole(dsn)
+        return console
+
+    def _drop(self, dsn: str) -> None:
+        console = self._consoles.pop(dsn, None)
+        if console is not None:
+            console.close()
+
+    def close(self) -> None:
+        """Close the admin console connections kept between rounds (idempotent)."""
+        for dsn in list(self._consoles):
+            self._drop(dsn)
+
     def run(self, stop: threading.Event) -> None:
-        """Rounds until ``stop`` is set (checked between rounds and during the pause)."""
-        while not stop.is_set():
-            self.step()
-            stop.wait(self.interval)
+        """Rounds until ``stop`` is set (checked between rounds and during the pause):
+        ``interval`` apart, :data:`FAST_INTERVAL` apart for up to :data:`FAST_WINDOW`
+        seconds after a round that did not end with every PgBouncer on the confirmed
+        leader. Closes the kept consoles on the way out."""
+        amiss_since: float | None = None
+        try:
+            while not stop.is_set():
+                ok = self.step()
+                now = time.monotonic()
+                if ok:
+                    amiss_since = None
+                elif amiss_since is None:
+                    amiss_since = now
+                fast = amiss_since is not None and now - amiss_since < FAST_WINDOW
+                stop.wait(min(self.interval, FAST_INTERVAL) if fast else self.interval)
+        finally:
+            self.close()

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -328,7 +328,8 @@ class LocalCluster:
     (:attr:`follower`, log in ``follower/follower.log``) with PgBouncer: :meth:`failover`
     leaves PgBouncer to it, :meth:`wait_pgbouncer_points_at` waits for its repoint, and
     :meth:`reset` waits for it instead of repointing; ``follower_interval`` is its pause
-    between rounds, in seconds. ``ready_timeout`` bounds every wait, in seconds.
+    between rounds, in seconds, ``follower_args`` more ``follow`` arguments (e.g.
+    ``["--pause"]``). ``ready_timeout`` bounds every wait, in seconds.
     ``base_dir`` is where the temporary directory goes (system default when None);
     ``keep_dir`` keeps it after close. Addresses: :meth:`Node.dsn` /
     :meth:`PgBouncer.dsn` (libpq conninfo) and :meth:`Node.url` / :meth:`PgBouncer.url`
@@ -354,6 +355,7 @@ class LocalCluster:
         user: str = "app",
         follower: bool = False,
         follower_interval: float = DEFAULT_INTERVAL,
+        follower_args: Sequence[str] = (),
     ) -> None:
         if follower and pgbouncer is None:
             raise ValueError("follower=True needs a PgBouncer to follow (pass pgbouncer=...)")
@@ -401,6 +403,7 @@ class LocalCluster:
         self._frozen: dict[str, list[int]] = {}
         self._want_follower = follower
         self._follower_interval = follower_interval
+        self._follower_args = tuple(follower_args)
         #: The PgBouncer follower process (``follower=True``), None otherwise.
         self.follower: FollowerProcess | None = None
 
@@ -1137,6 +1140,7 @@ class LocalCluster:
                 check_dsn=make_conninfo(dbname="postgres", user=SUPERUSER),
                 passwords={SUPERUSER: self.superuser_password},
                 interval=self._follower_interval,
+                extra=self._follower_args,
             )
         self.follower.start(self.ready_timeout)
 

@@ -60,7 +60,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -396,7 +396,7 @@ class PatroniCluster:
     process (:attr:`follower`, log in ``follower/follower.log``), watching every member's
     REST API: nothing here repoints PgBouncer then (:meth:`reset` waits for the follower,
     as :meth:`wait_pgbouncer_points_at` does); ``follower_interval`` is its pause between
-    rounds, in seconds.
+    rounds, in seconds, ``follower_args`` more ``follow`` arguments (e.g. ``["--pause"]``).
     ``pg_settings`` add or override PostgreSQL settings (in Patroni's DCS configuration).
     ``ready_timeout`` bounds each wait, in seconds. ``base_dir``: where the temporary directory
     goes (system default when None); ``keep_dir`` keeps it after close. ``scope`` is Patroni's
@@ -430,6 +430,7 @@ class PatroniCluster:
         scope: str = "pgfailover",
         follower: bool = False,
         follower_interval: float = DEFAULT_INTERVAL,
+        follower_args: Sequence[str] = (),
     ) -> None:
         if follower and pgbouncer is None:
             raise ValueError("follower=True needs a PgBouncer to follow (pass pgbouncer=...)")
@@ -496,6 +497,7 @@ class PatroniCluster:
         self._closed = False
         self._want_follower = follower
         self._follower_interval = follower_interval
+        self._follower_args = tuple(follower_args)
         #: The PgBouncer follower process (``follower=True``), None otherwise.
         self.follower: FollowerProcess | None = None
 
@@ -1357,6 +1359,7 @@ class PatroniCluster:
                 check_dsn=make_conninfo(dbname="postgres", user=SUPERUSER),
                 passwords={SUPERUSER: self.superuser_password},
                 interval=self._follower_interval,
+                extra=self._follower_args,
             )
         self.follower.start(self.ready_timeout)
 
