@@ -235,8 +235,13 @@ class AsyncConnectionPool(_BasePool[CT]):
     async def _connect(self, timeout: float | None = None) -> CT:
         if timeout is None:  # psycopg_pool sets no connect_timeout then: a frozen server
             timeout = self._pgf_connect_bound  # would hold the attempt for ever
+        connect = super()._connect
         try:
-            conn = await super()._connect(timeout)
+            if self.topology is not None and self._pgf.outage_since is not None:
+                # an attempt stuck on a frozen leader gives way once another is named
+                conn = await self.topology.follow(lambda: connect(timeout))
+            else:
+                conn = await connect(timeout)
         except NotWritable as ex:
             # a new connection belongs to no generation yet: nothing to purge (generation -1)
             self._pgf.not_primary(ex.endpoint, ex.finding, monotonic(), -1)

@@ -78,6 +78,12 @@ class TopologyUnavailable(TopologyError, psycopg.OperationalError):
         return (type(self), (self.reason, self.errors))
 
 
+class LeaderMoved(TopologyError, psycopg.OperationalError):
+    """The leader changed again and again while one connection attempt was under way
+    (see ``follow()`` of the topology sources). A ``psycopg.OperationalError`` too: the
+    caller tries again as after any failure to connect."""
+
+
 class NoLeader(TopologyError, psycopg.OperationalError):
     """The topology names no member that can take writes (Patroni is electing one, the
     cluster is a standby cluster, or in-band checks found no primary or two primaries on the
@@ -579,6 +585,29 @@ def leader_moved(
     if new is not None and new.address == old.address:
         return None
     return old, new
+
+
+def attempt_outdated(target: Member | None, current: Topology | None) -> bool:
+    """Whether a connection attempt to ``target`` (the write target it was given) should be
+    abandoned because ``current`` names another write target: True only when both are
+    known and their addresses differ. A topology without a leader (an election under way)
+    keeps the attempt: it abandons nothing until another leader is named."""
+    if target is None or current is None:
+        return False
+    new = current.write_target
+    return new is not None and new.address != target.address
+
+
+def rest_order(
+    learned: Iterable[str], configured: Iterable[str], failing: Iterable[str] = ()
+) -> list[str]:
+    """The order a refresh asks REST API URLs in: the ``learned`` ones (the leader's first),
+    then the ``configured`` ones, each once; those in ``failing`` (they gave no usable
+    answer last time: a frozen or dead member) go last, in the same relative order, so a
+    member that hangs costs its share of the budget once, not at every refresh."""
+    ordered = list(dict.fromkeys((*learned, *configured)))
+    bad = set(failing)
+    return [u for u in ordered if u not in bad] + [u for u in ordered if u in bad]
 
 
 def former_leader(old: Member, new: Member | None, source: str) -> str:

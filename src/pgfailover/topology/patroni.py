@@ -10,6 +10,9 @@ fallback.
 of every member of the last good answer (the leader's first), then the URLs it was given.
 So the member list follows the cluster: a node added to Patroni is used, one removed is
 dropped, without a restart, and the configured URLs only need to reach one member once.
+A URL that gave no usable answer is asked last from then on, until it answers again
+(:func:`~.model.rest_order`): a frozen member, whose REST API accepts the connection and
+never answers, costs its share of the budget once, not at every refresh.
 
 Every HTTP call has a timeout; a refresh spends at most ``timeout`` seconds on the REST
 API, each URL getting an equal share of what is left (a URL that refuses at once leaves its
@@ -47,6 +50,7 @@ from .model import (
     inband_topology,
     next_generation,
     parse_cluster,
+    rest_order,
 )
 from .source import GRACE, TopologySource
 
@@ -106,6 +110,7 @@ class PatroniTopology(TopologySource):
         self.urls = tuple(dict.fromkeys(normalize_url(u) for u in given))
         self.ssl_context = ssl_context
         self._learned: tuple[str, ...] = ()
+        self._failing: frozenset[str] = frozenset()  # URLs that gave no usable answer
         self._api_failing = False
 
     @property
@@ -114,8 +119,9 @@ class PatroniTopology(TopologySource):
 
     def urls_to_try(self) -> list[str]:
         """The REST API URLs a refresh tries, in order: the learnt ones (the leader's first),
-        then the configured ones."""
-        return list(dict.fromkeys((*self._learned, *self.urls)))
+        then the configured ones; those that gave no usable answer last time they were
+        asked go last."""
+        return rest_order(self._learned, self.urls, self._failing)
 
     def _discover(self, previous: Topology | None) -> Topology:
         errors: dict[str, str] = {}
@@ -133,10 +139,13 @@ class PatroniTopology(TopologySource):
                 )
             except _io.HttpError as ex:
                 errors[url] = str(ex)
+                self._failing |= {url}
                 continue
             except TopologySchemaError as ex:
                 errors[url] = f"not Patroni's /cluster answer: {ex}"
+                self._failing |= {url}
                 continue
+            self._failing -= {url}
             return self._answered(previous, topology)
         return self._fall_back(previous, errors)
 

@@ -28,7 +28,14 @@ The contract a pool (or an engine) relies on:
   :class:`~.model.NoLeader` when there is none;
 - :meth:`~AsyncTopologySource.validate` checks a new connection in-band (one query: role,
   timeline) and returns the :func:`~.model.fence` verdict; a writable primary that is refused
-  is reported once as a :class:`~pgfailover.events.TopologyEvent` (``fenced``).
+  is reported once as a :class:`~pgfailover.events.TopologyEvent` (``fenced``);
+- :meth:`~AsyncTopologySource.follow` runs a connection attempt and follows the leader while
+  it is pending: every :data:`FOLLOW_INTERVAL` seconds it refreshes the topology (shared,
+  single flight) and, when a refresh names another leader than the one the attempt was
+  given, abandons the attempt and starts one to the new leader. Pools use it during an
+  outage: an attempt to a frozen leader (the kernel accepts the connection, nothing
+  answers) would otherwise hold the pool until its ``connect_timeout`` after Patroni has
+  named another leader.
 
 Every refresh is bounded: in-band checks connect with ``connect_timeout`` =
 max(2, ceil(``timeout``)) (libpq's minimum is 2 s) and wait at most ``timeout`` for the
@@ -37,11 +44,14 @@ query; the checks of several members run concurrently.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import math
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import psycopg
 
@@ -51,21 +61,45 @@ from ..survey import error_info
 from . import _io
 from .model import (
     Fence,
+    LeaderMoved,
     Member,
     NoLeader,
     Observation,
     Topology,
+    TopologyError,
     TopologyUnavailable,
+    attempt_outdated,
     check_timeout,
     conninfo_for,
     fence,
 )
+
+T = TypeVar("T")
 
 #: Seconds between two refreshes asked by :meth:`AsyncTopologySource.conninfo_for_leader`
 #: while the cached topology names no leader.
 NO_LEADER_RETRY = 0.25
 #: Seconds a sync in-band check may run past its own bounds before it is given up.
 GRACE = 0.5
+#: Seconds between two refreshes while :meth:`AsyncTopologySource.follow` waits for a
+#: connection attempt (none while the attempt takes less: a healthy one takes milliseconds).
+FOLLOW_INTERVAL = 0.1
+#: Attempts :meth:`AsyncTopologySource.follow` abandons for a new leader before it gives up.
+FOLLOW_RESTARTS = 3
+
+
+@dataclass
+class _Attempt:
+    """What :meth:`AsyncTopologySource.conninfo_for_leader` gave the attempt under way in
+    this context (see :meth:`AsyncTopologySource.follow`)."""
+
+    target: Member | None = None
+
+
+#: The attempt :meth:`AsyncTopologySource.follow` runs in this context (task or thread).
+_ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
+    "pgfailover_topology_attempt", default=None
+)
 
 
 class TopologySource:
@@ -175,7 +209,44 @@ class TopologySource:
         target = topology.write_target
         if target is None:
             raise NoLeader(topology)
+        if (attempt := _ATTEMPT.get()) is not None:
+            attempt.target = target  # what follow() compares later refreshes with
         return conninfo_for(base_conninfo, target)
+
+    def follow(self, connect: Callable[[], T], *, interval: float = FOLLOW_INTERVAL) -> T:
+        """Run ``connect`` (a connection attempt that gets its conninfo from
+        :meth:`conninfo_for_leader`) and return what it returns, following the leader
+        while it is pending.
+
+        Every ``interval`` seconds (> 0) the attempt is still pending, the topology is
+        refreshed (shared with every caller: skipped when someone refreshed within the last
+        ``interval``; a refresh that fails is ignored). When it names another leader than
+        the one the attempt was given (:func:`~.model.attempt_outdated`; a topology without
+        a leader keeps the attempt), the attempt is abandoned and a new one started, which
+        goes to the new leader. An abandoned attempt is cancelled (async: its task) or
+        left to end within its own bound in its thread (sync), a connection it makes after
+        all being closed. The attempt's own errors propagate; after :data:`FOLLOW_RESTARTS`
+        abandoned attempts :class:`LeaderMoved` is raised. The sync flavour runs each
+        attempt in a daemon thread of its own so that the caller can watch it.
+        """
+        interval = check_timeout("interval", interval)
+        for _ in range(FOLLOW_RESTARTS + 1):
+            attempt = _Attempt()
+            pending = _Pending(connect, attempt)
+            while not pending.wait(interval):
+                try:
+                    current = self.refresh(newer_than=time.monotonic() - interval)
+                except TopologyError:
+                    continue  # the attempt goes on; the next look asks again
+                if not pending.done() and attempt_outdated(attempt.target, current):
+                    pending.abandon()
+                    break
+            else:
+                return pending.result()
+        raise LeaderMoved(
+            f"the leader changed {FOLLOW_RESTARTS + 1} times during one connection attempt"
+            f" ({self.description})"
+        )
 
     # -- in-band
     def validate(self, conn: psycopg.Connection[Any]) -> Fence:
@@ -263,3 +334,58 @@ class TopologySource:
                 action, self.description, detail, leader.address if leader is not None else None
             )
         )
+
+
+class _Pending(Generic[T]):
+    """One connection attempt under way, in a context where ``attempt`` is the attempt:
+    an asyncio task (async) or a daemon thread (sync)."""
+
+    def __init__(self, connect: Callable[[], T], attempt: _Attempt) -> None:
+        self._run = _in_thread(connect, attempt)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the attempt has ended, waiting up to ``timeout`` seconds for it."""
+        concurrent.futures.wait([self._run], timeout=timeout)
+        return self._run.done()
+
+    def done(self) -> bool:
+        """Whether the attempt has ended (no wait)."""
+        return self._run.done()
+
+    def result(self) -> T:
+        """What the ended attempt returned, or its exception raised."""
+        return self._run.result()
+
+    def abandon(self) -> None:
+        """Give the attempt up: cancel it (async; psycopg's connect ends at once and its
+        pgconn is freed with it), or let it end in its thread within its own bound and
+        close the connection it makes after all (sync)."""
+        self._run.add_done_callback(_close_late)
+
+
+def _in_thread(connect: Callable[[], T], attempt: _Attempt) -> concurrent.futures.Future[T]:
+    """Run ``connect`` in a daemon thread, in a copy of the caller's context where
+    ``attempt`` is the attempt under way; its future."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+    context = contextvars.copy_context()
+    context.run(_ATTEMPT.set, attempt)
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(context.run(connect))
+        except BaseException as ex:  # handed to the waiter, whatever it is
+            future.set_exception(ex)
+
+    threading.Thread(target=run, name="pgfailover-topology-attempt", daemon=True).start()
+    return future
+
+
+def _close_late(future: concurrent.futures.Future[Any]) -> None:
+    """Close the connection an abandoned attempt made after all (sync)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    try:
+        future.result().close()
+    except Exception:  # best effort: the node is being left
+        return
