@@ -115,9 +115,9 @@ def _pool_classes() -> tuple[type[Any], ...]:
         ("pgfailover.pool", "ConnectionPool"),
         ("pgfailover.pool_async", "AsyncConnectionPool"),
     ):
-        module = sys.modules.get(module_name)
-        if module is not None:
-            found.append(getattr(module, class_name))
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None:  # None too while the module is being imported
+            found.append(cls)
     return tuple(found)
 
 
