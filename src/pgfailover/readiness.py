@@ -75,19 +75,21 @@ def health(target: object) -> Health:
     ``Engine``/``AsyncEngine`` instrumented with :func:`pgfailover.sqlalchemy.instrument`;
     anything else (an engine not instrumented included) raises ``TypeError``.
 
-    - A pool registered with a monitor (``monitor=True``, the default) gets the monitor's
-      answer for its endpoint (``monitored=True``): writable while the last look found a
-      writable primary there. Before the first look (just after the pool opened) it is
-      not writable (``role="unknown"``, for a few milliseconds).
-    - An unmonitored pool (``monitor=False``, a callable conninfo, ``topology=``) and an
-      instrumented engine are answered from their own failover state (``monitored=False``):
-      not writable while an outage their requests or connection attempts met is not over
-      (``since`` = when it was noticed, ``role`` ``down``, ``read-only`` or ``unknown``
-      from what each host was found to be) or after an authentication or configuration
-      failure (``role="misconfigured"``); writable otherwise (``role="primary"``,
-      ``since=None``). ``checked_at`` is None: nothing looks on a schedule. Such a target
-      turns writable again only when one of its connection attempts reaches a primary: a
-      pool refills itself (``min_size > 0``), an engine connects only for a request.
+    - A pool (or an engine's instrumentation) registered with a monitor (``monitor=True``,
+      the default) gets the monitor's answer for its endpoint (``monitored=True``):
+      writable while the last look found a writable primary there. Before the first look
+      (just after the pool opened) it is not writable (``role="unknown"``, for a few
+      milliseconds).
+    - A pool or an instrumented engine the monitor does not watch (``monitor=False``, a
+      callable conninfo, ``topology=``) is answered from its own failover state
+      (``monitored=False``): not writable while an outage its requests or connection
+      attempts met is not over (``since`` = when it was noticed, ``role`` ``down``,
+      ``read-only`` or ``unknown`` from what each host was found to be) or after an
+      authentication or configuration failure (``role="misconfigured"``); writable
+      otherwise (``role="primary"``, ``since=None``). ``checked_at`` is None: nothing
+      looks on a schedule. Such a target turns writable again only when one of its
+      connection attempts reaches a primary: a pool refills itself (``min_size > 0``), an
+      engine connects only for a request.
     - A pool that is closed or not open yet is not writable (``role="closed"``, the
       reason says which).
 
@@ -147,12 +149,17 @@ def _pool_health(pool: Any) -> Health:
         opened = getattr(pool, "_opened", True)
         reason = f"the pool {pool.name!r} is {'closed' if opened else 'not open yet'}"
         return Health(False, endpoint, CLOSED, None, None, reason, False)
-    monitor = getattr(pool, "_pgf_monitor", None)
-    if monitor is not None:
-        found: Health | None = monitor.health(pool)
-        if found is not None:
-            return found
-    return _state_health(pool.failover_state, endpoint, secrets)
+    return _monitored(pool) or _state_health(pool.failover_state, endpoint, secrets)
+
+
+def _monitored(member: Any) -> Health | None:
+    """The monitor's answer for ``member`` (a pool, or an engine's instrumentation), None
+    when no monitor watches its endpoint."""
+    monitor = getattr(member, "_pgf_monitor", None)
+    if monitor is None:
+        return None
+    found: Health | None = monitor.health(member)
+    return found
 
 
 def _pool_endpoint(pool: Any) -> tuple[str, list[str]]:
@@ -173,6 +180,9 @@ def _pool_endpoint(pool: Any) -> tuple[str, list[str]]:
 
 
 def _engine_health(engine: Any, instrumentation: Any) -> Health:
+    watched = _monitored(instrumentation)  # an engine registered with a monitor
+    if watched is not None:
+        return watched
     url = getattr(engine, "sync_engine", engine).url
     secrets = [url.password] if isinstance(url.password, str) and url.password else []
     topology = instrumentation.options.topology
