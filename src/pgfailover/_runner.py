@@ -471,6 +471,7 @@ class Run:
         self._started_policy: RetryPolicy | None = None
         self.deadline = None if policy.timeout is None else self.started + policy.timeout
         self.attempt = 0
+        self._outcome: Outcome | None = None  # a lost COMMIT's, for the next event
 
     @property
     def policy(self) -> RetryPolicy:
@@ -503,11 +504,21 @@ class Run:
         decision = self.policy.after(failed.error, now, phase=failed.phase, conn=failed.conn)
         if decision.needs_outcome and (failed.read_only or self._policy.idempotent):
             decision = decision.not_committed(now)
+            self._outcome = Outcome.NOT_COMMITTED  # for the event that reports it
         return decision
 
-    def report(self, decision: Decision, failed: Failed, action: str, detail: str = "") -> None:
-        """Emit the :class:`~pgfailover.events.RetryEvent` of a failed attempt."""
+    def report(
+        self,
+        decision: Decision,
+        failed: Failed,
+        action: str,
+        detail: str = "",
+        outcome: Outcome | None = None,
+    ) -> None:
+        """Emit the :class:`~pgfailover.events.RetryEvent` of a failed attempt (with the
+        lost COMMIT's settled ``outcome``, or the one noted when it was settled before)."""
         verdict: Verdict = decision.verdict
+        outcome, self._outcome = outcome or self._outcome, None
         _emit(
             RetryEvent(
                 attempt=self.attempt,
@@ -518,6 +529,7 @@ class Run:
                 elapsed=time.monotonic() - self.started,
                 detail=detail,
                 stack=caller_stack(("pgfailover", "psycopg", "psycopg_pool", "sqlalchemy")),
+                outcome=outcome,
             )
         )
 
@@ -545,11 +557,12 @@ class Run:
         """Follow a lost COMMIT's settled outcome: None when it committed (the work is
         done), the decision to follow when it did not; raises when it cannot be known."""
         if outcome is Outcome.COMMITTED:
-            self.report(decision, failed, "committed", detail)
+            self.report(decision, failed, "committed", detail, outcome)
             return None
         if outcome is Outcome.UNKNOWN:
-            self.report(decision, failed, "give up", detail)
+            self.report(decision, failed, "give up", detail, outcome)
             raise self.unknown(failed, detail) from failed.error
+        self._outcome = Outcome.NOT_COMMITTED  # for the event that reports what follows
         return decision.not_committed(time.monotonic())
 
 

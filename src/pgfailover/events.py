@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .classify import Verdict
+from .outcome import Outcome
 
 logger = logging.getLogger("pgfailover.events")
 
@@ -101,7 +102,11 @@ class RetryEvent:
     seconds slept before the next one (0 if none follows); ``action`` says what happens
     next (``retry``, ``give up``, ``committed``: a lost COMMIT turned out to have
     committed, ...); ``cause`` is the verdict of the failure; ``error_type`` its qualified
-    class name; ``elapsed`` the seconds since the first attempt began.
+    class name; ``elapsed`` the seconds since the first attempt began. ``outcome`` is set
+    when the failure was a lost COMMIT whose fate was settled: ``Outcome.COMMITTED`` (action
+    ``committed``), ``Outcome.NOT_COMMITTED`` (looked up, or taken as such for read-only or
+    idempotent work: then retried or given up) or ``Outcome.UNKNOWN`` (given up:
+    ``CommitOutcomeUnknown`` raised); None for every other failure.
     """
 
     attempt: int
@@ -112,6 +117,7 @@ class RetryEvent:
     elapsed: float
     detail: str = ""
     stack: str = ""
+    outcome: Outcome | None = None
     timestamp: float = field(default_factory=time.time)
     monotonic: float = field(default_factory=time.monotonic)
 

@@ -84,7 +84,7 @@ async def test_lost_commit_is_resolved_and_the_row_exists_once(
 ) -> None:
     """The connection dies around COMMIT: if the COMMIT reached the server the runner
     reports success once (the outcome is looked up, not guessed); if it did not, the work is
-    retried. Either way the row exists exactly once."""
+    retried. Either way the row exists exactly once, and the event says which outcome."""
     key = uuid.uuid4().hex
     proxy.drop_on(when)  # type: ignore[arg-type]
     dsn = proxy.dsn_for(pgfailover_cluster.primary)
@@ -96,6 +96,9 @@ async def test_lost_commit_is_resolved_and_the_row_exists_once(
     actions = [e.action for e in retry_events]
     assert actions == (["committed"] if when in WHEN_COMMITTED else ["retry"])
     assert retry_events[0].cause.retry is pgfailover.RetryCondition.OUTCOME_UNKNOWN
+    assert retry_events[0].outcome is (
+        pgfailover.Outcome.COMMITTED if when in WHEN_COMMITTED else pgfailover.Outcome.NOT_COMMITTED
+    )
 
 
 def _record_statements(cluster: LocalCluster) -> dict[str, int]:

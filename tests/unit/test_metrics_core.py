@@ -36,6 +36,7 @@ from pgfailover.metrics._core import (
     merge,
     pool_sample,
 )
+from pgfailover.outcome import Outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 READ_ONLY = classify(psycopg.errors.lookup("25006")("cannot execute INSERT"))
@@ -71,8 +72,19 @@ STATS = {
 }
 
 
-def retry_event(action: str, cause: object = LOST_COMMIT, detail: str = "") -> RetryEvent:
-    return RetryEvent(1, 0.0, action, cause, "psycopg.OperationalError", 0.5, detail)  # type: ignore[arg-type]
+def retry_event(
+    action: str, cause: object = LOST_COMMIT, detail: str = "", outcome: Outcome | None = None
+) -> RetryEvent:
+    return RetryEvent(
+        1,
+        0.0,
+        action,
+        cause,  # type: ignore[arg-type]
+        "psycopg.OperationalError",
+        0.5,
+        detail,
+        outcome=outcome,
+    )
 
 
 def recovered(pool: str, seconds: float) -> PoolEvent:
@@ -221,23 +233,22 @@ def test_merging_keeps_every_total(rows: list[tuple[str, int, int]]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("action", "cause", "detail", "outcome"),
+    ("action", "outcome", "expected"),
     [
-        ("committed", LOST_COMMIT, "pg_xact_status says committed", "committed"),
-        ("retry", LOST_COMMIT, "", "not_committed"),
-        ("give up", LOST_COMMIT, "not committed, but attempts exhausted (3)", "not_committed"),
-        ("give up", LOST_COMMIT, "deadline reached", "not_committed"),
-        ("give up", LOST_COMMIT, "nothing was recorded when the transaction began", "unknown"),
-        ("retry", READ_ONLY, "", None),
-        ("give up", LOST, "verdict forbids retry: ...", None),
+        ("committed", Outcome.COMMITTED, "committed"),
+        ("retry", Outcome.NOT_COMMITTED, "not_committed"),
+        ("give up", Outcome.NOT_COMMITTED, "not_committed"),
+        ("give up", Outcome.UNKNOWN, "unknown"),
+        ("retry", None, None),
+        ("give up", None, None),
     ],
 )
-def test_commit_outcomes_from_the_runners_actions(
-    action: str, cause: object, detail: str, outcome: str | None
+def test_commit_outcomes_from_the_runners_events(
+    action: str, outcome: Outcome | None, expected: str | None
 ) -> None:
-    """A lost COMMIT's outcome is read from the runner's action and reason; failures that
-    were not a lost COMMIT have none."""
-    assert commit_outcome(retry_event(action, cause, detail)) == outcome
+    """A lost COMMIT's settled outcome is the event's ``outcome``; failures that were not a
+    settled lost COMMIT have none."""
+    assert commit_outcome(retry_event(action, LOST_COMMIT, "", outcome)) == expected
 
 
 def test_the_tally_counts_what_no_statistic_holds() -> None:
@@ -249,7 +260,7 @@ def test_the_tally_counts_what_no_statistic_holds() -> None:
         FailoverEvent(READ_ONLY, NODE, "poisoned", "E"),
         FailoverEvent(LOST, NODE, "poisoned", "E"),
         retry_event("retry", READ_ONLY),
-        retry_event("give up", LOST_COMMIT, "asking the primary failed"),
+        retry_event("give up", LOST_COMMIT, "asking the primary failed", Outcome.UNKNOWN),
         events.TopologyEvent("split brain", "src"),
     ):
         tally(event)
@@ -347,7 +358,7 @@ def test_the_event_fed_families_in_text_format(registry: CollectorRegistry) -> N
     prometheus.register(registry)
     events._emit(FailoverEvent(READ_ONLY, NODE, "poisoned", "E"))
     events._emit(recovered("orders", 0.3))
-    events._emit(retry_event("committed", LOST_COMMIT, "committed"))
+    events._emit(retry_event("committed", LOST_COMMIT, "committed", Outcome.COMMITTED))
     seen = scrape(registry)
     assert (
         seen[("pgfailover_failover_errors_total", (("kind", "read_only"), ("sqlstate", "25006")))]

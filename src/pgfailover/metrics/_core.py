@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..classify import RetryCondition
 from ..events import Event, FailoverEvent, PoolEvent, RetryEvent
+from ..outcome import Outcome
 
 #: Upper bounds (seconds) of the write-unavailable histogram's buckets: a failover handled
 #: by pgfailover takes tenths of a second after the primary is back; an HA tool's own
@@ -455,27 +455,17 @@ def label_value(text: str) -> str:
 
 
 def commit_outcome(event: RetryEvent) -> Literal["committed", "not_committed", "unknown"] | None:
-    """What a :class:`~pgfailover.events.RetryEvent` says of a lost COMMIT, None when its
-    failure was not a lost COMMIT.
+    """What a :class:`~pgfailover.events.RetryEvent` says of a lost COMMIT (its
+    ``outcome``), None when its failure was not a lost COMMIT whose fate was settled.
 
-    The runner reports a lost COMMIT found committed as the action ``committed``. One found
-    not committed is then retried (action ``retry``) or, with no budget left, given up with
-    a reason starting ``not committed`` (or ``deadline reached`` when the wait for the
-    retry would pass the deadline). Any other give-up of a lost COMMIT means its outcome
-    stayed unknown (the runner raises ``CommitOutcomeUnknown``). A lost COMMIT of
-    read-only or idempotent work is taken as not committed without asking the primary, and
-    counts as ``not_committed`` too.
+    A lost COMMIT of read-only or idempotent work is taken as not committed without asking
+    the primary, and counts as ``not_committed`` too.
     """
-    if event.action == "committed":
+    if event.outcome is Outcome.COMMITTED:
         return "committed"
-    if event.cause.retry is not RetryCondition.OUTCOME_UNKNOWN:
-        return None
-    if event.action == "retry":
+    if event.outcome is Outcome.NOT_COMMITTED:
         return "not_committed"
-    if event.action == "give up":
-        detail = event.detail
-        if detail.startswith("not committed") or detail == "deadline reached":
-            return "not_committed"
+    if event.outcome is Outcome.UNKNOWN:
         return "unknown"
     return None
 
