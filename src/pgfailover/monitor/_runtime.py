@@ -58,6 +58,9 @@ WAKE_INTERVAL = 1.0
 
 T = TypeVar("T")
 
+#: Connection keyword arguments of a pool that the watch connection does not take.
+_NOT_FOR_THE_WATCH = frozenset({"row_factory", "cursor_factory", "context"})
+
 
 @dataclass(frozen=True, slots=True)
 class WatchTarget:
@@ -443,7 +446,10 @@ class _Watch:
         return Status.READ_ONLY, finding(report)
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        kwargs = {**self.target.kwargs, "autocommit": True}
+        # the pool's connection options, less what shapes cursors and adaptation (a sync
+        # pool's cursor_factory would not suit this async connection; the probe needs none)
+        kwargs = {k: v for k, v in self.target.kwargs.items() if k not in _NOT_FOR_THE_WATCH}
+        kwargs["autocommit"] = True
         if "connect_timeout" not in kwargs and "connect_timeout" not in self.target.conninfo:
             kwargs["connect_timeout"] = int(self.monitor.connect_timeout)
         return await psycopg.AsyncConnection.connect(self.target.conninfo, **kwargs)
