@@ -203,3 +203,32 @@ def test_follow_rejects_a_bad_interval() -> None:
     """interval must be a number of seconds > 0: a clear error, before any attempt."""
     with pytest.raises(ValueError, match="interval"):
         Moving().follow(lambda: Conn(""), interval=0)
+
+
+def test_follow_async_cancelled_by_its_caller_cancels_the_attempt() -> None:
+    """A caller cancelled while follow waits (a pool closing) takes the attempt with it:
+    no task is left connecting in the background."""
+
+    async def main() -> bool:
+        source = AsyncMoving()
+        await source.refresh()
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def connect() -> Conn:
+            started.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return Conn("")
+
+        caller = asyncio.ensure_future(source.follow(connect, interval=0.01))
+        await asyncio.wait_for(started.wait(), 5)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.wait_for(cancelled.wait(), 5)
+        return cancelled.is_set()
+
+    assert asyncio.run(main())

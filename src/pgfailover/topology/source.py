@@ -233,16 +233,20 @@ class TopologySource:
         for _ in range(FOLLOW_RESTARTS + 1):
             attempt = _Attempt()
             pending = _Pending(connect, attempt)
-            while not pending.wait(interval):
-                try:
-                    current = self.refresh(newer_than=time.monotonic() - interval)
-                except TopologyError:
-                    continue  # the attempt goes on; the next look asks again
-                if not pending.done() and attempt_outdated(attempt.target, current):
-                    pending.abandon()
-                    break
-            else:
-                return pending.result()
+            try:
+                while not pending.wait(interval):
+                    try:
+                        current = self.refresh(newer_than=time.monotonic() - interval)
+                    except TopologyError:
+                        continue  # the attempt goes on; the next look asks again
+                    if not pending.done() and attempt_outdated(attempt.target, current):
+                        pending.abandon()
+                        break
+                else:
+                    return pending.result()
+            except BaseException:  # cancelled or interrupted while waiting: drop the attempt
+                pending.abandon()
+                raise
         raise LeaderMoved(
             f"the leader changed {FOLLOW_RESTARTS + 1} times during one connection attempt"
             f" ({self.description})"

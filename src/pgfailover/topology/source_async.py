@@ -235,16 +235,20 @@ class AsyncTopologySource:
         for _ in range(FOLLOW_RESTARTS + 1):
             attempt = _Attempt()
             pending = _Pending(connect, attempt)
-            while not await pending.wait(interval):
-                try:
-                    current = await self.refresh(newer_than=time.monotonic() - interval)
-                except TopologyError:
-                    continue  # the attempt goes on; the next look asks again
-                if not pending.done() and attempt_outdated(attempt.target, current):
-                    pending.abandon()
-                    break
-            else:
-                return pending.result()
+            try:
+                while not await pending.wait(interval):
+                    try:
+                        current = await self.refresh(newer_than=time.monotonic() - interval)
+                    except TopologyError:
+                        continue  # the attempt goes on; the next look asks again
+                    if not pending.done() and attempt_outdated(attempt.target, current):
+                        pending.abandon()
+                        break
+                else:
+                    return pending.result()
+            except BaseException:  # cancelled or interrupted while waiting: drop the attempt
+                pending.abandon()
+                raise
         raise LeaderMoved(
             f"the leader changed {FOLLOW_RESTARTS + 1} times during one connection attempt"
             f" ({self.description})"
@@ -348,6 +352,11 @@ class AsyncTopologySource:
         )
 
 
+if True:  # ASYNC
+    #: Closings of connections made by abandoned attempts (a reference keeps each alive).
+    _CLOSING: set[asyncio.Future[None]] = set()
+
+
 class _Pending(Generic[T]):
     """One connection attempt under way, in a context where ``attempt`` is the attempt:
     an asyncio task (async) or a daemon thread (sync)."""
@@ -383,7 +392,12 @@ class _Pending(Generic[T]):
         pgconn is freed with it), or let it end in its thread within its own bound and
         close the connection it makes after all (sync)."""
         if True:  # ASYNC
-            self._run.cancel()
+            run = self._run
+            if not run.cancel() and not run.cancelled() and run.exception() is None:
+                conn: Any = run.result()  # it ended just now: close what it made
+                closing = asyncio.ensure_future(conn.close())
+                _CLOSING.add(closing)
+                closing.add_done_callback(_CLOSING.discard)
         else:
             self._run.add_done_callback(_close_late)
 
