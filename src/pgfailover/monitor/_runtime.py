@@ -162,8 +162,11 @@ class Monitor:
         endpoint = target.endpoint
         state.on_suspect = lambda: self.suspect(endpoint)
         state.monitored = True
+        watch = self._watches[endpoint]
         if start:
-            self._submit(self._watches[endpoint].run())
+            self._submit(watch.run())
+        elif watch.state.outage_since is not None:  # joining during an outage: hold too
+            _call(member._pgf_endpoint_lost, endpoint.address, watch.state.finding)
         return True
 
     def unregister(self, member: Member, timeout: float = 2.0) -> None:

@@ -89,7 +89,8 @@ class Health:
 
     ``writable`` is the answer. ``endpoint`` says where (``host:port/dbname``, no password),
     ``role`` what was found there last (``primary``, ``read-only``, ``down``,
-    ``misconfigured``, ``unknown``), ``since`` the wall-clock time (``time.time()``) at which
+    ``misconfigured``, ``unknown``; :func:`pgfailover.health` also answers ``closed`` for
+    a pool closed, not open yet, or collected), ``since`` the wall-clock time (``time.time()``) at which
     that began (None: never looked), ``checked_at`` the wall-clock time of the last look
     (None: never), ``reason`` a sentence for an operator (empty when writable), and
     ``monitored`` whether the process monitor watches the endpoint (False: the answer comes
