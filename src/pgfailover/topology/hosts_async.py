@@ -40,6 +40,9 @@ class AsyncHostListTopology(AsyncTopologySource):
     (default 10 s) as for every source.
     """
 
+    #: A refresh opens a connection to every host: a pending attempt asks once a second.
+    follow_interval = 1.0
+
     def __init__(
         self, conninfo: str, *, timeout: float = 2.0, max_age: float | None = 10.0
     ) -> None:

@@ -30,8 +30,9 @@ The contract a pool (or an engine) relies on:
   timeline) and returns the :func:`~.model.fence` verdict; a writable primary that is refused
   is reported once as a :class:`~pgfailover.events.TopologyEvent` (``fenced``);
 - :meth:`~AsyncTopologySource.follow` runs a connection attempt and follows the leader while
-  it is pending: every :data:`FOLLOW_INTERVAL` seconds it refreshes the topology (shared,
-  single flight) and, when a refresh names another leader than the one the attempt was
+  it is pending: every ``follow_interval`` seconds (0.1 for Patroni's REST API, 1 for a host
+  list, whose refresh connects to every host) it refreshes the topology (shared, single
+  flight) and, when a refresh names another leader than the one the attempt was
   given, abandons the attempt and starts one to the new leader. Pools use it during an
   outage: an attempt to a frozen leader (the kernel accepts the connection, nothing
   answers) would otherwise hold the pool until its ``connect_timeout`` after Patroni has
@@ -113,6 +114,10 @@ class TopologySource:
     before :meth:`conninfo_for_leader` refreshes it; None: only when invalidated or
     leaderless.
     """
+
+    #: Seconds between two refreshes while :meth:`follow` waits for an attempt (a
+    #: subclass whose refresh costs more than a REST call asks less often).
+    follow_interval: float = FOLLOW_INTERVAL
 
     def __init__(self, *, conninfo: str = "", timeout: float = 2.0, max_age: float | None) -> None:
         if not isinstance(conninfo, str):
@@ -213,12 +218,13 @@ class TopologySource:
             attempt.target = target  # what follow() compares later refreshes with
         return conninfo_for(base_conninfo, target)
 
-    def follow(self, connect: Callable[[], T], *, interval: float = FOLLOW_INTERVAL) -> T:
+    def follow(self, connect: Callable[[], T], *, interval: float | None = None) -> T:
         """Run ``connect`` (a connection attempt that gets its conninfo from
         :meth:`conninfo_for_leader`) and return what it returns, following the leader
         while it is pending.
 
-        Every ``interval`` seconds (> 0) the attempt is still pending, the topology is
+        Every ``interval`` seconds (> 0; None: :attr:`follow_interval`, 0.1 s for
+        Patroni's REST API, 1 s for a host list) the attempt is still pending, the topology is
         refreshed (shared with every caller: skipped when someone refreshed within the last
         ``interval``; a refresh that fails is ignored). When it names another leader than
         the one the attempt was given (:func:`~.model.attempt_outdated`; a topology without
@@ -229,7 +235,7 @@ class TopologySource:
         abandoned attempts :class:`LeaderMoved` is raised. The sync flavour runs each
         attempt in a daemon thread of its own so that the caller can watch it.
         """
-        interval = check_timeout("interval", interval)
+        interval = check_timeout("interval", self.follow_interval if interval is None else interval)
         for _ in range(FOLLOW_RESTARTS + 1):
             attempt = _Attempt()
             pending = _Pending(connect, attempt)
