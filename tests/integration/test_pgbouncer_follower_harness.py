@@ -247,6 +247,7 @@ def test_repoint_with_pause_holds_then_resumes(cluster: LocalCluster) -> None:
         result = repoint(admin, standby.host, standby.port, pause=5.0, log=lines.append)
         assert result.paused == ["app", "postgres"]
         assert result.reloaded
+        assert result.waiting == 0  # SHOW POOLS: no client left queued for a server
         rows = {row.name: row for row in admin.databases()}
     assert lines.index("PAUSE app") < lines.index("RELOAD") < lines.index("RESUME app"), lines
     assert not any(row.paused for row in rows.values())

@@ -3,8 +3,8 @@
 The console speaks only the simple query protocol: every command here is sent without
 parameters, on an autocommit connection with ``prepare_threshold=None``, which psycopg sends
 as a simple query. Results come back typed (:class:`Version`, :class:`ConfigItem`,
-:class:`DatabaseRow`, :class:`ServerRow`). Errors are :class:`AdminError` subclasses whose
-messages never hold the password.
+:class:`DatabaseRow`, :class:`ServerRow`, :class:`PoolRow`). Errors are
+:class:`AdminError` subclasses whose messages never hold the password.
 """
 
 from __future__ import annotations
@@ -122,6 +122,21 @@ class ServerRow:
     addr: str | None
     port: int | None
     close_needed: bool
+
+
+@dataclass(frozen=True)
+class PoolRow:
+    """One ``SHOW POOLS`` row: clients of ``database`` (as ``user``) linked to a server
+    (``cl_active``) or waiting for one (``cl_waiting``), and server connections by state."""
+
+    database: str
+    user: str
+    cl_active: int
+    cl_waiting: int
+    sv_active: int
+    sv_idle: int
+    sv_used: int
+    sv_login: int
 
 
 def _quote_name(name: str) -> str:
@@ -267,6 +282,22 @@ class AdminConsole:
                 close_needed=_flag(row.get("close_needed", 0)),
             )
             for row in self._rows("SHOW SERVERS")
+        ]
+
+    def pools(self) -> list[PoolRow]:
+        """``SHOW POOLS``: one row per database and user."""
+        return [
+            PoolRow(
+                database=str(row.get("database")),
+                user=str(row.get("user")),
+                cl_active=_int(row.get("cl_active")),
+                cl_waiting=_int(row.get("cl_waiting")),
+                sv_active=_int(row.get("sv_active")),
+                sv_idle=_int(row.get("sv_idle")),
+                sv_used=_int(row.get("sv_used")),
+                sv_login=_int(row.get("sv_login")),
+            )
+            for row in self._rows("SHOW POOLS")
         ]
 
     def reload(self) -> None:

@@ -30,12 +30,18 @@ class RepointFailed(AdminError):
     another one for a database (the file PgBouncer reads may not be the one rewritten)."""
 
 
+#: Seconds between two looks at ``SHOW POOLS`` while clients wait for a server.
+_SERVED_POLL = 0.02
+
+
 @dataclass
 class RepointResult:
     """What :func:`repoint` did: the ``path`` rewritten (or not: ``file_changed``), the
     ``entries`` it selected, whether it sent ``RELOAD`` (``reloaded``), the databases it
     sent ``RECONNECT`` for (``reconnected``), those it held with ``PAUSE`` while it
-    rewrote and reloaded (``paused``, resumed since), and ``lingering``: server connections still
+    rewrote and reloaded (``paused``, resumed since), ``waiting``: clients still waiting
+    for a server connection when it stopped looking (see :func:`repoint`'s ``settle``), and
+    ``lingering``: server connections still
     bound to another address afterwards (marked ``close_needed``: in session pooling they
     close when their client disconnects, or at the end of its transaction with
     ``server_fast_close``)."""
@@ -48,6 +54,7 @@ class RepointResult:
     reconnected: list[str] = field(default_factory=list)
     lingering: int = 0
     paused: list[str] = field(default_factory=list)
+    waiting: int = 0
 
     @property
     def changed(self) -> bool:
@@ -229,8 +236,39 @@ def _apply(
         _resume(admin, result, log)
     running = {row.name: row for row in admin.databases()}
     loaded = [n for n in names if n in running]
+    if result.reloaded:
+        _wait_served(admin, loaded, result, settle=settle, log=log)
     _close_old(admin, loaded, result, host=host, port=port, settle=settle, log=log)
     return names
+
+
+def _wait_served(
+    admin: AdminConsole,
+    names: list[str],
+    result: RepointResult,
+    *,
+    settle: float,
+    log: Callable[[str], None],
+) -> None:
+    """Look at ``SHOW POOLS`` every 20 ms until no client of ``names`` waits for a server,
+    for up to ``settle`` seconds; ``result.waiting`` counts those still waiting then.
+
+    After failed server logins (the old node going away), PgBouncer opens the next server
+    connection only once ``server_login_retry`` has passed *and* something wakes its event
+    loop: with clients already queued and nothing else happening that is its maintenance
+    timer, up to about a third of a second later. Each console command here is such an
+    event, so the queued clients get a server on the new node as soon as PgBouncer allows.
+    """
+    wanted = set(names)
+    start = time.monotonic()
+    deadline = start + settle
+    while True:
+        result.waiting = sum(p.cl_waiting for p in admin.pools() if p.database in wanted)
+        if not result.waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(_SERVED_POLL)
+    if result.waiting:
+        log(f"{result.waiting} client(s) still waiting for a server after {settle:g} s")
 
 
 def _stale(admin: AdminConsole, names: list[str], host: str, port: int) -> bool:
@@ -300,14 +338,16 @@ def repoint(
     name; None selects every entry with a TCP host. ``log`` receives one line per action.
     ``settle`` is how long, in seconds, to wait for server connections on the old node to
     close after ``RECONNECT`` before counting the ones that stay (``lingering``; 0: count at
-    once). ``pause``: None (the default) rewrites and reloads while clients keep running;
-    a number of seconds first sends ``PAUSE`` for each selected database when PgBouncer
-    runs one pointed elsewhere (clients then wait instead of reaching the old node), and
-    ``RESUME`` after the ``RELOAD``, even on error; a database whose ``PAUSE`` does not complete
-    within that many seconds (its clients hold server connections) is repointed without
-    it. Concurrent repoints of one file on one machine take turns (an exclusive
-    ``flock`` on the file, waited for up to ``lock_timeout`` seconds): the second finds the
-    work done and changes nothing.
+    once), and after a ``RELOAD`` for the clients queued for a server to get one
+    (``waiting``; polling ``SHOW POOLS``, which also prompts PgBouncer to connect them).
+    ``pause``: None (the default) rewrites and reloads while clients keep running; a number
+    of seconds first sends ``PAUSE`` for each selected database when PgBouncer runs one
+    pointed elsewhere (clients then wait instead of reaching the old node), and ``RESUME``
+    after the ``RELOAD``, even on error; a database whose ``PAUSE`` does not complete within
+    that many seconds (its clients hold server connections) is repointed without it.
+    Concurrent repoints of one file on one machine take turns (an exclusive ``flock`` on the
+    file, waited for up to ``lock_timeout`` seconds): the second finds the work done and
+    changes nothing.
     Raises :class:`IniError` (file unreadable, unwritable, no entry selected),
     :class:`AdminError` (a console command failed) or :class:`RepointFailed`.
     """
