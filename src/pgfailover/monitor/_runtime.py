@@ -61,6 +61,10 @@ T = TypeVar("T")
 #: Connection keyword arguments of a pool that the watch connection does not take.
 _NOT_FOR_THE_WATCH = frozenset({"row_factory", "cursor_factory", "context"})
 
+#: Every Monitor made and not yet collected (read by :func:`monitors`, e.g. for metrics).
+_monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
+_monitors_lock = threading.Lock()
+
 
 @dataclass(frozen=True, slots=True)
 class WatchTarget:
@@ -134,6 +138,8 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._rng = random.Random()  # noqa: S311 - jitter, not security
+        with _monitors_lock:
+            _monitors.add(self)
 
     def __repr__(self) -> str:
         return (
@@ -486,3 +492,10 @@ def process_monitor() -> Monitor:
         if _process_monitor is None or _process_monitor._closed:
             _process_monitor = Monitor()
         return _process_monitor
+
+
+def monitors() -> list[Monitor]:
+    """The live monitors of the process: made, not collected, not closed (no order)."""
+    with _monitors_lock:
+        found = list(_monitors)
+    return [monitor for monitor in found if not monitor._closed]
