@@ -499,3 +499,28 @@ def test_topology_through_options_follows_the_leader(
         assert first_ok <= 1, (alias, results)
         assert all(r["status"] == 200 for r in results[first_ok:]), (alias, results)
         assert {r["body"]["port"] for r in results[first_ok:]} == {c.primary.port}, results
+
+
+def test_topology_naming_another_leader_ends_connections_to_the_former_one(
+    pgfailover_cluster: LocalCluster, project: list[Project]
+) -> None:
+    """A split brain: the standby is promoted while the old primary still accepts writes. A
+    persistent connection to the old primary keeps writing there until the alias's topology
+    is refreshed (by anyone sharing it); from then on the next request's connection check
+    closes it (no round trip, whatever the server would answer) and the write lands on the
+    leader the topology names."""
+    c = pgfailover_cluster
+    old, new = c.primary, c.standbys[0]
+    host, port = multihost(c)
+    spec = {"topology": {"kind": "hosts", "timeout": 2, "max_age": 600}}
+    dbs = {"default": database(PGF, host=host, port=port, cluster=c, options=spec)}
+    p = Project(dbs)
+    project.append(p)
+    p.ask("migrate", db="default")
+    assert p.request("/server/", "default")["body"]["port"] == old.port
+    c.promote(new)  # the old primary keeps running: two primaries
+    assert p.request("/server/", "default")["body"]["port"] == old.port  # nothing told it
+    assert p.ask("topology_refresh", db="default")["leader"] == new.address
+    served = p.request("/server/", "default")
+    assert served["status"] == 200, served
+    assert served["body"]["port"] == new.port

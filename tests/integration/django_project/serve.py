@@ -19,6 +19,8 @@
 - ``{"op": "count", "db": alias}`` (optional ``key``): the number of Items (with that key);
 - ``{"op": "retry_actions"}``: the actions of the RetryEvents seen since the last time;
 - ``{"op": "wrapper", "db": alias}``: the error (type, message) of connecting the alias;
+- ``{"op": "topology_refresh", "db": alias}``: refresh the alias's topology source (as
+  any user sharing it may), answer the leader's ``host:port``;
 - ``{"op": "testcase"}``: Django's own test runner on ``shop.tests``;
 - ``{"op": "exit"}``.
 """
@@ -195,6 +197,10 @@ def handle(  # noqa: PLR0911, PLR0912 - one branch per op
         except Exception as ex:
             return {"error": type(ex).__name__, "message": str(ex)}
         return {"error": None}
+    if op == "topology_refresh":  # what another user of the alias's topology would do
+        topology = connections[db].pgf_topology.refresh()
+        leader = topology.write_target
+        return {"leader": leader.address if leader is not None else None}
     if op == "testcase":
         return testcase()
     raise ValueError(f"unknown op {op!r}")
