@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/suite.py --quick                  # smaller, < 2 minutes
     .venv/bin/python benchmarks/suite.py --only happy,resources   # some sections only
     .venv/bin/python benchmarks/suite.py --only happy --latency-ms 0   # loopback only
+    .venv/bin/python benchmarks/suite.py --only recovery,fleet,happy  # the monitor's targets
 
 Starts its own ``LocalCluster``s (loopback only) and tears them down on exit, on error, on
 Ctrl-C and on SIGTERM. Prints to stdout a header (machine, versions, the exact command) and
@@ -35,15 +36,31 @@ times of the 2026-11-24 run; at a load average of 5-6 the happy part took 9.5 mi
     (pg_stat_statements calls / transactions, naming the statements) and the client-side
     round trips (libpq trace). Targets: ratio >= 0.98 (the recorded runner on loopback:
     >= 0.85), 0 extra round trips.
+    The pgfailover pools register with the process monitor (``monitor=True``, the
+    default): the suite samples the process monitor while the section runs and prints
+    what it watched (endpoints, pools registered, role checks), so the figures are those
+    of the pools with the monitor on.
 (b) recovery (``recovery``): PgBouncer transaction mode, PgBouncer session mode, direct
-    multi-host conninfo; per run a fresh ``pgfailover.ConnectionPool`` (max_size 4), one
-    writer every ~2 ms, ``failover('fast')`` (+ PgBouncer repoint); seconds from "primary
-    reachable" (end of repoint / end of promote-until-writable) to the first acknowledged
-    commit, p50 and max, next to the harness's promote-until-writable p50 (the physical
-    limit). Targets: p50 <= 0.1 s, max <= 0.5 s (see ``_suite_recovery``).
+    multi-host conninfo; per run and variant a fresh ``pgfailover.ConnectionPool``
+    (max_size 4), one writer every ~2 ms, ``failover('fast')`` (+ PgBouncer repoint);
+    variants: registered with a private ``Monitor()`` and ``monitor=False``, one after
+    the other in each run; seconds from "primary reachable" (end of repoint / end of
+    promote-until-writable) to the first acknowledged commit, p50 and max, next to the
+    harness's promote-until-writable p50 (the physical limit); connection attempts during
+    the outage (the pool's and the monitor's watch's) per second of outage, and where the
+    time goes after reachable. Targets: with the monitor p50 <= 0.05 s, max <= 0.2 s and
+    no more attempts per second than without it; without it p50 <= 0.1 s, max <= 0.5 s
+    (see ``_suite_recovery``).
 (c) resources (``resources``): per open pool (min = max = 4, warmed up), psycopg_pool vs
     pgfailover, sync and async: threads (or asyncio tasks) added, Python heap KiB
     (tracemalloc) and RSS KiB added (see ``_suite_resources``).
+(d) fleet (``fleet``): ``--fleet-pools`` (100) ``pgfailover.AsyncConnectionPool`` pools
+    (min_size 1, max_size 2) in one event loop behind PgBouncer in transaction mode, a
+    light writer each, ``--fleet-runs`` failovers with one shared private ``Monitor()``
+    and as many with ``monitor=False``: watches (target 1), the pools' connection
+    attempts during the outage (target 0) and the watch's, each pool's first write after
+    reachable (target: all within 0.5 s), the largest share of the reconnects in a 50 ms
+    window (target <= 25 %) (see ``_suite_fleet``).
 
 Each table says "met" or "MISSED" against the issue's targets from the figures as measured;
 nothing is tuned towards a target. Timing figures depend on the machine's load: the header
@@ -61,19 +78,22 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import _suite_fleet
 import _suite_happy
 import _suite_recovery
 import _suite_resources
 from _suite_common import load_average, log, machine
 
+from pgfailover.monitor import EndpointWatch, Monitor, process_monitor
 from pgfailover.testing import LocalCluster
 
-SECTIONS = ("happy", "recovery", "resources")
+SECTIONS = ("happy", "recovery", "resources", "fleet")
 #: Settings of a full run and of --quick.
 FULL = {
     "rounds": 100,
@@ -82,6 +102,7 @@ FULL = {
     "latency_transactions": 50,
     "count": 500,
     "runs": 10,
+    "fleet_runs": 3,
 }
 QUICK = {
     "rounds": 10,
@@ -90,6 +111,7 @@ QUICK = {
     "latency_transactions": 20,
     "count": 200,
     "runs": 3,
+    "fleet_runs": 1,
 }
 
 
@@ -128,6 +150,71 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
+
+
+class MonitorSampler:
+    """A thread that looks at ``monitor`` every ``every`` seconds while a section runs: how
+    many endpoints it watches, how many pools are registered, how many role checks its
+    watches made (each watch's last count seen, summed: a watch ends with its last pool)."""
+
+    def __init__(self, monitor: Monitor, every: float = 0.1) -> None:
+        self.monitor = monitor
+        self.every = every
+        self.samples = 0
+        self.samples_watching = 0
+        self.endpoints_max = 0
+        self.members_max = 0
+        self.checks: dict[int, tuple[EndpointWatch, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="monitor-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            endpoints = self.monitor.endpoints()
+            members = sum(len(self.monitor.members(e)) for e in endpoints)
+            self.samples += 1
+            self.samples_watching += bool(endpoints)
+            self.endpoints_max = max(self.endpoints_max, len(endpoints))
+            self.members_max = max(self.members_max, members)
+            for endpoint in endpoints:
+                watch = self.monitor.watch_of(endpoint)
+                if watch is not None:  # keyed by the object, kept alive here
+                    self.checks[id(watch)] = (watch, watch.checks)
+
+    def __enter__(self) -> MonitorSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sample_every_s": self.every,
+            "samples": self.samples,
+            "samples_watching": self.samples_watching,
+            "endpoints_max": self.endpoints_max,
+            "pools_registered_max": self.members_max,
+            "watches_seen": len(self.checks),
+            "role_checks": sum(checks for _, checks in self.checks.values()),
+        }
+
+
+def render_monitor(s: dict[str, Any]) -> str:
+    """The process monitor's activity during the happy section, one paragraph."""
+    share = s["samples_watching"] / s["samples"] if s["samples"] else 0.0
+    return (
+        "Process monitor during the happy section (the pgfailover pools registered with it,\n"
+        "`monitor=True`, the default; sampled every "
+        f"{s['sample_every_s']:g} s): watching an endpoint in {share:.0%} of\n"
+        f"{s['samples']} samples, at most {s['endpoints_max']} endpoint(s) and "
+        f"{s['pools_registered_max']} pool(s) registered at once; {s['watches_seen']} "
+        f"watch(es) made {s['role_checks']}\nrole checks on their own connections (their "
+        "queries run as the application user, so pg_stat_statements may count one in a\n"
+        "statement-count window; the libpq round trips are traced on the pools' own "
+        "connections only)."
+    )
 
 
 _interrupted = False
@@ -177,7 +264,19 @@ def _parse() -> argparse.Namespace:
     parser.add_argument(
         "--count", type=int, help=f"transactions for statement counts (full {FULL['count']})"
     )
-    parser.add_argument("--runs", type=int, help=f"failovers per scenario (full {FULL['runs']})")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        help=f"failovers per recovery scenario and variant (full {FULL['runs']})",
+    )
+    parser.add_argument(
+        "--fleet-runs",
+        type=int,
+        help=f"fleet failovers per variant (full {FULL['fleet_runs']})",
+    )
+    parser.add_argument(
+        "--fleet-pools", type=int, default=100, help="pools in the fleet (default 100)"
+    )
     parser.add_argument(
         "--repoint-delay",
         type=float,
@@ -204,7 +303,52 @@ def _parse() -> argparse.Namespace:
             )
     if args.latency_ms < 0:
         parser.error("--latency-ms must be >= 0")
+    if args.fleet_pools < 1:
+        parser.error("--fleet-pools must be >= 1")
     return args
+
+
+def _sections(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Run and print the sections asked for, in a fixed order; raw figures into ``result``."""
+    if "happy" in args.only:
+        t = time.monotonic()
+        with (
+            LocalCluster(standbys=0, pgbouncer=None) as cluster,
+            MonitorSampler(process_monitor()) as sampled,
+        ):
+            happy = _suite_happy.run(
+                cluster,
+                args.rounds,
+                args.transactions,
+                args.count,
+                latency_ms=args.latency_ms,
+                latency_rounds=args.latency_rounds,
+                latency_tx=args.latency_transactions,
+            )
+        happy["process_monitor"] = sampled.summary()
+        result["happy"] = happy
+        result["seconds"]["happy"] = time.monotonic() - t
+        print("\n" + _suite_happy.render(happy, args.rounds, args.transactions), flush=True)
+        print("\n" + render_monitor(happy["process_monitor"]), flush=True)
+    if "recovery" in args.only:
+        t = time.monotonic()
+        recovery = _suite_recovery.run(args.runs, args.repoint_delay)
+        result["recovery"] = recovery
+        result["seconds"]["recovery"] = time.monotonic() - t
+        print("\n" + _suite_recovery.render(recovery, args.runs, args.repoint_delay), flush=True)
+    if "fleet" in args.only:
+        t = time.monotonic()
+        fleet = _suite_fleet.run(args.fleet_runs, args.fleet_pools, args.repoint_delay)
+        result["fleet"] = fleet
+        result["seconds"]["fleet"] = time.monotonic() - t
+        print("\n" + _suite_fleet.render(fleet, args.fleet_runs, args.repoint_delay), flush=True)
+    if "resources" in args.only:
+        t = time.monotonic()
+        with LocalCluster(standbys=0, pgbouncer=None) as cluster:
+            resources = _suite_resources.run(cluster)
+        result["resources"] = resources
+        result["seconds"]["resources"] = time.monotonic() - t
+        print("\n" + _suite_resources.render(resources), flush=True)
 
 
 def main() -> int:
@@ -227,40 +371,14 @@ def main() -> int:
         "started": started,
         "machine": info,
         "settings": {
-            k: getattr(args, k) for k in (*FULL, "latency_ms", "quick", "repoint_delay", "only")
+            k: getattr(args, k)
+            for k in (*FULL, "latency_ms", "quick", "repoint_delay", "only", "fleet_pools")
         },
         "load_average": {"start": load_start},
         "seconds": {},
     }
     try:
-        if "happy" in args.only:
-            t = time.monotonic()
-            with LocalCluster(standbys=0, pgbouncer=None) as cluster:
-                happy = _suite_happy.run(
-                    cluster,
-                    args.rounds,
-                    args.transactions,
-                    args.count,
-                    latency_ms=args.latency_ms,
-                    latency_rounds=args.latency_rounds,
-                    latency_tx=args.latency_transactions,
-                )
-            result["happy"] = happy
-            result["seconds"]["happy"] = time.monotonic() - t
-            print("\n" + _suite_happy.render(happy, args.rounds, args.transactions), flush=True)
-        if "recovery" in args.only:
-            t = time.monotonic()
-            recovery = _suite_recovery.run(args.runs, args.repoint_delay)
-            result["recovery"] = recovery
-            result["seconds"]["recovery"] = time.monotonic() - t
-            print("\n" + _suite_recovery.render(recovery, args.runs, args.repoint_delay))
-        if "resources" in args.only:
-            t = time.monotonic()
-            with LocalCluster(standbys=0, pgbouncer=None) as cluster:
-                resources = _suite_resources.run(cluster)
-            result["resources"] = resources
-            result["seconds"]["resources"] = time.monotonic() - t
-            print("\n" + _suite_resources.render(resources), flush=True)
+        _sections(args, result)
     except Exception:
         if not _interrupted:
             raise
