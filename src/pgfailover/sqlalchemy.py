@@ -48,6 +48,19 @@ What it changes:
   adapter's lock, or its COMMIT/ROLLBACK is under way (asyncpg). The happy path costs
   nothing per statement.
 
+- **The process monitor** (:mod:`pgfailover.monitor`; ``monitor=True``, the default): the
+  engine registers with the process's monitor, which keeps one watch connection per
+  endpoint (shared with the pools and engines of the process that use it). When the
+  endpoint stops being writable, the monitor invalidates the engine's pool before a
+  request meets it: every connection opened before then is replaced at its next checkout
+  (idle ones at once when a request comes, checked-out ones the next time they are checked
+  out); during the outage the engine makes no connection attempt of its own (a request
+  that needs a connection waits, up to ``timeout``, for the monitor to see a writable
+  primary), and it is woken at once when the monitor does. An engine the monitor cannot
+  watch (``topology=``, a ``creator``/``async_creator``, a driver other than psycopg,
+  psycopg2 or asyncpg, or an asyncpg ``ssl`` given as an ``SSLContext``) keeps probing by
+  itself, one attempt at a time.
+
 Each connection invalidated for a failover produces one
 :class:`~pgfailover.events.FailoverEvent` (logged once on ``pgfailover.events``).
 :meth:`Instrumentation.stats` returns the counters. ``instrument()`` is idempotent and
@@ -58,6 +71,7 @@ See ``docs/sqlalchemy.md`` for the ORM pattern and the retry recipe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -74,7 +88,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
-from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, Pool, PoolProxiedConnection
 
 from . import _watchdog
 from ._runner import WATCHED_KEY
@@ -83,6 +97,7 @@ from .classify import Kind, Phase, Verdict, attach_verdict, classify
 from .connection import _FailoverAware
 from .errors import NoPrimaryAvailable
 from .events import FailoverEvent, NodeInfo, _emit, caller_stack, diagnostics_of
+from .monitor import Endpoint, Monitor, WatchTarget, process_monitor
 from .policy import CONNECT_ATTEMPT_BOUND, RECONNECT_POLICY
 from .probe import PROBE_SQL, RoleReport, aprobe, probe, report_from_row, role_from_parameters
 from .topology import AsyncTopologySource, Fence, Topology, TopologyError, TopologySource
@@ -119,10 +134,16 @@ class Options:
     silence_limit: float | None
     probe_timeout: float
     topology: TopologySource | AsyncTopologySource | None = None
+    monitor: Monitor | bool = True
 
 
 class Instrumentation:
-    """The listeners :func:`instrument` added to one engine, and what they have seen."""
+    """The listeners :func:`instrument` added to one engine, and what they have seen.
+
+    It is also the engine's member of the process monitor (a
+    :class:`pgfailover.monitor.Member`): the monitor watches the engine's endpoint and calls
+    :meth:`_pgf_endpoint_lost` and :meth:`_pgf_endpoint_back` from its own thread.
+    """
 
     def __init__(self, engine: Engine, options: Options) -> None:
         self._engine = weakref.ref(engine)
@@ -135,6 +156,14 @@ class Instrumentation:
         self._async = bool(engine.dialect.is_async)
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
         self._topology_seen: Topology | None = None  # the topology last followed
+        #: the monitor the engine is registered with (None: none, or removed)
+        self._pgf_monitor: Monitor | None = None
+        self._wakeup = _Wakeup()  # cuts the connect loop's waits when the primary is back
+
+    @property
+    def failover_state(self) -> FailoverState:
+        """The engine's failover knowledge and counters (read-only use)."""
+        return self.state
 
     # -- installation
     def _install(self, engine: Engine) -> None:
@@ -146,8 +175,23 @@ class Instrumentation:
             event.listen(target, name, fn)
             self._listeners.append((target, name, fn))
 
+    def _register(self) -> None:
+        """Join the monitor chosen by ``options.monitor`` (none when False)."""
+        choice = self.options.monitor
+        if choice is False:
+            return
+        monitor = process_monitor() if choice is True else choice
+        assert isinstance(monitor, Monitor)
+        monitor.register(self)  # RuntimeError for a closed monitor: nothing is installed yet
+        self._pgf_monitor = monitor
+
     def remove(self) -> None:
-        """Remove every listener; the engine behaves as if never instrumented. Idempotent."""
+        """Remove every listener and leave the monitor (its watch of the endpoint ends with
+        its last member, within 2 s); the engine behaves as if never instrumented.
+        Idempotent."""
+        monitor, self._pgf_monitor = self._pgf_monitor, None
+        if monitor is not None:
+            monitor.unregister(self)
         engine = self._engine()
         while self._listeners:
             target, name, fn = self._listeners.pop()
@@ -170,6 +214,44 @@ class Instrumentation:
         primary), recovery_ms_last (from noticing the last outage to the next writable
         connection)."""
         return self.state.stats()
+
+    # -- the process monitor
+    def _pgf_watch_target(self) -> WatchTarget | None:
+        """Where the monitor should look (see :class:`~pgfailover.monitor.Member`): a libpq
+        conninfo made of what the driver is given (the URL's hosts, ports, database, user,
+        password and libpq options, and the engine's ``connect_args``); the watch always
+        connects with psycopg. None when the monitor cannot watch the engine: a
+        ``topology=``, a ``creator``/``async_creator`` (only it knows where it connects), a
+        driver other than psycopg, psycopg2 or asyncpg, or connection arguments libpq cannot
+        express (an asyncpg ``ssl`` given as an ``SSLContext``); the engine then keeps
+        probing by itself."""
+        engine = self._engine()
+        if engine is None or self.options.topology is not None:
+            return None
+        return _watch_target(engine, self.options.pooler)
+
+    def _pgf_endpoint_lost(self, where: str, found: str) -> None:
+        """The monitor found no writable primary (called from its thread): start the outage
+        and, when the engine knew of none, invalidate its pool.
+
+        The pool is invalidated by time, SQLAlchemy's own way (as for a disconnect with
+        ``invalidate_pool_on_disconnect``): only a timestamp is written here, so no DBAPI
+        connection is touched from the monitor's thread, which matters for an AsyncEngine
+        whose connections belong to their event loop. Each connection made before is
+        closed and replaced by whoever checks it out next, in that thread or task, before
+        it is handed out (idle ones at the next request, checked-out ones at their next
+        checkout)."""
+        if not self.state.endpoint_lost(where, found, time.monotonic()):
+            return
+        engine = self._engine()
+        if engine is not None:
+            _invalidate_pool(engine.pool)
+
+    def _pgf_endpoint_back(self) -> None:
+        """The monitor found a writable primary again (called from its thread): connection
+        attempts may go; the ones waiting out a backoff are woken at once."""
+        if self.state.primary_back():
+            self._wakeup.wake()
 
     # -- errors
     def _on_error(self, ctx: ExceptionContext) -> BaseException | None:
@@ -246,6 +328,7 @@ class Instrumentation:
         last_error: BaseException | None = None
         while True:
             now = time.monotonic()
+            woken = self._wakeup.count
             if self.state.may_connect(now):
                 try:
                     conn, last_error = self._connect_once(dialect, conn_rec, cargs, cparams)
@@ -259,7 +342,7 @@ class Instrumentation:
                     timeout, {}
                 ) from last_error
             retries += 1
-            self._sleep(max(min(RECONNECT_POLICY.backoff(retries), deadline - now), 0.0))
+            self._pause(max(min(RECONNECT_POLICY.backoff(retries), deadline - now), 0.0), woken)
 
     def _connect_once(
         self,
@@ -510,11 +593,66 @@ class Instrumentation:
         engine = self._engine()
         return engine is not None and isinstance(engine.pool, NullPool)
 
-    def _sleep(self, seconds: float) -> None:
+    def _pause(self, seconds: float, woken: int) -> None:
+        """Wait ``seconds`` before the next connection attempt, less if the monitor sees a
+        writable primary meanwhile (or saw one since the wake-up count was ``woken``)."""
         if self._async:
-            _await(asyncio.sleep(seconds))
+            _await(self._wakeup.wait_async(seconds, woken))
         else:
-            time.sleep(seconds)
+            self._wakeup.wait(seconds, woken)
+
+
+class _Wakeup:
+    """Cuts short the connect loop's backoff waits when the monitor sees the primary back.
+
+    Thread-safe. A waiter passes the :attr:`count` it read before deciding to wait: a
+    wake-up that came in between ends the wait at once (none is lost). Sync waiters wait on
+    a condition, async ones on a future of their own event loop, resolved through that
+    loop (an AsyncEngine may be used from more than one loop in a process's life).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        #: wake-ups so far
+        self.count = 0
+        self._futures: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+
+    def wake(self) -> None:
+        """End every wait under way (from any thread)."""
+        with self._cond:
+            self.count += 1
+            futures = list(self._futures)
+            self._futures.clear()
+            self._cond.notify_all()
+        for loop, future in futures:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there
+                loop.call_soon_threadsafe(_resolve, future)
+
+    def wait(self, seconds: float, seen: int) -> None:
+        """Block up to ``seconds``, less after a wake-up (since the count was ``seen``)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.count != seen, seconds)
+
+    async def wait_async(self, seconds: float, seen: int) -> None:
+        """Async twin of :meth:`wait`, for the running event loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        entry = (loop, future)
+        with self._cond:
+            if self.count != seen:
+                return
+            self._futures.add(entry)
+        try:
+            await asyncio.wait([future], timeout=seconds)
+        finally:
+            with self._cond:
+                self._futures.discard(entry)
+            future.cancel()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 # --------------------------------------------------------------------- public API
@@ -532,6 +670,7 @@ def instrument(
     silence_limit: float | None = 5.0,
     probe_timeout: float = 3.0,
     topology: TopologySource | AsyncTopologySource | None = None,
+    monitor: Monitor | bool = True,
 ) -> Instrumentation:
     """Make ``engine`` (an ``Engine`` or ``AsyncEngine``) survive failovers; see the module doc.
 
@@ -560,6 +699,12 @@ def instrument(
             names (the URL's host and port are replaced), are fenced against it in-band,
             a failover verdict invalidates it, and a checkout that finds it naming another
             leader replaces the engine's connections. None (default): the URL's hosts.
+        monitor: True (default) registers the engine with the process's shared
+            :class:`~pgfailover.monitor.Monitor` (see the module doc), False keeps it on
+            its own (during an outage it then probes by itself, one attempt at a time), a
+            ``Monitor`` registers it with that one (its timings). The engine leaves it with
+            :meth:`Instrumentation.remove` (or :func:`uninstrument`). ``TypeError`` for
+            anything else; ``RuntimeError`` for a closed ``Monitor`` (nothing installed).
 
     Returns the :class:`Instrumentation` (counters, :meth:`~Instrumentation.remove`).
     Calling it again on the same engine returns the same object; with different options it
@@ -573,6 +718,11 @@ def instrument(
             f"instrument() needs a PostgreSQL engine, got dialect {sync_engine.dialect.name!r}"
         )
     _check_topology(topology, is_async=bool(sync_engine.dialect.is_async))
+    if not isinstance(monitor, bool | Monitor):
+        raise TypeError(
+            "monitor must be True (the process monitor), False (none) or a "
+            f"pgfailover.monitor.Monitor, got {type(monitor).__name__}"
+        )
     options = Options(
         recheck_interval=_seconds("recheck_interval", recheck_interval),
         timeout=_seconds("timeout", _default_timeout(sync_engine) if timeout is None else timeout)
@@ -581,6 +731,7 @@ def instrument(
         silence_limit=_positive("silence_limit", silence_limit, off=True),
         probe_timeout=_positive("probe_timeout", probe_timeout, off=False) or 0.0,
         topology=topology,
+        monitor=monitor,
     )
     with _registry_lock:
         existing = _registry.get(sync_engine)
@@ -592,6 +743,7 @@ def instrument(
                 )
             return existing
         instrumentation = Instrumentation(sync_engine, options)
+        instrumentation._register()
         instrumentation._install(sync_engine)
         _registry[sync_engine] = instrumentation
     return instrumentation
@@ -692,6 +844,82 @@ def _check_topology(topology: object, *, is_async: bool) -> None:
             "(for instance "
             f"{'Async' if is_async else ''}PatroniTopology), got {type(topology).__name__}"
         )
+
+
+#: libpq's connection keywords: what a watch conninfo may carry.
+_LIBPQ_KEYWORDS = frozenset(d.keyword.decode() for d in psycopg.pq.Conninfo.get_defaults())
+#: asyncpg's names of connection arguments that libpq spells otherwise.
+_ASYNCPG_KEYWORDS = {"database": "dbname"}
+#: libpq's ``sslmode`` values (asyncpg's ``ssl`` accepts the same strings).
+_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+
+
+def _watch_target(engine: Engine, pooler: bool | None) -> WatchTarget | None:
+    """The monitor's view of ``engine``: a libpq conninfo from the arguments its driver is
+    given (see :meth:`Instrumentation._pgf_watch_target`); None when it cannot be made.
+
+    A host list gets ``target_session_attrs=read-write`` unless it says otherwise or
+    ``pooler`` is True, as the pools' conninfo does: the watch must find the primary among
+    the hosts, not stop at the first one that answers."""
+    driver = engine.dialect.driver
+    if driver not in _CONNECT_BOUNDS:
+        return None
+    params = _driver_params(engine)
+    if params is None:
+        return None
+    libpq: dict[str, str] = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        key = _ASYNCPG_KEYWORDS.get(name, name) if driver == "asyncpg" else name
+        if driver == "asyncpg" and key == "ssl":
+            if isinstance(value, bool):
+                libpq["sslmode"] = "require" if value else "disable"
+            elif isinstance(value, str) and value in _SSLMODES:
+                libpq["sslmode"] = value
+            else:  # an SSLContext: libpq cannot say the same
+                return None
+        elif key in _LIBPQ_KEYWORDS:  # not a driver option (prepare_threshold, context...)
+            if isinstance(value, list | tuple):  # asyncpg's host and port lists
+                libpq[key] = ",".join("" if v is None else str(v) for v in value)
+            else:
+                libpq[key] = str(value)
+    if "," in libpq.get("host", "") and "target_session_attrs" not in libpq and pooler is not True:
+        libpq["target_session_attrs"] = "read-write"
+    return WatchTarget(Endpoint.of(libpq), make_conninfo("", **libpq))
+
+
+def _driver_params(engine: Engine) -> Mapping[str, Any] | None:
+    """The keyword arguments ``engine`` gives its driver: the URL's and the ``connect_args``,
+    as ``create_engine`` assembled them for its default creator; the URL's alone when they
+    cannot be read there; None when the pool has another creator (``creator``,
+    ``async_creator``, a ``pool`` of one's own: only it knows where it connects)."""
+    creator = getattr(engine.pool, "_creator", None)
+    if (
+        getattr(creator, "__module__", None) != "sqlalchemy.engine.create"
+        or getattr(creator, "__qualname__", None) != "create_engine.<locals>.connect"
+    ):
+        return None
+    code = getattr(creator, "__code__", None)
+    cells = getattr(creator, "__closure__", None) or ()
+    names = getattr(code, "co_freevars", ())
+    for name, cell in zip(names, cells, strict=False):
+        if name == "cparams":
+            with contextlib.suppress(ValueError):  # an empty cell
+                found = cell.cell_contents
+                if isinstance(found, Mapping):
+                    return found
+    try:
+        return engine.dialect.create_connect_args(engine.url)[1]
+    except (exc.ArgumentError, ValueError):  # a malformed URL: the engine's connects say so
+        return None
+
+
+def _invalidate_pool(pool: Pool) -> None:
+    """Mark every connection ``pool`` holds, checked in or out, as to be replaced at its
+    next checkout: SQLAlchemy's pool invalidation by time, which only writes a timestamp
+    (safe from any thread; the connections are closed by whoever checks them out)."""
+    pool._invalidate(None, _checkin=False)  # type: ignore[arg-type]  # no connection: all
 
 
 def _disconnection(message: str, purge: bool) -> exc.DisconnectionError:
