@@ -8,8 +8,10 @@ import math
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,6 +22,7 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import pgfailover
 import pgfailover.metrics
 from pgfailover import classify, events
 from pgfailover.classify import Phase
@@ -27,16 +30,23 @@ from pgfailover.events import FailoverEvent, NodeInfo, PoolEvent, RetryEvent
 from pgfailover.metrics import _core, otel, prometheus
 from pgfailover.metrics._core import (
     EVENT_METRICS,
+    MONITOR_METRICS,
     POOL_METRICS,
     UNAVAILABLE_BUCKETS,
     EventTally,
     Sample,
+    WatchSample,
     commit_outcome,
     engine_sample,
     merge,
+    merge_watches,
     pool_sample,
+    watch_sample,
 )
+from pgfailover.monitor import Endpoint, EndpointWatch, Monitor, Status
+from pgfailover.monitor._runtime import monitors
 from pgfailover.outcome import Outcome
+from pgfailover.testing._ports import release_port, reserve_port
 
 ROOT = Path(__file__).resolve().parents[2]
 READ_ONLY = classify(psycopg.errors.lookup("25006")("cannot execute INSERT"))
@@ -96,8 +106,9 @@ def recovered(pool: str, seconds: float) -> PoolEvent:
 
 def test_names_follow_each_convention() -> None:
     """Prometheus counters end in _total and times are in seconds; every name and every
-    OpenTelemetry name is unique; per-pool metrics are labelled by pool first."""
-    metrics = POOL_METRICS + EVENT_METRICS
+    OpenTelemetry name is unique; per-pool metrics are labelled by pool first, the
+    monitor's by endpoint alone."""
+    metrics = POOL_METRICS + MONITOR_METRICS + EVENT_METRICS
     assert len({m.prometheus for m in metrics}) == len(metrics)
     assert len({m.otel for m in metrics}) == len(metrics)
     assert len({m.key for m in metrics}) == len(metrics)
@@ -109,6 +120,10 @@ def test_names_follow_each_convention() -> None:
     for m in POOL_METRICS:
         assert m.labels[0] == "pool"
         assert all(len(extra) == len(m.labels) - 1 for _, extra in m.keys), m
+    for m in MONITOR_METRICS:
+        assert m.labels == ("endpoint",), m
+        assert m.prometheus.startswith("pgfailover_monitor_"), m
+        assert m.otel.startswith("pgfailover.monitor."), m
 
 
 def test_the_semantic_conventions_names_units_and_attributes() -> None:
@@ -141,7 +156,7 @@ def test_the_semantic_conventions_names_units_and_attributes() -> None:
 def test_every_metric_is_documented() -> None:
     """docs/monitoring.md and the package docstring name every metric in both namings."""
     doc = (ROOT / "docs" / "monitoring.md").read_text()
-    for m in POOL_METRICS + EVENT_METRICS:
+    for m in POOL_METRICS + MONITOR_METRICS + EVENT_METRICS:
         assert m.prometheus in doc, m.prometheus
         assert m.otel in doc, m.otel
         assert m.prometheus in (pgfailover.metrics.__doc__ or ""), m.prometheus
@@ -227,6 +242,106 @@ def test_merging_keeps_every_total(rows: list[tuple[str, int, int]]) -> None:
     for name, values in merged.items():
         assert values["requests"] == sum(r for n, r, _ in rows if n == name)
         assert values["outage"] == max(float(o > 50) for n, _, o in rows if n == name)
+
+
+# --------------------------------------------------------------------------- monitors
+
+ENDPOINT = Endpoint("db1,db2", "5432", "app")
+
+
+def test_a_watch_becomes_values_at_each_state() -> None:
+    """Before the first look: checks and connects, outage 0, no writable series. A look
+    that finds no primary: writable 0, outage = seconds since that look; later looks of
+    the same outage keep its start. Writable again: writable 1, outage 0. The endpoint is
+    host:port/dbname."""
+    watch = EndpointWatch(ENDPOINT)
+    first = watch_sample(watch, now=5.0)
+    assert first == WatchSample(
+        "db1:5432,db2:5432/app",
+        {"monitor_checks": 0.0, "monitor_connects": 0.0, "monitor_outage": 0.0},
+    )
+    watch.connects += 1
+    watch.observe(Status.WRITABLE, "primary", now=10.0, wall=1000.0)
+    values = watch_sample(watch, now=11.0).values
+    assert (values["monitor_writable"], values["monitor_outage"]) == (1.0, 0.0)
+    watch.observe(Status.DOWN, "down: refused", now=20.0, wall=1010.0)
+    watch.connects += 1
+    watch.observe(Status.READ_ONLY, "a standby", now=21.0, wall=1011.0)
+    values = watch_sample(watch, now=22.5).values
+    assert values == {
+        "monitor_checks": 3.0,
+        "monitor_connects": 2.0,
+        "monitor_writable": 0.0,
+        "monitor_outage": 2.5,
+    }
+    watch.observe(Status.WRITABLE, "primary", now=23.0, wall=1013.0)
+    values = watch_sample(watch, now=24.0).values
+    assert (values["monitor_writable"], values["monitor_outage"]) == (1.0, 0.0)
+
+
+def test_a_refused_watch_is_not_writable_and_a_torn_read_is_no_outage() -> None:
+    """Authentication refused counts as not writable (an outage for the monitor); a watch
+    read between the status becoming writable and the outage start being cleared reports
+    no outage; a clock read before the outage began gives 0, never a negative age."""
+    watch = EndpointWatch(ENDPOINT)
+    watch.observe(Status.MISCONFIGURED, "auth or configuration failure", now=1.0, wall=1.0)
+    values = watch_sample(watch, now=0.5).values
+    assert (values["monitor_writable"], values["monitor_outage"]) == (0.0, 0.0)
+    assert watch_sample(watch, now=4.0).values["monitor_outage"] == 3.0
+    watch.status = Status.WRITABLE  # as observe() leaves it for an instant
+    assert watch.outage_since is not None
+    assert watch_sample(watch, now=4.0).values["monitor_outage"] == 0.0
+
+
+STATUSES = st.sampled_from([s for s in Status if s is not Status.UNKNOWN])
+
+
+@given(st.lists(STATUSES, max_size=20), st.floats(0, 100))
+def test_the_outage_age_is_since_the_first_look_that_found_no_primary(
+    statuses: list[Status], after: float
+) -> None:
+    """Whatever the looks (one a second), writable says what the last look found (absent
+    before any), the outage is 0 after a writable look and otherwise the time since the
+    first of the looks that found no writable primary since the last writable one, and
+    checks count every look."""
+    watch = EndpointWatch(ENDPOINT)
+    for i, status in enumerate(statuses):
+        watch.observe(status, status.value, now=float(i), wall=float(i))
+    now = len(statuses) + after
+    values = watch_sample(watch, now).values
+    assert values["monitor_checks"] == len(statuses)
+    if not statuses:
+        assert "monitor_writable" not in values
+        assert values["monitor_outage"] == 0.0
+        return
+    assert values["monitor_writable"] == float(statuses[-1] is Status.WRITABLE)
+    if statuses[-1] is Status.WRITABLE:
+        assert values["monitor_outage"] == 0.0
+    else:
+        start = len(statuses) - 1
+        while start > 0 and statuses[start - 1] is not Status.WRITABLE:
+            start -= 1
+        assert values["monitor_outage"] == pytest.approx(now - start)
+
+
+def test_monitors_watching_one_endpoint_are_one_series() -> None:
+    """Two monitors at one endpoint: counters summed, writable the minimum (0 when either
+    finds no primary), the outage the longest; a key only one has is kept; endpoints come
+    out sorted, each once."""
+    a = WatchSample("b:5432/app", {"monitor_writable": 1.0, "monitor_checks": 4.0})
+    b = WatchSample(
+        "b:5432/app",
+        {"monitor_writable": 0.0, "monitor_checks": 6.0, "monitor_outage": 1.5},
+    )
+    c = WatchSample("a:5432/app", {"monitor_writable": 1.0, "monitor_outage": 0.0})
+    d = WatchSample("b:5432/app", {"monitor_outage": 0.5})
+    assert merge_watches([a, c, b, d]) == [
+        c,
+        WatchSample(
+            "b:5432/app",
+            {"monitor_writable": 0.0, "monitor_checks": 10.0, "monitor_outage": 1.5},
+        ),
+    ]
 
 
 # ----------------------------------------------------------------------------- events
@@ -517,3 +632,67 @@ def test_importing_the_package_imports_neither_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------- a monitor that finds none
+
+SECRET = "s3cret-Pa55w0rd"
+
+
+@pytest.fixture(scope="module")
+def refused_port() -> Iterator[int]:
+    """A loopback port reserved for the module, on which nothing listens."""
+    reserved = reserve_port()
+    yield reserved
+    release_port(reserved)
+
+
+def test_a_live_monitor_is_exported_per_endpoint_until_closed(
+    registry: CollectorRegistry, refused_port: int
+) -> None:
+    """A pool watched by a private monitor at an endpoint where nothing listens: the
+    scrape and the OpenTelemetry collection say writable 0, an outage under way, looks and
+    watch connection attempts counted, labelled host:port/dbname with no password anywhere.
+    The endpoint's series go when its last pool closes; monitors() no longer lists the
+    monitor once closed."""
+    dsn = f"host=127.0.0.1 port={refused_port} dbname=app user=app password={SECRET}"
+    endpoint = f"127.0.0.1:{refused_port}/app"
+    by_endpoint = (("endpoint", endpoint),)
+    prometheus.register(registry)
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    instruments = otel.instrument(provider)
+    monitor = Monitor(interval=0.2, outage_interval=0.02)
+    try:
+        assert monitor in monitors()
+        with pgfailover.ConnectionPool[Any](dsn, min_size=0, max_size=1, monitor=monitor):
+            deadline = time.monotonic() + 20.0
+            while True:
+                seen = scrape(registry)
+                if (
+                    seen.get(("pgfailover_monitor_checks_total", by_endpoint), 0) >= 2
+                    and seen.get(("pgfailover_monitor_outage_seconds", by_endpoint), 0) > 0
+                ):
+                    break
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.02)
+            text = generate_latest(registry).decode()
+            points = {
+                name: {dict(p.attributes or {})["endpoint"]: p for p in found}  # type: ignore[attr-defined]
+                for name, found in otel_points(reader).items()
+                if name.startswith("pgfailover.monitor.")
+            }
+        assert seen[("pgfailover_monitor_writable", by_endpoint)] == 0
+        assert seen[("pgfailover_monitor_connects_total", by_endpoint)] >= 1
+        assert SECRET not in text
+        assert f'endpoint="{endpoint}"' in text
+        assert points["pgfailover.monitor.writable"][endpoint].value == 0  # type: ignore[attr-defined]
+        assert points["pgfailover.monitor.outage.duration"][endpoint].value > 0  # type: ignore[attr-defined]
+        assert points["pgfailover.monitor.checks"][endpoint].value >= 2  # type: ignore[attr-defined]
+        assert points["pgfailover.monitor.connects"][endpoint].value >= 1  # type: ignore[attr-defined]
+        assert not any(labels == by_endpoint for _, labels in scrape(registry))
+    finally:
+        monitor.close()
+        instruments.unregister()
+        provider.shutdown()
+    assert monitor not in monitors()

@@ -1,8 +1,9 @@
 """pgfailover's metrics, for Prometheus and OpenTelemetry (``pip install 'pgfailover[metrics]'``).
 
 One call exports every live pgfailover pool (``pgfailover.ConnectionPool``,
-``pgfailover.AsyncConnectionPool``) and every SQLAlchemy engine instrumented with
-:func:`pgfailover.sqlalchemy.instrument`, present and future::
+``pgfailover.AsyncConnectionPool``), every SQLAlchemy engine instrumented with
+:func:`pgfailover.sqlalchemy.instrument` and every live process monitor
+(:class:`pgfailover.monitor.Monitor`), present and future::
 
     import pgfailover.metrics.prometheus
     pgfailover.metrics.prometheus.register()  # registry=None: prometheus_client's REGISTRY
@@ -57,6 +58,19 @@ password). Prometheus name / OpenTelemetry name (unit): meaning.
   last outage's write-unavailable time.
 - ``pgfailover_outage_in_progress`` / ``pgfailover.outage.active`` (``1``, gauge): 1 while
   the pool is in an outage.
+
+Per endpoint a live monitor watches (Prometheus label ``endpoint``, OpenTelemetry
+attribute ``endpoint``: ``host:port/dbname``, never a password; monitors watching the same
+endpoint are combined), read from what the watch last found (no I/O at a scrape):
+
+- ``pgfailover_monitor_writable`` / ``pgfailover.monitor.writable`` (``1``, gauge): 1 when
+  the last look found a writable primary, 0 otherwise (the minimum over monitors); absent
+  before the first look.
+- ``pgfailover_monitor_checks_total`` / ``pgfailover.monitor.checks`` (``{check}``) and
+  ``pgfailover_monitor_connects_total`` / ``pgfailover.monitor.connects``
+  (``{connection}``): looks taken and watch connection attempts made since the watch began.
+- ``pgfailover_monitor_outage_seconds`` / ``pgfailover.monitor.outage.duration`` (``s``,
+  gauge): seconds since the current outage began, 0 when none.
 
 From the events (counted from the moment of ``register()`` / ``instrument()``):
 

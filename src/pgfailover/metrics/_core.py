@@ -1,12 +1,16 @@
 """The metrics' definitions, and the pure functions that make their values. No I/O.
 
 Both exporters (:mod:`pgfailover.metrics.prometheus`, :mod:`pgfailover.metrics.otel`) read
-the same table, :data:`POOL_METRICS` and :data:`EVENT_METRICS`, and the same values:
+the same table, :data:`POOL_METRICS`, :data:`MONITOR_METRICS` and :data:`EVENT_METRICS`, and
+the same values:
 
 - per pool, a :class:`Sample` made by :func:`pool_sample` (a pgfailover psycopg_pool pool:
   its ``get_stats()``) or :func:`engine_sample` (an instrumented SQLAlchemy engine: its
   pool's sizes and the instrumentation's counters); pools that share a name are summed by
   :func:`merge`, so a name is one time series;
+- per endpoint a process monitor watches, a :class:`WatchSample` made by
+  :func:`watch_sample` from the monitor's :class:`~pgfailover.monitor.EndpointWatch`;
+  monitors watching the same endpoint are combined by :func:`merge_watches`;
 - from events, what no statistic holds: an :class:`EventTally` counts failover errors by
   verdict kind and SQLSTATE, retries by action, resolved commit outcomes, and keeps the
   histogram of the write-unavailable time of each incident, per pool.
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..events import Event, FailoverEvent, PoolEvent, RetryEvent
+from ..monitor.model import EndpointWatch, Status
 from ..outcome import Outcome
 
 #: Upper bounds (seconds) of the write-unavailable histogram's buckets: a failover handled
@@ -57,6 +62,7 @@ ATTRIBUTES: Mapping[str, str] = {
     "sqlstate": "db.response.status_code",
     "action": "pgfailover.retry.action",
     "outcome": "pgfailover.commit.outcome",
+    "endpoint": "endpoint",
 }
 
 MetricType = Literal["gauge", "counter", "histogram"]
@@ -72,9 +78,11 @@ class Metric:
     up-down counter, as the semantic conventions say; the others are observable gauges and
     counters, and the histogram is a histogram); ``unit`` the UCUM unit OpenTelemetry
     carries (``s``, ``{connection}``, ...); ``labels`` the Prometheus label names, ``pool``
-    first for the per-pool ones. ``series`` maps a :class:`Sample` key to the values of the
-    labels after ``pool`` (only ``db.client.connection.count`` has one: the state).
-    ``combine`` says how pools that share a name are merged: ``sum`` or ``max``.
+    first for the per-pool ones (``endpoint`` for the monitor's). ``series`` maps a
+    :class:`Sample` key to the values of the labels after ``pool`` (only
+    ``db.client.connection.count`` has one: the state). ``combine`` says how pools that
+    share a name (or monitors that watch the same endpoint) are merged: ``sum``, ``max`` or
+    ``min``.
     """
 
     key: str
@@ -85,7 +93,7 @@ class Metric:
     description: str
     labels: tuple[str, ...] = ("pool",)
     series: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    combine: Literal["sum", "max"] = "sum"
+    combine: Literal["sum", "max", "min"] = "sum"
     up_down: bool = False  # OpenTelemetry: an observable up-down counter, not a gauge
 
     @property
@@ -274,6 +282,54 @@ POOL_METRICS: tuple[Metric, ...] = (
     ),
 )
 
+#: The per-endpoint metrics of the process monitors (:func:`pgfailover.monitor._runtime.monitors`),
+#: read from their watches at each scrape or collection; labelled by ``endpoint``
+#: (``host:port/dbname``, never a password). Keys are :class:`WatchSample` keys.
+MONITOR_METRICS: tuple[Metric, ...] = (
+    Metric(
+        "monitor_writable",
+        "pgfailover_monitor_writable",
+        "pgfailover.monitor.writable",
+        "gauge",
+        "1",
+        "1 when the monitor's last look at the endpoint found a writable primary, 0 when it "
+        "found none (down, read-only, standby, refused); absent before the first look. "
+        "Monitors watching the same endpoint: the minimum.",
+        labels=("endpoint",),
+        combine="min",
+    ),
+    Metric(
+        "monitor_checks",
+        "pgfailover_monitor_checks_total",
+        "pgfailover.monitor.checks",
+        "counter",
+        "{check}",
+        "Looks the monitor took at the endpoint since its watch began: one role query each, "
+        "after a new watch connection when it had none (a look that failed counts too).",
+        labels=("endpoint",),
+    ),
+    Metric(
+        "monitor_connects",
+        "pgfailover_monitor_connects_total",
+        "pgfailover.monitor.connects",
+        "counter",
+        "{connection}",
+        "Watch connection attempts the monitor made to the endpoint, since its watch began.",
+        labels=("endpoint",),
+    ),
+    Metric(
+        "monitor_outage",
+        "pgfailover_monitor_outage_seconds",
+        "pgfailover.monitor.outage.duration",
+        "gauge",
+        "s",
+        "Seconds since the monitor's current outage at the endpoint began (its first look "
+        "that found no writable primary), 0 when it last found one.",
+        labels=("endpoint",),
+        combine="max",
+    ),
+)
+
 #: The metrics fed by events (:func:`pgfailover.events.subscribe`): what no statistic holds.
 EVENT_METRICS: tuple[Metric, ...] = (
     Metric(
@@ -443,6 +499,69 @@ def merge(samples: Iterable[Sample]) -> list[Sample]:
             else:
                 values[key] += value
     return [Sample(name, merged[name]) for name in sorted(merged)]
+
+
+# ------------------------------------------------------------------------- monitors
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSample:
+    """What one monitor (or several watching the same endpoint) knows of ``endpoint``
+    (``host:port/dbname``, no password) now; ``values`` maps a :data:`MONITOR_METRICS` key
+    to its value, a key absent meaning the monitor cannot tell yet (never reported as 0)."""
+
+    endpoint: str
+    values: Mapping[str, float]
+
+
+def watch_sample(watch: EndpointWatch, now: float) -> WatchSample:
+    """The sample of one monitor's watch of an endpoint, read at ``now``
+    (``time.monotonic()``).
+
+    ``monitor_writable`` is 1 for a writable primary, 0 for any other finding, absent
+    before the first look (status unknown); ``monitor_outage`` the seconds since
+    ``watch.outage_since`` (0 when no outage is under way, or when the last look found a
+    writable primary: the watch's thread may be between setting the one and clearing the
+    other; never negative); ``monitor_checks`` and ``monitor_connects`` its running
+    counters. Reads the watch without a lock: each attribute is read once.
+    """
+    status = watch.status
+    outage_since = watch.outage_since
+    values = {
+        "monitor_checks": float(watch.checks),
+        "monitor_connects": float(watch.connects),
+    }
+    if status is not Status.UNKNOWN:
+        values["monitor_writable"] = 1.0 if status is Status.WRITABLE else 0.0
+    if outage_since is None or status is Status.WRITABLE:
+        values["monitor_outage"] = 0.0
+    else:
+        values["monitor_outage"] = max(now - outage_since, 0.0)
+    return WatchSample(str(watch.endpoint), values)
+
+
+_WATCH_COMBINE = {metric.key: metric.combine for metric in MONITOR_METRICS}
+
+
+def merge_watches(samples: Iterable[WatchSample]) -> list[WatchSample]:
+    """One sample per endpoint, sorted by endpoint: monitors watching the same endpoint
+    are combined (counters summed, ``monitor_writable`` its minimum: 0 if any monitor
+    found no writable primary, ``monitor_outage`` its maximum). A key is present if any
+    monitor of the endpoint has it."""
+    merged: dict[str, dict[str, float]] = {}
+    for sample in samples:
+        values = merged.setdefault(sample.endpoint, {})
+        for key, value in sample.values.items():
+            combine = _WATCH_COMBINE.get(key, "sum")
+            if key not in values:
+                values[key] = value
+            elif combine == "max":
+                values[key] = max(values[key], value)
+            elif combine == "min":
+                values[key] = min(values[key], value)
+            else:
+                values[key] += value
+    return [WatchSample(endpoint, merged[endpoint]) for endpoint in sorted(merged)]
 
 
 # ---------------------------------------------------------------------------- events

@@ -1,20 +1,32 @@
-"""Where the metrics' values come from: the process's live pools and instrumented engines.
+"""Where the metrics' values come from: the process's live pools, instrumented engines and
+process monitors.
 
 Read at each scrape or collection, never on the hot path: a pool's ``get_stats()`` (never
-``pop_stats()``, which would reset the application's own counters), its failover state,
-and for an instrumented SQLAlchemy engine its pool's sizes and its instrumentation's
-counters. SQLAlchemy is looked at only when :mod:`pgfailover.sqlalchemy` is already
-imported (no engine can be instrumented otherwise): this module imports neither.
+``pop_stats()``, which would reset the application's own counters), its failover state;
+for an instrumented SQLAlchemy engine its pool's sizes and its instrumentation's counters;
+for each live monitor what it last found at each endpoint it watches (no I/O of its own).
+SQLAlchemy is looked at only when :mod:`pgfailover.sqlalchemy` is already imported (no
+engine can be instrumented otherwise): this module imports neither.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 from .. import _registry
-from ._core import Sample, engine_sample, merge, pool_sample
+from ..monitor._runtime import monitors
+from ._core import (
+    Sample,
+    WatchSample,
+    engine_sample,
+    merge,
+    merge_watches,
+    pool_sample,
+    watch_sample,
+)
 
 logger = logging.getLogger("pgfailover.metrics")
 
@@ -71,3 +83,22 @@ def _engine_samples() -> list[Sample]:
         except Exception:  # an engine disposed under our feet must not break the scrape
             logger.debug("cannot read the statistics of engine %r", engine, exc_info=True)
     return found
+
+
+def watch_samples() -> list[WatchSample]:
+    """One :class:`~pgfailover.metrics._core.WatchSample` per endpoint watched by a live
+    monitor (:func:`~pgfailover.monitor._runtime.monitors`: made, not closed), sorted by
+    endpoint; monitors watching the same endpoint are combined. Reads what the watches
+    already know: no I/O, no lock held while reading a watch. A monitor that cannot be
+    read (closed meanwhile) is skipped and logged at DEBUG."""
+    now = time.monotonic()
+    found: list[WatchSample] = []
+    for monitor in monitors():
+        try:
+            for endpoint in monitor.endpoints():
+                watch = monitor.watch_of(endpoint)
+                if watch is not None:  # its last member left meanwhile
+                    found.append(watch_sample(watch, now))
+        except Exception:  # a monitor closing under our feet must not break the scrape
+            logger.debug("cannot read the watches of monitor %r", monitor, exc_info=True)
+    return merge_watches(found)

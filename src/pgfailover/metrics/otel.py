@@ -10,10 +10,12 @@
 The instruments are observable: the SDK's reader calls them at each collection and they
 read the process's live pgfailover pools and instrumented SQLAlchemy engines
 (``get_stats()``, never ``pop_stats()``), attributed with
-``db.client.connection.pool.name``. What no statistic holds comes from the events
-(:func:`pgfailover.events.subscribe`): failover errors by verdict kind and SQLSTATE,
-retries, commit outcomes, and the histogram ``pgfailover.write_unavailable.duration``
-recorded once per outage. Nothing is added to the path of a transaction.
+``db.client.connection.pool.name``, and what each live process monitor last found at the
+endpoints it watches (``pgfailover.monitor.*``, attribute ``endpoint``). What no statistic
+holds comes from the events (:func:`pgfailover.events.subscribe`): failover errors by
+verdict kind and SQLSTATE, retries, commit outcomes, and the histogram
+``pgfailover.write_unavailable.duration`` recorded once per outage. Nothing is added to the
+path of a transaction.
 
 From the semantic conventions for database-client connection pools (experimental in
 them): ``db.client.connection.count`` (attribute ``db.client.connection.state``: ``idle``
@@ -85,6 +87,8 @@ class PgfailoverInstruments:
         self._unsubscribe: Callable[[], None] | None = None
         for metric in _core.POOL_METRICS:
             self._observable(metric, self._pool_callback(metric))
+        for metric in _core.MONITOR_METRICS:
+            self._observable(metric, self._monitor_callback(metric))
         self._observable(_core.EVENT["failover_errors"], self._event_callback("failover_errors"))
         self._observable(_core.EVENT["retries"], self._event_callback("retries"))
         self._observable(_core.EVENT["commit_outcomes"], self._event_callback("commit_outcomes"))
@@ -126,6 +130,18 @@ class PgfailoverInstruments:
                         attributes = _attributes(metric.labels, (sample.pool, *extra))
                         found.append(Observation(value, attributes))
             return found
+
+        return observe
+
+    def _monitor_callback(self, metric: _core.Metric) -> Callback:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            if not self._active:
+                return []
+            return [
+                Observation(value, _attributes(metric.labels, (watch.endpoint,)))
+                for watch in _sources.watch_samples()
+                if (value := watch.values.get(metric.key)) is not None
+            ]
 
         return observe
 

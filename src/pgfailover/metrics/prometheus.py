@@ -11,7 +11,8 @@
     collector.unregister()
 
 The collector reads the process's live pgfailover pools and instrumented SQLAlchemy engines
-at each scrape (their ``get_stats()``: never ``pop_stats()``), and the events
+at each scrape (their ``get_stats()``: never ``pop_stats()``), what each live process
+monitor last found at the endpoints it watches, and the events
 (:func:`pgfailover.events.subscribe`) for what no statistic holds. Nothing is added to the
 path of a transaction. Every metric, its type, unit and labels: :mod:`pgfailover.metrics`
 and ``docs/monitoring.md``.
@@ -74,13 +75,14 @@ class PgfailoverCollector(Collector):
     def describe(self) -> Iterator[Metric]:
         """Every family, without samples: what prometheus_client checks for clashes with
         the registry's other collectors (no pool is read to answer)."""
-        for metric in _core.POOL_METRICS:
+        for metric in _core.POOL_METRICS + _core.MONITOR_METRICS:
             yield _family(metric)
         for metric in _core.EVENT_METRICS:
             yield _histogram(metric) if metric.type == "histogram" else _family(metric)
 
     def collect(self) -> Iterator[Metric]:
-        """The families with the values of now: per pool, then from the events."""
+        """The families with the values of now: per pool, per monitored endpoint, then
+        from the events."""
         samples = _sources.samples()
         for metric in _core.POOL_METRICS:
             family = _family(metric)
@@ -89,6 +91,14 @@ class PgfailoverCollector(Collector):
                     value = sample.values.get(key)
                     if value is not None:
                         family.add_metric([sample.pool, *extra], value)
+            yield family
+        watches = _sources.watch_samples()
+        for metric in _core.MONITOR_METRICS:
+            family = _family(metric)
+            for watch in watches:
+                value = watch.values.get(metric.key)
+                if value is not None:
+                    family.add_metric([watch.endpoint], value)
             yield family
         snapshot = self.tally.snapshot()
         errors = _family(_core.EVENT["failover_errors"])
