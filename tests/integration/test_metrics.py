@@ -21,9 +21,10 @@ import pgfailover
 from pgfailover.events import FailoverEvent, PoolEvent, RetryEvent
 from pgfailover.metrics import otel, prometheus
 from pgfailover.metrics._core import commit_outcome, label_value
+from pgfailover.monitor import Monitor
 from pgfailover.testing import LocalCluster
 
-from .support import eventually_async, table
+from .support import eventually, eventually_async, table
 
 POOL_KWARGS: dict[str, Any] = {
     "kwargs": {"prepare_threshold": None},  # PgBouncer in transaction mode
@@ -31,6 +32,7 @@ POOL_KWARGS: dict[str, Any] = {
     "max_size": 4,
     "timeout": 20,
 }
+KWARGS: dict[str, Any] = {"prepare_threshold": None}  # PgBouncer in transaction mode
 POOLS = ("metrics-sync", "metrics-async")
 #: Seconds PgBouncer keeps leading to the old primary after the failover is noticed.
 OUTAGE = 0.5
@@ -235,3 +237,93 @@ async def test_metrics_show_a_real_failover_for_sync_and_async_pools(
     for outcome, n in outcomes.items():
         if outcome is not None:
             assert prom[("pgfailover_commit_outcomes_total", (("outcome", outcome),))] == n
+
+
+def monitor_values(
+    registry: CollectorRegistry, reader: InMemoryMetricReader, endpoint: str
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The monitor's four values at ``endpoint``, scraped (Prometheus name -> value) and
+    collected (OpenTelemetry name -> value); a series not exported is absent."""
+    by_endpoint = (("endpoint", endpoint),)
+    prom = {
+        name: value
+        for (name, labels), value in scrape(registry).items()
+        if name.startswith("pgfailover_monitor_") and labels == by_endpoint
+    }
+    points = {
+        name: float(point.value)
+        for (name, attrs), point in collect(reader).items()
+        if name.startswith("pgfailover.monitor.") and attrs == by_endpoint
+    }
+    return prom, points
+
+
+def test_metrics_show_what_the_monitor_sees_through_a_failover(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """A pool behind PgBouncer watched by a private monitor: scraped and collected, the
+    endpoint (host:port/dbname, no password) is writable with no outage; after a failover
+    without repoint (PgBouncer leads to the old primary, now a standby) it reads writable 0
+    with an outage whose age grows; after the repoint, writable 1 and no outage again, with
+    more looks and more watch connection attempts than before the failover."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    dsn = cluster.pgbouncer.dsn()
+    password = str(psycopg.conninfo.conninfo_to_dict(dsn)["password"])
+    registry = CollectorRegistry()
+    collector = prometheus.register(registry)
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    instruments = otel.instrument(provider)
+    monitor = Monitor(interval=0.2)
+    try:
+        with pgfailover.ConnectionPool[Any](
+            dsn, name="metrics-monitor", kwargs=KWARGS, min_size=1, timeout=20, monitor=monitor
+        ) as pool:
+            pool.wait()
+            (watched,) = monitor.endpoints()
+            endpoint = str(watched)
+            assert endpoint == f"{cluster.pgbouncer.host}:{cluster.pgbouncer.port}/{watched.dbname}"
+            values: tuple[dict[str, float], dict[str, float]] = ({}, {})
+
+            def reads(writable: float, outage: bool) -> bool:
+                nonlocal values
+                values = monitor_values(registry, reader, endpoint)
+                prom, points = values
+                return (
+                    prom.get("pgfailover_monitor_writable") == writable
+                    and points.get("pgfailover.monitor.writable") == writable
+                    and (prom.get("pgfailover_monitor_outage_seconds", 0) > 0) == outage
+                    and (points.get("pgfailover.monitor.outage.duration", 0) > 0) == outage
+                )
+
+            eventually(lambda: reads(1.0, outage=False), timeout=30)
+            before, _ = values
+            assert before["pgfailover_monitor_connects_total"] >= 1, values
+            assert password not in generate_latest(registry).decode()
+
+            cluster.failover()  # PgBouncer still leads to the old primary
+            eventually(lambda: reads(0.0, outage=True), timeout=30)
+            first_age = values[0]["pgfailover_monitor_outage_seconds"]
+            eventually(
+                lambda: (
+                    reads(0.0, outage=True)
+                    and values[0]["pgfailover_monitor_outage_seconds"] > first_age
+                ),
+                timeout=30,
+            )
+
+            cluster.repoint_pgbouncer(cluster.primary)
+            eventually(lambda: reads(1.0, outage=False), timeout=30)
+            prom, points = values
+    finally:
+        monitor.close()
+        collector.unregister()
+        instruments.unregister()
+        provider.shutdown()
+    for name in ("checks", "connects"):
+        total = f"pgfailover_monitor_{name}_total"
+        assert prom[total] > before[total], (name, before, prom)
+        assert points[f"pgfailover.monitor.{name}"] >= prom[total], (name, points, prom)
+    assert prom["pgfailover_monitor_outage_seconds"] == 0
+    assert points["pgfailover.monitor.outage.duration"] == 0
