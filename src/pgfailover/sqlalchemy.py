@@ -56,10 +56,13 @@ What it changes:
   (idle ones at once when a request comes, checked-out ones the next time they are checked
   out); during the outage the engine makes no connection attempt of its own (a request
   that needs a connection waits, up to ``timeout``, for the monitor to see a writable
-  primary), and it is woken at once when the monitor does. An engine the monitor cannot
+  primary), and it is woken at once when the monitor does, which also ends the outage for
+  the engine (an idle one included). An engine the monitor cannot
   watch (``topology=``, a ``creator``/``async_creator``, a driver other than psycopg,
   psycopg2 or asyncpg, or an asyncpg ``ssl`` given as an ``SSLContext``) keeps probing by
-  itself, one attempt at a time.
+  itself, one attempt at a time. ``engine.dispose()`` leaves the monitor (an engine
+  disposed of at shutdown must not keep a watch alive); the engine's next connection
+  attempt, if any, joins it again.
 
 Each connection invalidated for a failover produces one
 :class:`~pgfailover.events.FailoverEvent` (logged once on ``pgfailover.events``).
@@ -158,6 +161,8 @@ class Instrumentation:
         self._topology_seen: Topology | None = None  # the topology last followed
         #: the monitor the engine is registered with (None: none, or removed)
         self._pgf_monitor: Monitor | None = None
+        self._rejoin = False  # left the monitor at dispose(): join again at the next connect
+        self._membership = threading.Lock()  # joining and leaving the monitor
         self._wakeup = _Wakeup()  # cuts the connect loop's waits when the primary is back
 
     @property
@@ -171,6 +176,7 @@ class Instrumentation:
             (engine, "handle_error", self._on_error),
             (engine, "do_connect", self._on_do_connect),
             (engine, "checkout", self._on_checkout),
+            (engine, "engine_disposed", self._on_disposed),
         ):
             event.listen(target, name, fn)
             self._listeners.append((target, name, fn))
@@ -185,13 +191,40 @@ class Instrumentation:
         monitor.register(self)  # RuntimeError for a closed monitor: nothing is installed yet
         self._pgf_monitor = monitor
 
+    def _leave_monitor(self, *, rejoin: bool) -> None:
+        """Leave the monitor (its watch of the endpoint ends with its last member, within
+        2 s: this waits for it); ``rejoin``: join again at the next connection attempt."""
+        with self._membership:
+            monitor, self._pgf_monitor = self._pgf_monitor, None
+            if monitor is not None:
+                monitor.unregister(self)
+            self._rejoin = rejoin and self.options.monitor is not False
+
+    def _rejoin_monitor(self) -> None:
+        """The engine connects again after ``dispose()``: join the monitor again."""
+        with self._membership:
+            if not self._rejoin or not self._listeners:
+                return
+            self._rejoin = False
+            try:
+                self._register()
+            except RuntimeError:  # a Monitor of the caller's, closed since
+                logger.warning(
+                    "pgfailover: the monitor of %s is closed: the engine probes by itself",
+                    self.state.name,
+                )
+
+    def _on_disposed(self, engine: Engine) -> None:
+        """``engine.dispose()``: leave the monitor, as an engine disposed of at shutdown
+        must (its watch connection would outlive it); if the engine is used again, its
+        next connection attempt joins again."""
+        self._leave_monitor(rejoin=True)
+
     def remove(self) -> None:
         """Remove every listener and leave the monitor (its watch of the endpoint ends with
         its last member, within 2 s); the engine behaves as if never instrumented.
         Idempotent."""
-        monitor, self._pgf_monitor = self._pgf_monitor, None
-        if monitor is not None:
-            monitor.unregister(self)
+        self._leave_monitor(rejoin=False)
         engine = self._engine()
         while self._listeners:
             target, name, fn = self._listeners.pop()
@@ -249,8 +282,12 @@ class Instrumentation:
 
     def _pgf_endpoint_back(self) -> None:
         """The monitor found a writable primary again (called from its thread): connection
-        attempts may go; the ones waiting out a backoff are woken at once."""
+        attempts may go, the ones waiting out a backoff are woken at once, and the outage
+        is over (an engine opens connections only for requests: an idle one would
+        otherwise stay in it, unready and counting unavailable time, until its next
+        request; its stale connections are replaced at checkout all the same)."""
         if self.state.primary_back():
+            self.state.connected(time.monotonic())
             self._wakeup.wake()
 
     # -- errors
@@ -321,6 +358,8 @@ class Instrumentation:
         cargs: tuple[Any, ...],
         cparams: dict[str, Any],
     ) -> Any:
+        if self._rejoin:
+            self._rejoin_monitor()
         timeout = self.options.timeout
         deadline = time.monotonic() + timeout
         cparams = _bounded(dialect, cparams, timeout)

@@ -158,6 +158,8 @@ async def test_idle_engine_is_purged_by_the_monitor_and_its_next_request_succeed
         assert attempts() == 0  # the watch is the only prober
         await asyncio.to_thread(cluster.repoint_pgbouncer, cluster.primary)
         await eventually_async(lambda: _status(monitor, endpoint) is Status.WRITABLE, 15.0)
+        # the monitor ends the outage of an idle engine: nothing else would until a request
+        await eventually_async(lambda: instrumentation.failover_state.outage_since is None, 5.0)
         assert attempts() == 0
         await _insert(engine, name)
         stats = instrumentation.stats()
@@ -166,7 +168,6 @@ async def test_idle_engine_is_purged_by_the_monitor_and_its_next_request_succeed
         assert stats["connections_rejected"] == 0, stats  # no connection reached a standby
         assert stats["failovers_detected"] == 1, stats
         assert stats["generations_purged"] == 1, stats
-        assert instrumentation.failover_state.outage_since is None
     finally:
         await _dispose(engine)
         pgsa.uninstrument(engine)
@@ -208,12 +209,13 @@ async def test_a_request_during_the_outage_waits_for_the_monitor_and_is_woken(
         monitor.close()
 
 
-async def test_uninstrument_leaves_the_monitor_and_monitor_false_never_joins(
+async def test_dispose_and_uninstrument_leave_the_monitor_and_monitor_false_never_joins(
     pgfailover_cluster_factory: ClusterFactory,
 ) -> None:
     """monitor=False keeps the engine off any monitor; with a Monitor, the engine's endpoint
-    is watched until uninstrument(), which ends the watch (its last member) and hands
-    probing back to the engine."""
+    is watched until dispose(), which ends the watch (its last member) until the engine's
+    next connection joins again, and until uninstrument(), which hands probing back to the
+    engine for good."""
     cluster = bouncer_cluster(pgfailover_cluster_factory, "transaction")
     monitor = Monitor(interval=0.2)
     engine = _engine(cluster, "psycopg")
@@ -229,6 +231,14 @@ async def test_uninstrument_leaves_the_monitor_and_monitor_false_never_joins(
         bouncer = cluster.pgbouncer
         assert bouncer is not None
         assert str(endpoint) == f"{bouncer.host}:{bouncer.port}/{engine.url.database}"
+        await _dispose(engine)
+        assert monitor.endpoints() == []
+        assert watched._pgf_monitor is None
+        assert not watched.failover_state.monitored
+        await _warm(engine)  # used again: its first connection joins the monitor again
+        assert watched._pgf_monitor is monitor
+        assert watched.failover_state.monitored
+        assert monitor.endpoints() == [endpoint]
         assert pgsa.uninstrument(engine)
         assert monitor.endpoints() == []
         assert watched._pgf_monitor is None
@@ -259,7 +269,7 @@ def test_a_bad_monitor_argument_is_a_type_error_and_nothing_is_installed() -> No
 def test_a_second_instrument_with_another_monitor_is_refused() -> None:
     """The monitor is one of the options: instrument() again with the same one returns the
     same instrumentation, with another one raises ValueError."""
-    engine = sa.create_engine(URL)
+    engine = sa.create_engine("postgresql+psycopg://", creator=lambda: None)  # no watch
     monitor = Monitor()
     try:
         first = pgsa.instrument(engine, monitor=monitor)
