@@ -232,6 +232,48 @@ def test_reset_restores_topology_after_an_unrepaired_crash(
     assert cluster.pgbouncer.target is home
 
 
+def _lsn(text: str) -> int:
+    """A pg_lsn's text form (``16/B374D848``) as a byte position."""
+    high, low = text.split("/")
+    return int(high, 16) << 32 | int(low, 16)
+
+
+def test_reset_leaves_the_standby_holding_the_primary_wal_so_it_can_be_promoted_at_once(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """With the primary's WAL deep into a 16 MB segment, reset() after a switchover returns
+    only once the rejoined standby has flushed, on the primary's timeline, the WAL the
+    primary had written. (A standby that changed timelines streams that segment again from
+    its start; promoted before it has, PostgreSQL 15 PANICs with "invalid magic number
+    0000" and shuts down.) Promoting it right after reset() works."""
+    cluster = pgfailover_cluster
+    with cluster.primary.connect() as conn:
+        conn.execute("SELECT pg_switch_wal()")
+        # about 15 MB of WAL in one record, without a table to fill
+        conn.execute(
+            "SELECT pg_logical_emit_message(false, 'pgfailover-test', repeat('x', 15000000))"
+        )
+    cluster.switchover()
+    cluster.reset()
+    primary, standby = cluster.primary, cluster.standbys[0]
+    with standby.connect() as conn:  # first: the primary's position can only move on
+        received = conn.execute(
+            "SELECT status, received_tli, flushed_lsn::text FROM pg_stat_wal_receiver"
+        ).fetchone()
+    with primary.connect() as conn:
+        current = conn.execute(
+            "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text"
+        ).fetchone()
+    assert received is not None
+    assert current is not None
+    assert received[:2] == ("streaming", int(current[0][:8], 16))
+    # at most what an idle primary writes between reset() and the query
+    behind = _lsn(current[1]) - _lsn(received[2])
+    assert behind < 1024 * 1024, f"{standby.name} flushed {received[2]}, primary at {current[1]}"
+    cluster.promote(standby)
+    assert cluster.role(standby) == "primary"
+
+
 def test_pgbouncer_waits_a_tenth_of_a_second_after_a_failed_server_login_by_default(
     pgfailover_cluster: LocalCluster,
 ) -> None:

@@ -465,7 +465,7 @@ class LocalCluster:
                 self._write_standby_config(node, primary)
                 self.start(node)
             for node in self.nodes[1:]:
-                self._wait_streaming(node)
+                self._wait_streaming(node, primary)
         if self._pool_mode:
             with watch.phase("pgbouncer"):
                 self._start_pgbouncer(self._pool_mode, primary)
@@ -693,8 +693,13 @@ class LocalCluster:
             polling: list[Conn] = []
 
             def writable() -> bool | None:
-                # a session the server ended while it promoted (seen once, cause unknown)
-                # is replaced rather than polled, closed, until the deadline
+                # The server ends every session when promotion fails (its startup process
+                # PANICs and the postmaster shuts down): say so with the log, at once.
+                if not node.running:
+                    raise HarnessError(
+                        f"postgres {node.name} exited while it was promoted; log tail:\n"
+                        + (node.process.log_tail() if node.process else "")
+                    )
                 if not polling or polling[0].closed:
                     if polling:
                         polling.pop().close()
@@ -731,7 +736,7 @@ class LocalCluster:
             self._write_standby_config(node, primary)
             self.start(node)
         with watch.phase("streaming"):
-            self._wait_streaming(node)
+            self._wait_streaming(node, primary)
         return watch.result()
 
     def failover(self, stop_mode: StopMode = "fast", *, target: Node | None = None) -> Timings:
@@ -829,8 +834,11 @@ class LocalCluster:
         """Restore the known topology cheaply: every node running, ``node0`` primary, the others
         its streaming standbys, PgBouncer running and pointing at ``node0``.
 
-        Frozen nodes are thawed first. Costs one role query per node when the topology is
-        already right.
+        Frozen nodes are thawed first. On return every standby streams from ``node0`` on its
+        timeline and has flushed the WAL ``node0`` had written (so it can be promoted at
+        once); each wait is bounded by ``ready_timeout`` and a HarnessError names the node
+        that did not get there. Costs a few queries per node when the topology is already
+        right.
         """
         watch = _Stopwatch()
         if self._frozen:
@@ -843,6 +851,7 @@ class LocalCluster:
         if keep is None:
             with watch.phase("promote"):
                 self.start(home)
+                self._wait_accepting(home)  # it may have been running, still starting up
                 if self.role(home) == "standby":
                     self.promote(home)
                 keep = home
@@ -860,6 +869,10 @@ class LocalCluster:
         if keep is not home:
             with watch.phase("switchover"):
                 self.failover("fast", target=home)
+        with watch.phase("streaming"):
+            # the followers a failover re-pointed, and standbys that were fine but behind
+            for node in self.standbys:
+                self._wait_streaming(node, home)
         if self.pgbouncer:
             with watch.phase("pgbouncer"):
                 if not self.pgbouncer.running:
@@ -1066,13 +1079,54 @@ class LocalCluster:
             return None
         return True
 
-    def _wait_streaming(self, node: Node) -> None:
-        def check() -> bool | None:
-            with node.connect(connect_timeout=2) as conn:
-                row = conn.execute("SELECT status FROM pg_stat_wal_receiver").fetchone()
-                return True if row and row[0] == "streaming" else None
+    def _wait_streaming(self, node: Node, primary: Node) -> None:
+        """Wait until ``node`` streams from ``primary``, on its timeline, and has flushed the
+        WAL ``primary`` had written when the wait began; HarnessError naming ``node`` and what
+        it last showed after ``ready_timeout``.
 
-        _poll(f"{node.name} to stream WAL", check, self.ready_timeout)
+        A status of ``streaming`` alone is not enough: a standby that moves to a new timeline
+        streams the current segment again from its start, and promoted before it is done,
+        PostgreSQL (15 at least) PANICs re-reading its last record from that partly written
+        segment file ("invalid magic number 0000") and shuts down.
+        """
+        with primary.connect(connect_timeout=5) as conn:
+            row = conn.execute(
+                "SELECT pg_walfile_name(lsn), lsn::text FROM pg_current_wal_lsn() AS lsn"
+            ).fetchone()
+        assert row is not None
+        timeline, lsn = int(row[0][:8], 16), row[1]
+        seen: list[str] = []
+
+        def check() -> bool | None:
+            if not node.running:
+                raise HarnessError(
+                    f"postgres {node.name} exited while it was to stream from {primary.name}; "
+                    "log tail:\n" + (node.process.log_tail() if node.process else "")
+                )
+            with node.connect(connect_timeout=2) as conn:
+                got = conn.execute(
+                    "SELECT status, sender_port, received_tli, flushed_lsn::text, "
+                    "flushed_lsn >= %s::pg_lsn FROM pg_stat_wal_receiver",
+                    [lsn],
+                ).fetchone()
+            if got is None:
+                seen[:] = ["no WAL receiver"]
+                return None
+            status, port, tli, flushed, caught_up = got
+            seen[:] = [f"{status} from port {port}, timeline {tli}, flushed {flushed}"]
+            ok = status == "streaming" and port == primary.port and tli == timeline and caught_up
+            return True if ok else None
+
+        try:
+            _poll(f"{node.name} to stream WAL", check, self.ready_timeout)
+        except HarnessError as ex:
+            if not seen or not node.running:  # no answer at all, or the server exited
+                raise
+            raise HarnessError(
+                f"{node.name} did not catch up with {primary.name} within "
+                f"{self.ready_timeout:.1f}s: wanted streaming from port {primary.port}, "
+                f"timeline {timeline}, flushed {lsn}; last seen: {seen[0]} ({ex})"
+            ) from None
 
     def _streams_from(self, node: Node, primary: Node) -> bool:
         try:
