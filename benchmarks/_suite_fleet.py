@@ -6,8 +6,9 @@ One cluster (primary + 1 standby, PgBouncer in transaction mode, ``server_login_
 ``pgfailover.AsyncConnectionPool`` pools (min_size 1, max_size 2, ``timeout`` 10 s) in one
 event loop, all through PgBouncer, each with a light writer (an asyncio task inserting one
 row every :data:`WRITE_EVERY` seconds, the first at a random offset; after a failed write
-it tries again after :data:`RETRY_EVERY`); after a warm-up, ``cluster.failover("fast")``
-and, ``repoint_delay`` seconds later, ``cluster.repoint_pgbouncer(new primary)``;
+it tries again after :data:`RETRY_EVERY`); after a warm-up (:func:`_settle`),
+``cluster.failover("fast")`` and, ``repoint_delay`` seconds later,
+``cluster.repoint_pgbouncer(new primary)``;
 "reachable" is the end of the repoint. Two variants, one after the other in each run (the
 order alternates): ``monitor``, every pool registered with one private
 :class:`~pgfailover.monitor.Monitor` (default timings, closed after the run), and
@@ -46,14 +47,16 @@ from typing import Any
 
 import psycopg
 from _suite_common import fmt, log, table
+from _suite_recovery import MonitorLog, error_name
 
 import pgfailover
 from pgfailover.monitor import Monitor, Status
 from pgfailover.pool_async import AsyncConnectionPool
 from pgfailover.testing import LocalCluster
 
-#: Seconds between two inserts of one pool's writer (100 pools: 400 transactions/s).
-WRITE_EVERY = 0.25
+#: Seconds between two inserts of one pool's writer (100 pools: 200 transactions/s, light
+#: next to what the reconnects of a recovery cost).
+WRITE_EVERY = 0.5
 #: Seconds before a writer tries again after a failed write.
 RETRY_EVERY = 0.01
 #: Seconds of writing before the failover.
@@ -78,21 +81,23 @@ VARIANTS: dict[str, bool] = {"monitor": True, "no monitor": False}
 class _TimedPool(AsyncConnectionPool[Any]):
     """pgfailover's async pool, unchanged, plus the instants of its connection attempts:
     ``attempts`` holds ``(start, end, ok)`` per call of ``_connect`` (``time.monotonic()``
-    values; ``ok`` False when it raised)."""
+    values; ``ok`` False when it raised, counted in ``errors`` by SQLSTATE or class)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.attempts: list[tuple[float, float, bool]] = []
+        self.errors: Counter[str] = Counter()  # failed attempts by error (SQLSTATE or class)
         super().__init__(*args, **kwargs)
 
     async def _connect(self, timeout: float | None = None) -> Any:
         start = time.monotonic()
-        ok = False
         try:
             conn = await super()._connect(timeout)
-            ok = True
-            return conn
-        finally:
-            self.attempts.append((start, time.monotonic(), ok))
+        except BaseException as ex:
+            self.attempts.append((start, time.monotonic(), False))
+            self.errors[error_name(ex)] += 1
+            raise
+        self.attempts.append((start, time.monotonic(), True))
+        return conn
 
 
 def largest_share(instants: list[float], window: float) -> float:
@@ -145,16 +150,25 @@ async def _sample(
         samples.append((time.monotonic(), monitor.stats()))
 
 
-def _watch_back(monitor: Monitor | None) -> float | None:
-    """When the monitor's watch saw a writable primary last (``time.monotonic()``), None
-    without a monitor or when it sees none now."""
-    if monitor is None:
-        return None
-    endpoints = monitor.endpoints()
-    watch = monitor.watch_of(endpoints[0]) if endpoints else None
-    if watch is None or watch.status is not Status.WRITABLE:
-        return None
-    return watch.since
+async def _settle(oks: list[list[float]], wrote: asyncio.Event, monitor: Monitor | None) -> None:
+    """The warm-up: :data:`WARMUP` seconds, and at least until every pool has written and
+    the monitor (if any) sees the endpoint writable (opening 100 pools at once may have
+    made its first look slow), so that the failover meets a fleet at rest. Gives up after
+    :data:`GIVE_UP` seconds (the run then says what it saw)."""
+    start = time.monotonic()
+    await asyncio.sleep(WARMUP)
+
+    def settled() -> bool:
+        watched = monitor is None or all(
+            (w := monitor.watch_of(e)) is not None and w.status is Status.WRITABLE
+            for e in monitor.endpoints()
+        )
+        return watched and all(oks)
+
+    while not settled() and time.monotonic() - start < GIVE_UP:
+        wrote.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wrote.wait(), WRITE_EVERY)
 
 
 def _at(samples: list[tuple[float, dict[str, int]]], instant: float, key: str) -> int:
@@ -191,46 +205,46 @@ async def _one_run(
     wrote = asyncio.Event()  # set at every acknowledged write
     samples: list[tuple[float, dict[str, int]]] = []
     tasks: list[asyncio.Task[None]] = []
-    try:
-        await asyncio.gather(*(p.open(wait=True, timeout=60) for p in pools))
-        if monitor is not None:
-            tasks.append(asyncio.create_task(_sample(monitor, samples, stop)))
-        tasks += [
-            asyncio.create_task(
-                _writer(
-                    p,
-                    ok=ok,
-                    failed=failed,
-                    stop=stop,
-                    wrote=wrote,
-                    offset=rng.uniform(0, WRITE_EVERY),
+    with MonitorLog() as changes:
+        try:
+            await asyncio.gather(*(p.open(wait=True, timeout=60) for p in pools))
+            if monitor is not None:
+                tasks.append(asyncio.create_task(_sample(monitor, samples, stop)))
+            tasks += [
+                asyncio.create_task(
+                    _writer(
+                        p,
+                        ok=ok,
+                        failed=failed,
+                        stop=stop,
+                        wrote=wrote,
+                        offset=rng.uniform(0, WRITE_EVERY),
+                    )
                 )
-            )
-            for p, ok in zip(pools, oks, strict=True)
-        ]
-        await asyncio.sleep(WARMUP)
-        before = min(len(ok) for ok in oks)
-        failover_at = time.monotonic()
-        timings = await asyncio.to_thread(cluster.failover, "fast")
-        await asyncio.sleep(repoint_delay)
-        repointed = await asyncio.to_thread(cluster.repoint_pgbouncer, cluster.primary)
-        reachable = repointed.ended_at["reload"]
-        stopped = timings.ended_at["stop"]
-        deadline = time.monotonic() + GIVE_UP
-        while not all(ok and ok[-1] > stopped for ok in oks):
-            wrote.clear()
-            if deadline <= time.monotonic():
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wrote.wait(), deadline - time.monotonic())
-        await asyncio.sleep(2 * SAMPLE_EVERY)  # one more sample after the last instant used
-        back = _watch_back(monitor)  # before the pools close: the watch ends with them
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
-        if monitor is not None:
-            await asyncio.to_thread(monitor.close)
+                for p, ok in zip(pools, oks, strict=True)
+            ]
+            await _settle(oks, wrote, monitor)
+            before = min(len(ok) for ok in oks)
+            failover_at = time.monotonic()
+            timings = await asyncio.to_thread(cluster.failover, "fast")
+            await asyncio.sleep(repoint_delay)
+            repointed = await asyncio.to_thread(cluster.repoint_pgbouncer, cluster.primary)
+            reachable = repointed.ended_at["reload"]
+            stopped = timings.ended_at["stop"]
+            deadline = time.monotonic() + GIVE_UP
+            while not all(ok and ok[-1] > stopped for ok in oks):
+                wrote.clear()
+                if deadline <= time.monotonic():
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wrote.wait(), deadline - time.monotonic())
+            await asyncio.sleep(2 * SAMPLE_EVERY)  # one more sample after the last instant used
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
+            if monitor is not None:
+                await asyncio.to_thread(monitor.close)
     firsts = []
     for ok in oks:
         later = [t for t in ok if t > stopped]
@@ -248,6 +262,7 @@ async def _one_run(
         "writes_failed": dict(failed),
         "watches_max": max((s["endpoints"] for _, s in samples), default=0),
         "watches_at_reachable": _at(samples, reachable, "endpoints"),
+        "pool_attempt_errors": dict(sum((p.errors for p in pools), Counter[str]())),
         "pool_attempts_during_outage": len(during),
         "pool_attempts_failed_during_outage": sum(1 for a in during if not a[2]),
         "watch_connects_during_outage": (
@@ -256,7 +271,11 @@ async def _one_run(
         "watch_checks_during_outage": (
             _at(samples, reachable, "checks") - _at(samples, failover_at, "checks")
         ),
-        "watch_saw_writable_s": None if back is None else back - reachable,
+        "watch_saw_writable_s": (
+            None if (back := changes.first("back", failover_at)) is None else back - reachable
+        ),
+        "monitor_changes": changes.relative(reachable),
+        "generations_purged": sum(p.get_stats().get("generations_purged", 0) for p in pools),
         "first_write_s": firsts,
         "first_write_p50_s": statistics.median(firsts),
         "first_write_max_s": max(firsts),
@@ -317,7 +336,7 @@ def _summary(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "watches_max": watches,
         "watch_saw_writable_p50_s": (
             statistics.median(seen)
-            if (seen := [r["watch_saw_writable_s"] for r in runs if r["watch_saw_writable_s"]])
+            if (seen := [v for r in runs if (v := r["watch_saw_writable_s"]) is not None])
             else None
         ),
         "first_write_met": worst_first <= TARGET_MAX,
@@ -368,6 +387,14 @@ def run(runs: int, pools: int, repoint_delay: float) -> dict[str, Any]:
     return asyncio.run(_run(runs, pools, repoint_delay))
 
 
+def _change(at: float, kind: str, message: str) -> str:
+    """One change the monitor acted on, for a run's line: LOST with what it found."""
+    if kind == "back":
+        return f"BACK at {at:+.3f} s"
+    found = message.split(": ", 2)[-1]  # "pgfailover monitor: <endpoint>: <finding>"
+    return f"LOST ({found}) at {at:+.3f} s"
+
+
 def _verdict(*checks: bool | None) -> str:
     known = [c for c in checks if c is not None]
     return "met" if all(known) else "MISSED"
@@ -381,7 +408,8 @@ def render(out: dict[str, Any], runs: int, repoint_delay: float) -> str:
         "",
         f"{n} `pgfailover.AsyncConnectionPool`s (min_size 1, max_size 2) in one event loop,",
         "through PgBouncer in transaction mode, each with a writer task (one insert every",
-        f"{WRITE_EVERY} s, again after {RETRY_EVERY} s when one failed);",
+        f"{WRITE_EVERY} s, again after {RETRY_EVERY} s when one failed); a warm-up of {WARMUP} s",
+        "and until every pool has written and the monitor sees the endpoint writable;",
         f"`cluster.failover('fast')`, a repoint {repoint_delay} s after it returned; reachable",
         "= end of the repoint. `monitor`: every pool registered with one private `Monitor()`",
         "(default timings); `no monitor`: `monitor=False`. Watches = the monitor's",
@@ -462,6 +490,14 @@ def render(out: dict[str, Any], runs: int, repoint_delay: float) -> str:
                     if r["watch_saw_writable_s"] is not None
                     else ""
                 )
+                + (
+                    "the monitor acted on "
+                    + ", ".join(_change(t, k, m) for t, k, m in r["monitor_changes"])
+                    + " (from reachable), "
+                    if r["monitor_changes"]
+                    else ""
+                )
+                + f"generations purged {r['generations_purged']} (all pools), "
                 + "pool attempts in it "
                 f"{r['pool_attempts_during_outage']} "
                 f"({r['pool_attempts_failed_during_outage']} failed), watch connects "
@@ -469,7 +505,8 @@ def render(out: dict[str, Any], runs: int, repoint_delay: float) -> str:
                 f" first write p50 {fmt(r['first_write_p50_s'])} / max "
                 f"{fmt(r['first_write_max_s'])} s; {r['reconnects']} reconnects started "
                 f"{span} after reachable (failed attempts after reachable "
-                f"{r['reconnect_attempts_failed_after_reachable']}), largest 50 ms share "
+                f"{r['reconnect_attempts_failed_after_reachable']}; failed attempts in the run by "
+                f"error {dict(sorted(r['pool_attempt_errors'].items()))}), largest 50 ms share "
                 f"{r['share_50ms_starts']:.0%} by start, {r['share_50ms_ends']:.0%} by end; "
                 f"failed writes {failed} {dict(sorted(r['writes_failed'].items()))}"
             )

@@ -27,13 +27,16 @@ Connection attempts during the outage (from the call of ``failover()`` to "reach
   :data:`SAMPLE_EVERY` seconds by a thread; a count at an instant is the last sample taken
   at or before it.
 
-Where the time goes after "reachable" (to find out why a target is missed): the instant the
-monitor's watch saw a writable primary again (the watch's ``since``), the start and the end
-of the pool's first successful connection attempt after "reachable", the first write.
+Where the time goes after "reachable" (to find out why a target is missed): the first
+"writable primary again" the monitor logged after the failover (:class:`MonitorLog`, which
+keeps every change the monitor acted on, LOST or BACK, with its instant), the start and the
+end of the first connection the pool made after "reachable", the checkout and the commit of
+the first write.
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 import threading
 import time
@@ -45,7 +48,7 @@ import psycopg
 from _suite_common import fmt, log, table
 
 import pgfailover
-from pgfailover.monitor import Monitor, Status
+from pgfailover.monitor import Monitor
 from pgfailover.pool import ConnectionPool
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.cluster import PoolMode
@@ -75,24 +78,32 @@ TABLE = "recovery_bench"
 CONNECT_SAMPLES = 20
 
 
+def error_name(ex: BaseException) -> str:
+    """A failure's SQLSTATE, else its class name (no message: it could name a host)."""
+    return pgfailover.sqlstate_of(ex) or type(ex).__name__
+
+
 class _TimedPool(ConnectionPool[Any]):
     """pgfailover's pool, unchanged, plus the instants of its connection attempts:
     ``attempts`` holds ``(start, end, ok)`` per call of ``_connect`` (``time.monotonic()``
-    values; ``ok`` False when it raised, the pool then counted a failed attempt)."""
+    values; ``ok`` False when it raised, the pool then counted a failed attempt), and
+    ``errors`` the failed ones by SQLSTATE or class."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.attempts: list[tuple[float, float, bool]] = []
+        self.errors: Counter[str] = Counter()  # failed attempts by error (SQLSTATE or class)
         super().__init__(*args, **kwargs)
 
     def _connect(self, timeout: float | None = None) -> Any:
         start = time.monotonic()
-        ok = False
         try:
             conn = super()._connect(timeout)
-            ok = True
-            return conn
-        finally:
-            self.attempts.append((start, time.monotonic(), ok))
+        except BaseException as ex:
+            self.attempts.append((start, time.monotonic(), False))
+            self.errors[error_name(ex)] += 1
+            raise
+        self.attempts.append((start, time.monotonic(), True))
+        return conn
 
 
 @dataclass
@@ -175,6 +186,38 @@ class Sampler:
         return self.at(end, key) - self.at(start, key)
 
 
+class MonitorLog(logging.Handler):
+    """What the monitor decided and when: it logs, at WARNING on ``pgfailover.monitor``,
+    each endpoint it finds no longer writable (LOST: its pools are purged) and each one
+    writable again (BACK: its pools are woken). Kept as ``(time.monotonic(), "lost" or
+    "back", message)`` while in use as a context manager."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.changes: list[tuple[float, str, str]] = []
+        self._logger = logging.getLogger("pgfailover.monitor")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        kind = "back" if message.endswith("writable primary again") else "lost"
+        self.changes.append((time.monotonic(), kind, message))
+
+    def __enter__(self) -> MonitorLog:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+
+    def first(self, kind: str, after: float) -> float | None:
+        """The first change of ``kind`` after the instant ``after``, None if none."""
+        return next((t for t, k, _ in self.changes if k == kind and t > after), None)
+
+    def relative(self, origin: float) -> list[tuple[float, str, str]]:
+        """The changes as (seconds from ``origin``, kind, the monitor's message)."""
+        return [(t - origin, k, m) for t, k, m in self.changes]
+
+
 def _where(cluster: LocalCluster, mode: PoolMode | None) -> tuple[str, dict[str, Any]]:
     """The pool's conninfo and connection keyword arguments in a scenario."""
     if mode is None:
@@ -199,6 +242,7 @@ def _one_run(
                 monitor=monitor if monitor is not None else False,
             ) as pool,
             Sampler(monitor) as sampler,
+            MonitorLog() as changes,
         ):
             pool.wait()
             writer = Writer(pool)
@@ -218,13 +262,6 @@ def _one_run(
                     reachable = repointed.ended_at["reload"]
                     repoint = repointed["reload"]
                 first = writer.first_ok_after(timings.ended_at["stop"], GIVE_UP)
-                # the watch's view, while the pool is still registered (it ends with it)
-                watch_back = None
-                if monitor is not None:
-                    endpoints = monitor.endpoints()
-                    watch = monitor.watch_of(endpoints[0]) if endpoints else None
-                    if watch is not None and watch.status is Status.WRITABLE:
-                        watch_back = watch.since
             finally:
                 writer.stop.set()
                 writer.thread.join()
@@ -242,6 +279,8 @@ def _one_run(
     def since_reachable(instant: float | None) -> float | None:
         return None if instant is None else instant - reachable
 
+    watch_back = changes.first("back", failover_at) if monitor is not None else None
+
     return {
         "reachable_to_first_write_s": float("inf") if first is None else first[1] - reachable,
         "promote_until_writable_s": timings["promote"],
@@ -252,6 +291,7 @@ def _one_run(
         "writes_before_failover": before,
         "writes_ok": len(writer.ok),
         "writes_failed": dict(writer.failed),
+        "pool_attempt_errors": dict(pool.errors),
         "pool_attempts_during_outage": len(during),
         "pool_attempts_failed_during_outage": sum(1 for a in during if not a[2]),
         "pool_connections_num_delta": stats["connections_num"] - stats_before["connections_num"],
@@ -267,6 +307,7 @@ def _one_run(
             "first_write_checked_out": None if first is None else first[0] - reachable,
             "first_write": None if first is None else first[1] - reachable,
         },
+        "monitor_changes": changes.relative(reachable) if monitor is not None else [],
         "pool_stats": {
             k: stats.get(k, 0) for k in ("probes_run", "generations_purged", "failovers_detected")
         },
@@ -482,7 +523,7 @@ def render(out: dict[str, Any], runs: int, repoint_delay: float) -> str:
     lines += [
         "",
         "Where the time goes after reachable (seconds from reachable, p50 / max over the",
-        "runs): the monitor's watch saw a writable primary (its `since`); the first",
+        "runs): the monitor's watch saw a writable primary (its first BACK logged); the first",
         "connection the pool made after reachable: its attempt started (negative: before",
         "reachable) and ended (connected and probed); the first write acknowledged after the",
         "old primary stopped: its checkout returned, and its commit. New connection = median",
@@ -525,10 +566,16 @@ def render(out: dict[str, Any], runs: int, repoint_delay: float) -> str:
             detected = sum(r["pool_stats"]["failovers_detected"] for r in s["runs"])
             failed = sum(s["writes_failed"].values())
             before = min(r["writes_before_failover"] for r in s["runs"])
+            kinds = Counter(k for r in s["runs"] for _, k, _ in r["monitor_changes"])
+            monitor = (
+                f"; the monitor acted on {kinds['lost']} LOST and {kinds['back']} BACK"
+                if s["monitor"]
+                else ""
+            )
             lines.append(
                 f"- {name}, {variant}: runs [{per_run}] s; failed writes {failed} "
                 f"{dict(sorted(s['writes_failed'].items()))}; generations purged {purged}, "
-                f"failovers detected {detected}; writes in the {WARMUP} s before each "
-                f"failover >= {before}"
+                f"failovers detected {detected}{monitor}; writes in the {WARMUP} s before "
+                f"each failover >= {before}"
             )
     return "\n".join(lines)
