@@ -62,6 +62,7 @@ times of the 2026-11-24 run; at a load average of 5-6 the happy part took 9.5 mi
     reachable (target: all within 0.5 s), the largest share of the reconnects in a 50 ms
     window (target <= 25 %) (see ``_suite_fleet``).
 
+Sections run in the order ``--only`` names them (by default a, b, c, d).
 Each table says "met" or "MISSED" against the issue's targets from the figures as measured;
 nothing is tuned towards a target. Timing figures depend on the machine's load: the header
 gives the load average at the start and the footer at the end.
@@ -78,6 +79,7 @@ import os
 import shlex
 import signal
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -204,17 +206,17 @@ class MonitorSampler:
 def render_monitor(s: dict[str, Any]) -> str:
     """The process monitor's activity during the happy section, one paragraph."""
     share = s["samples_watching"] / s["samples"] if s["samples"] else 0.0
-    return (
-        "Process monitor during the happy section (the pgfailover pools registered with it,\n"
-        "`monitor=True`, the default; sampled every "
-        f"{s['sample_every_s']:g} s): watching an endpoint in {share:.0%} of\n"
-        f"{s['samples']} samples, at most {s['endpoints_max']} endpoint(s) and "
-        f"{s['pools_registered_max']} pool(s) registered at once; {s['watches_seen']} "
-        f"watch(es) made {s['role_checks']}\nrole checks on their own connections (their "
-        "queries run as the application user, so pg_stat_statements may count one in a\n"
-        "statement-count window; the libpq round trips are traced on the pools' own "
-        "connections only)."
+    text = (
+        "Process monitor during the happy section: the pgfailover pools registered with it "
+        "(`monitor=True`, the default). Sampled every "
+        f"{s['sample_every_s']:g} s, it watched an endpoint in {share:.0%} of {s['samples']} "
+        f"samples, at most {s['endpoints_max']} endpoint(s) and {s['pools_registered_max']} "
+        f"pool(s) registered at once; {s['watches_seen']} watch(es) made {s['role_checks']} "
+        "role checks on their own connections. Those queries run as the application user, "
+        "so a statement count (pg_stat_statements) may include one; the round trips are "
+        "traced on the pools' own connections only."
     )
+    return textwrap.fill(text, width=90)
 
 
 _interrupted = False
@@ -235,7 +237,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"smaller run: {QUICK}")
     parser.add_argument("--json", type=Path, help="write every raw figure to this file")
     parser.add_argument(
-        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {SECTIONS}, run in the order given",
     )
     parser.add_argument("--rounds", type=int, help=f"happy path rounds (full {FULL['rounds']})")
     parser.add_argument(
@@ -284,7 +288,7 @@ def _parse() -> argparse.Namespace:
         help="seconds between the failover and the PgBouncer repoint (default 0.3)",
     )
     args = parser.parse_args()
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    only = list(dict.fromkeys(s.strip() for s in args.only.split(",") if s.strip()))
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown or not only:
         parser.error(f"--only: unknown sections {unknown}; choose from {SECTIONS}")
@@ -308,47 +312,59 @@ def _parse() -> argparse.Namespace:
     return args
 
 
+def _happy(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    with (
+        LocalCluster(standbys=0, pgbouncer=None) as cluster,
+        MonitorSampler(process_monitor()) as sampled,
+    ):
+        happy = _suite_happy.run(
+            cluster,
+            args.rounds,
+            args.transactions,
+            args.count,
+            latency_ms=args.latency_ms,
+            latency_rounds=args.latency_rounds,
+            latency_tx=args.latency_transactions,
+        )
+    happy["process_monitor"] = sampled.summary()
+    result["happy"] = happy
+    return (
+        _suite_happy.render(happy, args.rounds, args.transactions)
+        + "\n\n"
+        + render_monitor(happy["process_monitor"])
+    )
+
+
+def _recovery(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    recovery = _suite_recovery.run(args.runs, args.repoint_delay)
+    result["recovery"] = recovery
+    return _suite_recovery.render(recovery, args.runs, args.repoint_delay)
+
+
+def _fleet(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    fleet = _suite_fleet.run(args.fleet_runs, args.fleet_pools, args.repoint_delay)
+    result["fleet"] = fleet
+    return _suite_fleet.render(fleet, args.fleet_runs, args.repoint_delay)
+
+
+def _resources(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    with LocalCluster(standbys=0, pgbouncer=None) as cluster:
+        resources = _suite_resources.run(cluster)
+    result["resources"] = resources
+    return _suite_resources.render(resources)
+
+
+RUN = {"happy": _happy, "recovery": _recovery, "resources": _resources, "fleet": _fleet}
+
+
 def _sections(args: argparse.Namespace, result: dict[str, Any]) -> None:
-    """Run and print the sections asked for, in a fixed order; raw figures into ``result``."""
-    if "happy" in args.only:
+    """Run and print the sections asked for, in the order ``--only`` names them; raw
+    figures into ``result``."""
+    for section in args.only:
         t = time.monotonic()
-        with (
-            LocalCluster(standbys=0, pgbouncer=None) as cluster,
-            MonitorSampler(process_monitor()) as sampled,
-        ):
-            happy = _suite_happy.run(
-                cluster,
-                args.rounds,
-                args.transactions,
-                args.count,
-                latency_ms=args.latency_ms,
-                latency_rounds=args.latency_rounds,
-                latency_tx=args.latency_transactions,
-            )
-        happy["process_monitor"] = sampled.summary()
-        result["happy"] = happy
-        result["seconds"]["happy"] = time.monotonic() - t
-        print("\n" + _suite_happy.render(happy, args.rounds, args.transactions), flush=True)
-        print("\n" + render_monitor(happy["process_monitor"]), flush=True)
-    if "recovery" in args.only:
-        t = time.monotonic()
-        recovery = _suite_recovery.run(args.runs, args.repoint_delay)
-        result["recovery"] = recovery
-        result["seconds"]["recovery"] = time.monotonic() - t
-        print("\n" + _suite_recovery.render(recovery, args.runs, args.repoint_delay), flush=True)
-    if "fleet" in args.only:
-        t = time.monotonic()
-        fleet = _suite_fleet.run(args.fleet_runs, args.fleet_pools, args.repoint_delay)
-        result["fleet"] = fleet
-        result["seconds"]["fleet"] = time.monotonic() - t
-        print("\n" + _suite_fleet.render(fleet, args.fleet_runs, args.repoint_delay), flush=True)
-    if "resources" in args.only:
-        t = time.monotonic()
-        with LocalCluster(standbys=0, pgbouncer=None) as cluster:
-            resources = _suite_resources.run(cluster)
-        result["resources"] = resources
-        result["seconds"]["resources"] = time.monotonic() - t
-        print("\n" + _suite_resources.render(resources), flush=True)
+        text = RUN[section](args, result)
+        result["seconds"][section] = time.monotonic() - t
+        print("\n" + text, flush=True)
 
 
 def main() -> int:
