@@ -27,11 +27,12 @@ Figures:
   last samples at or before the two instants);
 - per pool, seconds from reachable to its first write acknowledged after the old primary
   had stopped (target: the largest <= 0.5 s);
-- the reconnects: every successful call of a pool's ``_connect`` that started after
-  reachable, at the instant it started (what PgBouncer sees arriving) and at the instant
-  it ended (the connection made and probed); the largest share of them in any 50 ms
-  window, for both instants (target: <= 25 % for both). This is the subclass's record,
-  not a sampled count: every connection the pools made is in it, with its own instant.
+- the reconnects: every successful call of a pool's ``_connect`` that ended after
+  reachable (a connection made after it), at the instant it started (what PgBouncer sees
+  arriving) and at the instant it ended (the connection made and probed); the largest
+  share of them in any 50 ms window, for both instants (target: <= 25 % for both). This
+  is the subclass's record, not a sampled count: every connection the pools made is in
+  it, with its own instant.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ async def _one_run(
         firsts.append(later[0] - reachable if later else float("inf"))
     attempts = [a for p in pools for a in p.attempts]
     during = [a for a in attempts if failover_at <= a[0] <= reachable]
-    reconnects = [a for a in attempts if a[0] > reachable and a[2]]
+    reconnects = [a for a in attempts if a[1] > reachable and a[2]]
     starts = sorted(a[0] - reachable for a in reconnects)
     ends = sorted(a[1] - reachable for a in reconnects)
     return {
@@ -281,7 +282,7 @@ async def _one_run(
         "first_write_max_s": max(firsts),
         "reconnects": len(reconnects),
         "reconnect_attempts_failed_after_reachable": sum(
-            1 for a in attempts if a[0] > reachable and not a[2]
+            1 for a in attempts if a[1] > reachable and not a[2]
         ),
         "reconnect_starts_s": starts,
         "reconnect_ends_s": ends,
@@ -418,7 +419,7 @@ def render(out: dict[str, Any], runs: int, repoint_delay: float) -> str:
         "call of `failover()` to reachable, recorded with their instants by a subclass; watch",
         "= the monitor's `connects` over the same span. First write = seconds from reachable",
         "to each pool's first acknowledged write. Reconnects = successful `_connect` calls",
-        "started after reachable; share = the largest fraction of them in any 50 ms window,",
+        "that ended after reachable; share = the largest fraction of them in any 50 ms window,",
         "by the instant each started (what PgBouncer sees arriving) and ended (the",
         "connection made), the larger of the two counting.",
         "",
@@ -503,7 +504,8 @@ def render(out: dict[str, Any], runs: int, repoint_delay: float) -> str:
                 f"({r['pool_attempts_failed_during_outage']} failed), watch connects "
                 f"{r['watch_connects_during_outage']}, looks {r['watch_checks_during_outage']};"
                 f" first write p50 {fmt(r['first_write_p50_s'])} / max "
-                f"{fmt(r['first_write_max_s'])} s; {r['reconnects']} reconnects started "
+                f"{fmt(r['first_write_max_s'])} s; {r['reconnects']} reconnects (made after "
+                "reachable) started "
                 f"{span} after reachable (failed attempts after reachable "
                 f"{r['reconnect_attempts_failed_after_reachable']}; failed attempts in the run by "
                 f"error {dict(sorted(r['pool_attempt_errors'].items()))}), largest 50 ms share "
