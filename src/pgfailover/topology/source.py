@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import logging
 import math
 import threading
 import time
@@ -76,6 +77,8 @@ from .model import (
 )
 
 T = TypeVar("T")
+
+logger = logging.getLogger("pgfailover.topology")
 
 #: Seconds between two refreshes asked by :meth:`AsyncTopologySource.conninfo_for_leader`
 #: while the cached topology names no leader.
@@ -246,6 +249,12 @@ class TopologySource:
                     except TopologyError:
                         continue  # the attempt goes on; the next look asks again
                     if not pending.done() and attempt_outdated(attempt.target, current):
+                        logger.debug(
+                            "abandoning a connection attempt to %s: %s names %s leader",
+                            attempt.target.address if attempt.target else None,
+                            self.description,
+                            current.write_target.address if current.write_target else None,
+                        )
                         pending.abandon()
                         break
                 else:
