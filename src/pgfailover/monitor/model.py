@@ -87,14 +87,14 @@ class Change(enum.Enum):
 class Health:
     """Whether this process can write through an endpoint now, and why.
 
-    ``writable`` is the answer. ``endpoint`` says where (``host:port/dbname``, no password),
-    ``role`` what was found there last (``primary``, ``read-only``, ``down``,
+    ``writable`` is the answer. ``endpoint`` says where (``host:port/dbname``, no
+    password), ``role`` what was found there last (``primary``, ``read-only``, ``down``,
     ``misconfigured``, ``unknown``; :func:`pgfailover.health` also answers ``closed`` for
-    a pool closed, not open yet, or collected), ``since`` the wall-clock time (``time.time()``) at which
-    that began (None: never looked), ``checked_at`` the wall-clock time of the last look
-    (None: never), ``reason`` a sentence for an operator (empty when writable), and
-    ``monitored`` whether the process monitor watches the endpoint (False: the answer comes
-    from what the pool's own requests last saw).
+    a pool closed, not open yet, or collected), ``since`` the wall-clock time
+    (``time.time()``) at which that began (None: never looked), ``checked_at`` the
+    wall-clock time of the last look (None: never), ``reason`` a sentence for an operator
+    (empty when writable), and ``monitored`` whether the process monitor watches the
+    endpoint (False: the answer comes from what the pool's own requests last saw).
     """
 
     writable: bool
