@@ -22,7 +22,15 @@ alike. Decisions are pure (:mod:`pgfailover.monitor.model`).
 
 from __future__ import annotations
 
-from ._runtime import CONNECT_TIMEOUT, PROBE_TIMEOUT, Member, Monitor, WatchTarget, process_monitor
+from ._runtime import (
+    CONNECT_TIMEOUT,
+    PROBE_TIMEOUT,
+    Member,
+    Monitor,
+    WatchTarget,
+    monitors,
+    process_monitor,
+)
 from .model import INTERVAL, OUTAGE_INTERVAL, Endpoint, EndpointWatch, Health, Status
 
 __all__ = [
@@ -37,5 +45,6 @@ __all__ = [
     "Monitor",
     "Status",
     "WatchTarget",
+    "monitors",
     "process_monitor",
 ]
