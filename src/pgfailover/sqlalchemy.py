@@ -157,7 +157,10 @@ class Instrumentation:
             on_event=_emit,
         )
         self._async = bool(engine.dialect.is_async)
-        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+        # (event name, listener) on the engine; the engine is not held here: the registry
+        # holds this object strongly, and a strong reference back would keep every
+        # instrumented engine (and its membership of the monitor) alive for ever
+        self._listeners: list[tuple[str, Callable[..., Any]]] = []
         self._topology_seen: Topology | None = None  # the topology last followed
         #: the monitor the engine is registered with (None: none, or removed)
         self._pgf_monitor: Monitor | None = None
@@ -172,14 +175,14 @@ class Instrumentation:
 
     # -- installation
     def _install(self, engine: Engine) -> None:
-        for target, name, fn in (
-            (engine, "handle_error", self._on_error),
-            (engine, "do_connect", self._on_do_connect),
-            (engine, "checkout", self._on_checkout),
-            (engine, "engine_disposed", self._on_disposed),
+        for name, fn in (
+            ("handle_error", self._on_error),
+            ("do_connect", self._on_do_connect),
+            ("checkout", self._on_checkout),
+            ("engine_disposed", self._on_disposed),
         ):
-            event.listen(target, name, fn)
-            self._listeners.append((target, name, fn))
+            event.listen(engine, name, fn)
+            self._listeners.append((name, fn))
 
     def _register(self) -> None:
         """Join the monitor chosen by ``options.monitor`` (none when False)."""
@@ -227,9 +230,9 @@ class Instrumentation:
         self._leave_monitor(rejoin=False)
         engine = self._engine()
         while self._listeners:
-            target, name, fn = self._listeners.pop()
-            if event.contains(target, name, fn):
-                event.remove(target, name, fn)
+            name, fn = self._listeners.pop()
+            if engine is not None and event.contains(engine, name, fn):
+                event.remove(engine, name, fn)
         if engine is not None:
             with _registry_lock:
                 if _registry.get(engine) is self:
