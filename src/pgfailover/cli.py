@@ -77,6 +77,7 @@ def _add_drill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         MAX_RATE,
         MAX_SECONDS,
         MAX_WORKERS,
+        OPTIONAL_STACK_NAMES,
         STACK_NAMES,
         stack_key,
     )
@@ -180,7 +181,9 @@ def _add_drill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=STACK_NAMES,
         metavar="KEY,...",
         help="comma-separated stacks to run, by the names the report shows or these keys: "
-        f"{', '.join(stack_key(name) for name in STACK_NAMES)} (default: all six)",
+        f"{', '.join(stack_key(name) for name in STACK_NAMES)} (default: all six); also, "
+        f"when named: {', '.join(stack_key(name) for name in OPTIONAL_STACK_NAMES)} (they "
+        "need Django)",
     )
     drill.add_argument(
         "--synchronous",
