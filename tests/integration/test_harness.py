@@ -15,6 +15,8 @@ from pgfailover.testing import LocalCluster, Node
 from pgfailover.testing.plugin import ClusterFactory
 from pgfailover.testing.simulate import make_read_only, raise_recovery_error
 
+from .support import eventually
+
 
 def _table(conn: psycopg.Connection[tuple[Any, ...]]) -> str:
     name = f"t_{uuid.uuid4().hex[:10]}"
@@ -242,7 +244,7 @@ def test_reset_leaves_the_standby_holding_the_primary_wal_so_it_can_be_promoted_
     pgfailover_cluster: LocalCluster,
 ) -> None:
     """With the primary's WAL deep into a 16 MB segment, reset() after a switchover returns
-    only once the rejoined standby has flushed, on the primary's timeline, the WAL the
+    only once the rejoined standby has written, on the primary's timeline, the WAL the
     primary had written. (A standby that changed timelines streams that segment again from
     its start; promoted before it has, PostgreSQL 15 PANICs with "invalid magic number
     0000" and shuts down.) Promoting it right after reset() works."""
@@ -258,7 +260,7 @@ def test_reset_leaves_the_standby_holding_the_primary_wal_so_it_can_be_promoted_
     primary, standby = cluster.primary, cluster.standbys[0]
     with standby.connect() as conn:  # first: the primary's position can only move on
         received = conn.execute(
-            "SELECT status, received_tli, flushed_lsn::text FROM pg_stat_wal_receiver"
+            "SELECT status, received_tli, written_lsn::text FROM pg_stat_wal_receiver"
         ).fetchone()
     with primary.connect() as conn:
         current = conn.execute(
@@ -269,9 +271,27 @@ def test_reset_leaves_the_standby_holding_the_primary_wal_so_it_can_be_promoted_
     assert received[:2] == ("streaming", int(current[0][:8], 16))
     # at most what an idle primary writes between reset() and the query
     behind = _lsn(current[1]) - _lsn(received[2])
-    assert behind < 1024 * 1024, f"{standby.name} flushed {received[2]}, primary at {current[1]}"
+    assert behind < 1024 * 1024, f"{standby.name} wrote {received[2]}, primary at {current[1]}"
     cluster.promote(standby)
     assert cluster.role(standby) == "primary"
+
+
+def test_reset_takes_a_restarted_standby_of_an_idle_primary_as_caught_up(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """A standby restarted while the primary writes nothing streams again WAL it already
+    has: reset() takes it as caught up and leaves it as it is (same process, no rejoin),
+    the roles right."""
+    cluster = pgfailover_cluster
+    primary, standby = cluster.primary, cluster.standbys[0]
+    cluster.stop(standby)
+    cluster.start(standby)
+    eventually(lambda: cluster._streams_from(standby, primary), timeout=30)
+    pid = standby.pid
+    timings = cluster.reset()
+    assert "rejoin" not in timings.phases
+    assert standby.pid == pid
+    assert [cluster.role(n) for n in cluster.nodes] == ["primary", "standby"]
 
 
 def test_pgbouncer_waits_a_tenth_of_a_second_after_a_failed_server_login_by_default(

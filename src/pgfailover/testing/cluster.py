@@ -835,7 +835,7 @@ class LocalCluster:
         its streaming standbys, PgBouncer running and pointing at ``node0``.
 
         Frozen nodes are thawed first. On return every standby streams from ``node0`` on its
-        timeline and has flushed the WAL ``node0`` had written (so it can be promoted at
+        timeline and has written the WAL ``node0`` had written (so it can be promoted at
         once); each wait is bounded by ``ready_timeout`` and a HarnessError names the node
         that did not get there. Costs a few queries per node when the topology is already
         right.
@@ -1080,14 +1080,17 @@ class LocalCluster:
         return True
 
     def _wait_streaming(self, node: Node, primary: Node) -> None:
-        """Wait until ``node`` streams from ``primary``, on its timeline, and has flushed the
+        """Wait until ``node`` streams from ``primary``, on its timeline, and has written the
         WAL ``primary`` had written when the wait began; HarnessError naming ``node`` and what
         it last showed after ``ready_timeout``.
 
         A status of ``streaming`` alone is not enough: a standby that moves to a new timeline
         streams the current segment again from its start, and promoted before it is done,
         PostgreSQL (15 at least) PANICs re-reading its last record from that partly written
-        segment file ("invalid magic number 0000") and shuts down.
+        segment file ("invalid magic number 0000") and shuts down. ``written_lsn`` is the
+        measure, not ``flushed_lsn``: a restarted WAL receiver that streams again what it had
+        already replayed leaves ``flushed_lsn`` at the segment's start until new WAL comes,
+        which an idle primary never sends.
         """
         with primary.connect(connect_timeout=5) as conn:
             row = conn.execute(
@@ -1105,15 +1108,15 @@ class LocalCluster:
                 )
             with node.connect(connect_timeout=2) as conn:
                 got = conn.execute(
-                    "SELECT status, sender_port, received_tli, flushed_lsn::text, "
-                    "flushed_lsn >= %s::pg_lsn FROM pg_stat_wal_receiver",
+                    "SELECT status, sender_port, received_tli, written_lsn::text, "
+                    "written_lsn >= %s::pg_lsn FROM pg_stat_wal_receiver",
                     [lsn],
                 ).fetchone()
             if got is None:
                 seen[:] = ["no WAL receiver"]
                 return None
-            status, port, tli, flushed, caught_up = got
-            seen[:] = [f"{status} from port {port}, timeline {tli}, flushed {flushed}"]
+            status, port, tli, written, caught_up = got
+            seen[:] = [f"{status} from port {port}, timeline {tli}, written {written}"]
             ok = status == "streaming" and port == primary.port and tli == timeline and caught_up
             return True if ok else None
 
@@ -1125,7 +1128,7 @@ class LocalCluster:
             raise HarnessError(
                 f"{node.name} did not catch up with {primary.name} within "
                 f"{self.ready_timeout:.1f}s: wanted streaming from port {primary.port}, "
-                f"timeline {timeline}, flushed {lsn}; last seen: {seen[0]} ({ex})"
+                f"timeline {timeline}, written {lsn}; last seen: {seen[0]} ({ex})"
             ) from None
 
     def _streams_from(self, node: Node, primary: Node) -> bool:
