@@ -261,6 +261,17 @@ class Monitor:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout)
 
+    def _forget_if_unused(self, watch: _Watch) -> bool:
+        """End ``watch`` if its endpoint has no member left (all collected without
+        unregistering). True if it must stop."""
+        with self._lock:
+            if self._members.get(watch.endpoint):
+                return False
+            if self._watches.get(watch.endpoint) is watch:
+                del self._watches[watch.endpoint]
+                self._members.pop(watch.endpoint, None)
+            return True
+
     # -- the thread
     def _submit(self, coro: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
         loop = self._ensure_thread()
@@ -349,6 +360,7 @@ class _Watch:
             outage_interval=monitor.outage_interval,
         )
         self.conn: psycopg.AsyncConnection[Any] | None = None
+        self._stopping = False
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._secrets = secret_candidates(target.conninfo) + [
@@ -362,10 +374,16 @@ class _Watch:
             self._wake.set()
 
     async def stop(self) -> None:
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
+        # the flag as well as the cancel: asyncio.wait_for may swallow a cancel that comes
+        # just as the connection attempt it waits for fails (Python 3.11)
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+        task = self._task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # ended either way
-                await self._task
+                await task
         await self._close()
 
     async def run(self) -> None:
@@ -373,9 +391,11 @@ class _Watch:
         self._wake = asyncio.Event()
         rng = random.Random()  # noqa: S311 - jitter, not security
         try:
-            while True:
+            while not self._stopping:
                 try:
                     await self._look()
+                    if self._stopping or self.monitor._forget_if_unused(self):
+                        break
                     await self._pause(self.state.next_delay(rng))
                 except asyncio.CancelledError:
                     raise
@@ -448,10 +468,10 @@ class _Watch:
             return Status.DOWN, f"down: {message}"
         if report.writable:
             return Status.WRITABLE, "primary"
-        if report.via_pooler is not False:
-            # a pooler in session mode keeps this client on the same server connection,
-            # even after it is repointed: the next look must come as a new client
-            await self._close()
+        # the next look comes as a new client: a pooler in session mode, or a TCP forwarder
+        # (HAProxy, a virtual IP, a Kubernetes Service), keeps this session on the same
+        # server even once it leads elsewhere
+        await self._close()
         return Status.READ_ONLY, finding(report)
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
