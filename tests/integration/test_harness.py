@@ -279,11 +279,14 @@ def test_reset_leaves_the_standby_holding_the_primary_wal_so_it_can_be_promoted_
 def test_reset_takes_a_restarted_standby_of_an_idle_primary_as_caught_up(
     pgfailover_cluster: LocalCluster,
 ) -> None:
-    """A standby restarted while the primary writes nothing streams again WAL it already
-    has: reset() takes it as caught up and leaves it as it is (same process, no rejoin),
-    the roles right."""
+    """A standby restarted while the primary writes nothing, its WAL at a segment boundary
+    (the standby's WAL receiver then has nothing to write), is taken by reset() as caught
+    up and left as it is (same process, no rejoin), the roles right."""
     cluster = pgfailover_cluster
     primary, standby = cluster.primary, cluster.standbys[0]
+    with primary.connect() as conn:
+        conn.execute("SELECT pg_switch_wal()")
+    cluster.wait_replicated()
     cluster.stop(standby)
     cluster.start(standby)
     eventually(lambda: cluster._streams_from(standby, primary), timeout=30)

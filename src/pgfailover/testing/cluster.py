@@ -1087,10 +1087,11 @@ class LocalCluster:
         A status of ``streaming`` alone is not enough: a standby that moves to a new timeline
         streams the current segment again from its start, and promoted before it is done,
         PostgreSQL (15 at least) PANICs re-reading its last record from that partly written
-        segment file ("invalid magic number 0000") and shuts down. ``written_lsn`` is the
-        measure, not ``flushed_lsn``: a restarted WAL receiver that streams again what it had
-        already replayed leaves ``flushed_lsn`` at the segment's start until new WAL comes,
-        which an idle primary never sends.
+        segment file ("invalid magic number 0000") and shuts down. The measure is the greater
+        of ``written_lsn`` and ``flushed_lsn``: a restarted WAL receiver that streams again
+        what it had already replayed leaves ``flushed_lsn`` at the segment's start until new
+        WAL comes, which an idle primary never sends, and one that starts at the primary's
+        position exactly (a segment boundary) writes nothing: ``written_lsn`` stays NULL.
         """
         with primary.connect(connect_timeout=5) as conn:
             row = conn.execute(
@@ -1108,8 +1109,9 @@ class LocalCluster:
                 )
             with node.connect(connect_timeout=2) as conn:
                 got = conn.execute(
-                    "SELECT status, sender_port, received_tli, written_lsn::text, "
-                    "written_lsn >= %s::pg_lsn FROM pg_stat_wal_receiver",
+                    "SELECT status, sender_port, received_tli, "
+                    "GREATEST(written_lsn, flushed_lsn)::text, "
+                    "GREATEST(written_lsn, flushed_lsn) >= %s::pg_lsn FROM pg_stat_wal_receiver",
                     [lsn],
                 ).fetchone()
             if got is None:
@@ -1117,8 +1119,8 @@ class LocalCluster:
                 return None
             status, port, tli, written, caught_up = got
             seen[:] = [f"{status} from port {port}, timeline {tli}, written {written}"]
-            ok = status == "streaming" and port == primary.port and tli == timeline and caught_up
-            return True if ok else None
+            ok = status == "streaming" and port == primary.port and tli == timeline
+            return True if ok and caught_up else None
 
         try:
             _poll(f"{node.name} to stream WAL", check, self.ready_timeout)
