@@ -141,12 +141,6 @@ async def test_a_switchover_moves_the_leader_to_a_higher_timeline(
         assert not (await source.validate(conn)).accepted
 
 
-@pytest.mark.xfail(
-    reason="under investigation: in 2 of 5 fresh-clone runs the standby was down when this "
-    "test promoted it (connection refused for 60 s); the split brain itself is also covered "
-    "by test_pool_topology*.py and test_patroni_pool.py",
-    strict=False,
-)
 async def test_two_primaries_prefer_the_higher_timeline_and_fence_the_other(
     pgfailover_cluster: LocalCluster, topology_events: list[TopologyEvent]
 ) -> None:
