@@ -52,9 +52,19 @@ def _cluster_and_dsn(factory: ClusterFactory, through: str) -> tuple[LocalCluste
     return cluster, cluster.pgbouncer.dsn()
 
 
-def _failover(cluster: LocalCluster, through: str) -> None:
+def _failover(cluster: LocalCluster, through: str, monitor: Monitor) -> None:
+    """Fail over; behind PgBouncer, repoint once the watch has seen the outage (as an HA
+    tool's delay would let it: a failover and a repoint both done between two looks leave
+    PgBouncer's clients nothing to notice in transaction mode)."""
     _blocking(cluster.failover)
     if through != "direct":
+        (endpoint,) = monitor.endpoints()
+
+        def seen() -> bool:
+            watch = monitor.watch_of(endpoint)
+            return watch is not None and watch.outage_since is not None
+
+        _wait_for(seen)
         _blocking(cluster.repoint_pgbouncer, cluster.primary)
 
 
@@ -74,7 +84,7 @@ def test_idle_pool_is_purged_and_refilled_before_its_next_request(
         ) as pool:
             pool.wait()
             (endpoint,) = monitor.endpoints()
-            _failover(cluster, through)
+            _failover(cluster, through, monitor)
 
             def refilled() -> bool:
                 watch = monitor.watch_of(endpoint)

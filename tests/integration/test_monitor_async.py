@@ -55,9 +55,19 @@ def _cluster_and_dsn(factory: ClusterFactory, through: str) -> tuple[LocalCluste
     return cluster, cluster.pgbouncer.dsn()
 
 
-async def _failover(cluster: LocalCluster, through: str) -> None:
+async def _failover(cluster: LocalCluster, through: str, monitor: Monitor) -> None:
+    """Fail over; behind PgBouncer, repoint once the watch has seen the outage (as an HA
+    tool's delay would let it: a failover and a repoint both done between two looks leave
+    PgBouncer's clients nothing to notice in transaction mode)."""
     await _blocking(cluster.failover)
     if through != "direct":
+        (endpoint,) = monitor.endpoints()
+
+        def seen() -> bool:
+            watch = monitor.watch_of(endpoint)
+            return watch is not None and watch.outage_since is not None
+
+        await _wait_for(seen)
         await _blocking(cluster.repoint_pgbouncer, cluster.primary)
 
 
@@ -77,7 +87,7 @@ async def test_idle_pool_is_purged_and_refilled_before_its_next_request(
         ) as pool:
             await pool.wait()
             (endpoint,) = monitor.endpoints()
-            await _failover(cluster, through)
+            await _failover(cluster, through, monitor)
 
             def refilled() -> bool:
                 watch = monitor.watch_of(endpoint)

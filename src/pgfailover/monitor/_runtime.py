@@ -425,10 +425,16 @@ class _Watch:
             await asyncio.gather(*waits, return_exceptions=True)
         self._wake.clear()
         if len(waits) > 1 and waits[1] in done and waits[1].exception() is not None:
-            await self._close()  # lost: the look that follows reconnects
+            # the session died (a direct server went away; through a pooler in session
+            # mode, its server did): so did the pools' sessions there, whatever the look
+            # that follows (it reconnects) finds
+            await self._close()
+            self._record(Status.DOWN, "down: the watch's session was lost")
 
     async def _look(self) -> None:
-        status, found = await self._check()
+        self._record(*await self._check())
+
+    def _record(self, status: Status, found: str) -> None:
         change = self.state.observe(status, found, time.monotonic(), time.time())
         if change is Change.LOST:
             logger.warning("pgfailover monitor: %s: %s", self.endpoint, found)
