@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import re
@@ -452,6 +453,9 @@ def test_python_example_runs_and_does_what_it_says(
             # padded so that tracebacks name the markdown file's own lines
             source = "\n" * block.line + code
             capsys.readouterr()
+            with warnings.catch_warnings():  # what earlier tests left is theirs, not this block's
+                warnings.simplefilter("ignore")
+                gc.collect()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 exec(compile(source, str(ROOT / block.name), "exec"), namespace)  # noqa: S102
