@@ -36,8 +36,9 @@ times of the 2026-11-24 run; at a load average of 5-6 the happy part took 9.5 mi
     (pg_stat_statements calls / transactions, naming the statements) and the client-side
     round trips (libpq trace). Targets: ratio >= 0.98 (the recorded runner on loopback:
     >= 0.85), 0 extra round trips.
-    The pgfailover pools register with the process monitor (``monitor=True``, the
-    default): the suite samples the process monitor while the section runs and prints
+    The pgfailover pools and instrumented engines register with the process monitor
+    (``monitor=True``; the monitor is opt-in, the suite turns it on for this section):
+    the suite samples the process monitor while the section runs and prints
     what it watched (endpoints, pools registered, role checks), so the figures are those
     of the pools with the monitor on.
 (b) recovery (``recovery``): PgBouncer transaction mode, PgBouncer session mode, direct
@@ -84,15 +85,20 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
+from unittest import mock
 
 import _suite_fleet
 import _suite_happy
 import _suite_recovery
 import _suite_resources
+import psycopg
 from _suite_common import load_average, log, machine
 
+import pgfailover.sqlalchemy
 from pgfailover.monitor import EndpointWatch, Monitor, process_monitor
+from pgfailover.pool import ConnectionPool
+from pgfailover.sqlalchemy import instrument as _instrument
 from pgfailover.testing import LocalCluster
 
 SECTIONS = ("happy", "recovery", "resources", "fleet")
@@ -207,11 +213,13 @@ def render_monitor(s: dict[str, Any]) -> str:
     """The process monitor's activity during the happy section, one paragraph."""
     share = s["samples_watching"] / s["samples"] if s["samples"] else 0.0
     text = (
-        "Process monitor during the happy section: the pgfailover pools registered with it "
-        "(`monitor=True`, the default). Sampled every "
+        "Process monitor during the happy section: the pgfailover pools and instrumented "
+        "engines registered with it (`monitor=True`, set by the suite: the monitor is "
+        "opt-in). Sampled every "
         f"{s['sample_every_s']:g} s, it watched an endpoint in {share:.0%} of {s['samples']} "
         f"samples, at most {s['endpoints_max']} endpoint(s) and {s['pools_registered_max']} "
-        f"pool(s) registered at once; {s['watches_seen']} watch(es) made {s['role_checks']} "
+        f"member(s) (pools, engines) registered at once; {s['watches_seen']} watch(es) "
+        f"made {s['role_checks']} "
         "role checks on their own connections. Those queries run as the application user, "
         "so a statement count (pg_stat_statements) may include one; the round trips are "
         "traced on the pools' own connections only."
@@ -312,8 +320,30 @@ def _parse() -> argparse.Namespace:
     return args
 
 
+CT = TypeVar("CT", bound="psycopg.Connection[Any]")
+
+
+class _MonitoredPool(ConnectionPool[CT]):
+    """pgfailover's pool registered with the process monitor (``monitor=True``): the
+    monitor is opt-in, and the happy path measures the pools with it on."""
+
+    def __init__(self, *args: Any, monitor: Monitor | bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, monitor=monitor, **kwargs)
+
+
+def _instrument_monitored(engine: Any, **kwargs: Any) -> Any:
+    """``pgfailover.sqlalchemy.instrument`` with ``monitor=True`` unless told otherwise."""
+    kwargs.setdefault("monitor", True)
+    return _instrument(engine, **kwargs)
+
+
 def _happy(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    # the section's pgfailover pools and instrumented engines register with the process
+    # monitor (opt-in): its ConnectionPool and pgfailover.sqlalchemy.instrument, for the
+    # duration of the section
     with (
+        mock.patch.object(_suite_happy, "ConnectionPool", _MonitoredPool),
+        mock.patch.object(pgfailover.sqlalchemy, "instrument", _instrument_monitored),
         LocalCluster(standbys=0, pgbouncer=None) as cluster,
         MonitorSampler(process_monitor()) as sampled,
     ):
