@@ -162,7 +162,10 @@ def test_kill_leader_elects_a_new_leader_and_the_old_one_heals_back_as_replica(
     healed = cluster.heal(old)
     assert "restart" in healed.phases
     assert not old.killed
-    assert cluster._streams_from(old, new)
+    # heal() returns once the member runs again: its WAL receiver may still be starting
+    _poll(
+        f"{old.name} streaming from {new.name}", lambda: cluster._streams_from(old, new), DEADLINE
+    )
     _wait_row(old, table, 1)
     repointed = cluster.repoint_pgbouncer(new)
     assert "reload" in repointed.phases
