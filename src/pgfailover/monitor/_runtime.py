@@ -382,8 +382,12 @@ class _Watch:
         task = self._task
         if task is not None and task is not asyncio.current_task():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # ended either way
+            try:
                 await task
+            except asyncio.CancelledError:  # ended as asked
+                pass
+            except Exception:  # run() logs its own failures: this is one it could not
+                logger.exception("pgfailover monitor: the watch of %s ended badly", self.endpoint)
         await self._close()
 
     async def run(self) -> None:
