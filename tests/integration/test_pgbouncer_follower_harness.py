@@ -129,6 +129,20 @@ def writers(cluster: LocalCluster) -> Iterator[_Writers]:
         yield running
 
 
+def _confirmed(follower: FollowerProcess, mark: int, address: str) -> str:
+    """The follower's log from ``mark`` once it says ``SHOW DATABASES`` confirmed the new
+    address. The line comes after the repoint's settle wait (1 s), so clients may already
+    write there before it is logged: poll for it (15 s), then return the log."""
+    expected = f"SHOW DATABASES: app, postgres at {address}"
+    try:
+        eventually(lambda: expected in follower.log_text(mark), timeout=15)
+    except AssertionError:
+        raise AssertionError(
+            f"no {expected!r} in the follower's log:\n{follower.log_text(mark)}"
+        ) from None
+    return follower.log_text(mark)
+
+
 def test_failover_without_manual_repoint_local(cluster: LocalCluster, writers: _Writers) -> None:
     """After ``failover()`` nobody repoints PgBouncer but the follower process: a plain
     psycopg_pool application writes through PgBouncer again, and pgfailover's pool under the
@@ -145,8 +159,7 @@ def test_failover_without_manual_repoint_local(cluster: LocalCluster, writers: _
     eventually(lambda: writers.acked_after("psycopg_pool", promoted), timeout=30)
     eventually(lambda: writers.acked_after("pgfailover pool + runner", promoted), timeout=30)
     writers.finish()
-    log = cluster.follower.log_text(mark)
-    assert f"SHOW DATABASES: app, postgres at {new.address}" in log, log
+    log = _confirmed(cluster.follower, mark, new.address)
     assert cluster.password not in log
     assert cluster.superuser_password not in log
     assert writers.failed["pgfailover pool + runner"] == []
@@ -231,8 +244,7 @@ def test_patroni_switchover_followed(patroni: PatroniCluster) -> None:
         conn.execute("INSERT INTO follower_writes (k, stack) VALUES (1, 'patroni')")
         row = conn.execute("SELECT pg_is_in_recovery(), inet_server_port()").fetchone()
     assert row == (False, new.port)
-    log = patroni.follower.log_text(mark)
-    assert f"SHOW DATABASES: app, postgres at {new.address}" in log, log
+    _confirmed(patroni.follower, mark, new.address)
 
 
 def test_repoint_with_pause_holds_then_resumes(cluster: LocalCluster) -> None:
