@@ -175,6 +175,17 @@ class AsyncConnectionPool(_BasePool[CT]):
         if self._pgf.primary_back():
             self._pgf_in_pool(_Unpark(self, None))
 
+    def _pgf_grant(self, report: Callable[[bool], None]) -> bool:
+        """Let one held connection attempt go as the monitor's look (called from its
+        thread; see :meth:`~pgfailover._state.FailoverState.grant`). False when the pool
+        holds no attempt back or is closed: nothing was granted, ``report`` is not called."""
+        with self._pgf_parked_lock:
+            token = next(iter(self._pgf_parked), None)
+        if token is None or self._closed or not self._pgf.grant(report):
+            return False
+        self._pgf_in_pool(_Unpark(self, token, granted=True))
+        return True
+
     def _pgf_in_pool(self, task: MaintenanceTask) -> None:
         """Hand ``task`` to the pool's workers, from any thread."""
         if self._closed:
@@ -196,16 +207,24 @@ class AsyncConnectionPool(_BasePool[CT]):
             self._pgf_parked[token] = (attempt, growing)
         return token
 
-    async def _pgf_unpark(self, token: int | None) -> None:
+    async def _pgf_unpark(self, token: int | None, granted: bool = False) -> None:
         """Send held connection attempts on: all (``token`` None, the monitor's wake-up)
-        or one (its periodic recheck, which holds it again while the outage lasts)."""
+        or one (its periodic recheck, which holds it again while the outage lasts, or the
+        monitor's grant, ``granted``). At the wake-up of a pool still in its outage, one
+        attempt goes first (single flight, as without the monitor), the others once it
+        has connected (see :meth:`_connect`)."""
         with self._pgf_parked_lock:
-            if token is None:
+            if token is None and self._pgf.outage_since is not None and self._pgf_parked:
+                first = next(iter(self._pgf_parked))
+                held = [self._pgf_parked.pop(first)]
+            elif token is None:
                 held = list(self._pgf_parked.values())
                 self._pgf_parked.clear()
             else:
                 one = self._pgf_parked.pop(token, None)
                 held = [] if one is None else [one]
+        if granted and not held:  # gone meanwhile (gave up, or its recheck took it)
+            self._pgf.grant_unused()
         for attempt, growing in held:
             self.run_task(AddConnection(self, attempt, growing=growing))
 
@@ -259,6 +278,8 @@ class AsyncConnectionPool(_BasePool[CT]):
         aware.pool_generation = self._pgf.generation
         aware.pool_returned_at = now
         self._pgf.connected(now)
+        if self._pgf_parked:  # attempts held back at the wake-up: the primary is back
+            self._pgf_in_pool(_Unpark(self, None))
         return conn
 
     def _pgf_misconfigured(self) -> bool:
@@ -404,6 +425,7 @@ class AsyncConnectionPool(_BasePool[CT]):
             monitor.unregister(self)
         with self._pgf_parked_lock:
             self._pgf_parked.clear()
+        self._pgf.grant_unused()  # a monitor's look waiting on this pool ends now
         await super().close(timeout)
 
     def get_stats(self) -> dict[str, int]:
@@ -421,11 +443,13 @@ class _Drain(MaintenanceTask):
 
 
 class _Unpark(MaintenanceTask):
-    """Send held connection attempts on (all of them when ``token`` is None)."""
+    """Send held connection attempts on (see ``_pgf_unpark``; all of them, or the first,
+    when ``token`` is None; ``granted``: the monitor's grant)."""
 
-    def __init__(self, pool: Any, token: int | None) -> None:
+    def __init__(self, pool: Any, token: int | None, granted: bool = False) -> None:
         super().__init__(pool)
         self.token = token
+        self.granted = granted
 
     async def _run(self, pool: Any) -> None:
-        await pool._pgf_unpark(self.token)
+        await pool._pgf_unpark(self.token, self.granted)

@@ -113,8 +113,9 @@ def test_pools_of_one_endpoint_share_one_watch_and_hold_their_attempts(
     pgfailover_cluster_factory: ClusterFactory,
 ) -> None:
     """Three pools on one PgBouncer endpoint: the monitor keeps one watch; while no primary
-    is reachable the pools make no connection attempt of their own (the watch is the one
-    prober, and it keeps looking); after the repoint every pool is woken and writes."""
+    is reachable the pools make no connection attempt but those the monitor grants, one at
+    a time (the endpoint's one prober, and it keeps looking); after the repoint every pool
+    is woken and writes."""
     cluster, dsn = _cluster_and_dsn(pgfailover_cluster_factory, "transaction")
     name = table(cluster)
     monitor = Monitor(interval=0.2)
@@ -130,11 +131,14 @@ def test_pools_of_one_endpoint_share_one_watch_and_hold_their_attempts(
         assert len(monitor.endpoints()) == 1
         _blocking(cluster.failover)  # no repoint yet: PgBouncer leads to a standby
         _wait_for(lambda: all(p.failover_state.outage_since is not None for p in pools))
-        attempts = [p.get_stats().get("connections_num", 0) for p in pools]
-        looks = monitor.stats()["checks"]
+        attempts = sum(p.get_stats().get("connections_num", 0) for p in pools)
+        before = monitor.stats()
         time.sleep(1.0)  # a window of outage to count attempts in
-        assert [p.get_stats().get("connections_num", 0) for p in pools] == attempts
-        assert monitor.stats()["checks"] - looks >= 2  # it keeps looking (50 ms apart when idle)
+        after = monitor.stats()
+        made = sum(p.get_stats().get("connections_num", 0) for p in pools) - attempts
+        # every attempt was granted (one may have begun in the window, its grant not ended)
+        assert made <= after["grants"] - before["grants"] + 1
+        assert after["checks"] - before["checks"] >= 2  # it keeps looking (50 ms apart)
         _blocking(cluster.repoint_pgbouncer, cluster.primary)
         for i, pool in enumerate(pools):
             with pool.connection() as conn:
