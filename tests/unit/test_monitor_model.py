@@ -196,7 +196,8 @@ def test_a_slow_role_query_is_not_a_loss_until_the_next_one_is_slow_too() -> Non
     watch.observe(Status.WRITABLE, "primary", 0.0, 0.0)
     assert watch.observe_slow("down: slow", 1.0, 1.0) is None
     assert watch.status is Status.WRITABLE
-    assert watch.next_delay(random.Random(0))  # noqa: S311 - jitter, not security == 0.0  # look again at once
+    rng = random.Random(0)  # noqa: S311 - jitter, not security
+    assert watch.next_delay(rng) == 0.0  # look again at once
     watch.observe(Status.WRITABLE, "primary", 1.1, 1.1)  # answered: the count restarts
     assert watch.observe_slow("down: slow", 2.0, 2.0) is None
     assert watch.observe_slow("down: slow", 2.1, 2.1) is Change.LOST
