@@ -266,13 +266,15 @@ def test_lost_and_back_alternate_with_grants_and_slow_looks(
     )
 
 
-def test_look_delay_runs_from_the_look_start_during_an_outage() -> None:
-    """During an outage the pause after a look is the outage interval less the look's
-    duration (0 once it took longer); healthy, the full jittered interval."""
+def test_look_delay_during_an_outage() -> None:
+    """During an outage the pause after a look without a login is the outage interval less
+    the look's duration (0 once it took longer); after a look with a login, the whole
+    interval (never more logins than one pool's prober); healthy, the jittered interval."""
     rng = random.Random(2)  # noqa: S311 - jitter, not security
     watch = EndpointWatch(EP, interval=1.0, outage_interval=0.05)
     watch.observe(Status.DOWN, "down", 0.0, 0.0)
-    assert watch.look_delay(rng, 10.0, 10.02) == pytest.approx(0.03)
-    assert watch.look_delay(rng, 10.0, 10.2) == 0.0
+    assert watch.look_delay(rng, 10.0, 10.02, login=False) == pytest.approx(0.03)
+    assert watch.look_delay(rng, 10.0, 10.2, login=False) == 0.0
+    assert watch.look_delay(rng, 10.0, 10.2, login=True) == 0.05
     watch.observe(Status.WRITABLE, "primary", 1.0, 1.0)
-    assert watch.look_delay(rng, 10.0, 10.5) >= 1.0 * (1 - JITTER)
+    assert watch.look_delay(rng, 10.0, 10.5, login=False) >= 1.0 * (1 - JITTER)

@@ -412,10 +412,13 @@ class _Watch:
             while not self._stopping:
                 try:
                     started = time.monotonic()
+                    logins = self.state.connects + self.state.grants
                     await self._look()
                     if self._stopping or self.monitor._forget_if_unused(self):
                         break
-                    await self._pause(self.state.look_delay(rng, started, time.monotonic()))
+                    login = self.state.connects + self.state.grants != logins
+                    delay = self.state.look_delay(rng, started, time.monotonic(), login)
+                    await self._pause(delay)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # never let the watch die: log, wait, go on

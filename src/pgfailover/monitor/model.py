@@ -41,7 +41,7 @@ SLOW_LOOKS = 2
 #: During an outage, looks made by granting a waiting pool's connection attempt before one
 #: look of the watch's own (see :meth:`EndpointWatch.next_look`): the own look keeps the
 #: endpoint's status honest should a pool's attempts fail for a reason of the pool's own.
-GRANTS_PER_OWN_LOOK = 3
+GRANTS_PER_OWN_LOOK = 9
 
 
 class Status(enum.Enum):
@@ -247,13 +247,17 @@ class EndpointWatch:
         self.grants_in_row += 1
         return None
 
-    def look_delay(self, rng: random.Random, started: float, now: float) -> float:
+    def look_delay(self, rng: random.Random, started: float, now: float, login: bool) -> float:
         """Seconds to wait after a look that began at ``started`` (``time.monotonic()``),
-        ``now`` being its end: during an outage the period runs from the look's start (a
-        look that took the whole period is followed by the next at once); otherwise, as
-        :meth:`next_delay`, from its end."""
+        ``now`` being its end; ``login``: the look made a connection attempt (the watch's
+        own, or a granted pool's). During an outage, a look without a login (a query on a
+        kept session) is followed by the next one period after its start; one with a login
+        a period after its end, so that the endpoint never sees more connection attempts
+        per second than one pool's single-flight prober makes on its own (which waits at
+        least as long after each failed attempt). Outside an outage: :meth:`next_delay`,
+        from the end."""
         delay = self.next_delay(rng)
-        if delay > 0 and self.status in (Status.READ_ONLY, Status.DOWN):
+        if delay > 0 and not login and self.status in (Status.READ_ONLY, Status.DOWN):
             return max(0.0, delay - max(0.0, now - started))
         return delay
 
