@@ -59,8 +59,9 @@ class FailoverState:
         self._probing = False
         self._last_probe = 0.0
         #: True while the process monitor watches the pool's endpoint: during an outage the
-        #: pool then makes no connection attempt of its own until the monitor has seen a
-        #: writable primary there (:meth:`primary_back`); see :mod:`pgfailover.monitor`.
+        #: pool then makes no connection attempt but the one the monitor grants at a time
+        #: (:meth:`grant`) until the monitor has seen a writable primary there
+        #: (:meth:`primary_back`); see :mod:`pgfailover.monitor`.
         self.monitored = False
         self._released = False  # the monitor saw the primary back since the outage began
         # the monitor's grant of one connection attempt during an outage: offered (not
@@ -181,8 +182,8 @@ class FailoverState:
 
     def primary_back(self) -> bool:
         """The monitor found a writable primary at the pool's endpoint: connection attempts
-        may go (all at once: the monitor spreads the pools). True if an outage was under
-        way (the caller then wakes the attempts it held back)."""
+        may go (the monitor spreads the pools; the pool sends one first). True if an outage
+        was under way (the caller then wakes the attempts it held back)."""
         with self._lock:
             self._released = True
             return self.outage_since is not None

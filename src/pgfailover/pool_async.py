@@ -33,8 +33,10 @@ pgfailover's connection classes and:
 - with ``monitor=True`` (opt-in), register with the process monitor
   (:mod:`pgfailover.monitor`): one watch connection per endpoint purges the pool's stale
   connections when the endpoint stops being writable, before a request meets them; during
-  the outage the pool makes no connection attempt of its own (the monitor is the one
-  prober of the process) and the monitor wakes it when a writable primary is back;
+  the outage the pool makes no connection attempt but those the monitor grants (the
+  monitor is the one prober of the endpoint, and a waiting pool's attempt is its look)
+  and the monitor wakes it when a writable primary is back (one attempt first, the
+  others once it has connected);
 - count what happened in ``get_stats()``.
 
 Decisions live in :class:`~pgfailover._state.FailoverState` (no I/O); the pool class is a

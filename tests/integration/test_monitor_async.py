@@ -117,8 +117,8 @@ async def test_pools_of_one_endpoint_share_one_watch_and_hold_their_attempts(
 ) -> None:
     """Three pools on one PgBouncer endpoint: the monitor keeps one watch; while no primary
     is reachable the pools make no connection attempt but those the monitor grants, one at
-    a time (the endpoint's one prober, and it keeps looking); after the repoint every pool
-    is woken and writes."""
+    a time (the endpoint's one prober, and it keeps looking, also once a pool it granted
+    attempts to is closed); after the repoint every pool left is woken and writes."""
     cluster, dsn = _cluster_and_dsn(pgfailover_cluster_factory, "transaction")
     name = table(cluster)
     monitor = Monitor(interval=0.2)
@@ -142,6 +142,9 @@ async def test_pools_of_one_endpoint_share_one_watch_and_hold_their_attempts(
         # every attempt was granted (one may have begun in the window, its grant not ended)
         assert made <= after["grants"] - before["grants"] + 1
         assert after["checks"] - before["checks"] >= 2  # it keeps looking (50 ms apart)
+        await pools.pop(0).close()  # a grant it holds is withdrawn: the watch goes on
+        looks = monitor.stats()["checks"]
+        await _wait_for(lambda: monitor.stats()["checks"] >= looks + 2)
         await _blocking(cluster.repoint_pgbouncer, cluster.primary)
         for i, pool in enumerate(pools):
             async with pool.connection() as conn:
