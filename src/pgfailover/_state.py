@@ -182,7 +182,7 @@ class FailoverState:
 
     def primary_back(self) -> bool:
         """The monitor found a writable primary at the pool's endpoint: connection attempts
-        may go (the monitor spreads the pools; the pool sends one first). True if an outage
+        may go (the monitor spreads the pools; the pool sends them one at a time). True if an outage
         was under way (the caller then wakes the attempts it held back)."""
         with self._lock:
             self._released = True

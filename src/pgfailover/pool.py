@@ -38,8 +38,8 @@ pgfailover's connection classes and:
   connections when the endpoint stops being writable, before a request meets them; during
   the outage the pool makes no connection attempt but those the monitor grants (the
   monitor is the one prober of the endpoint, and a waiting pool's attempt is its look)
-  and the monitor wakes it when a writable primary is back (one attempt first, the
-  others once it has connected);
+  and the monitor wakes it when a writable primary is back (its held attempts then go
+  one at a time, each once the previous one has connected);
 - count what happened in ``get_stats()``.
 
 Decisions live in :class:`~pgfailover._state.FailoverState` (no I/O); the pool class is a
@@ -199,21 +199,17 @@ class ConnectionPool(_BasePool[CT]):
         return token
 
     def _pgf_unpark(self, token: int | None, granted: bool = False) -> None:
-        """Send held connection attempts on: all (``token`` None, the monitor's wake-up)
-        or one (its periodic recheck, which holds it again while the outage lasts, or the
-        monitor's grant, ``granted``). At the wake-up of a pool still in its outage, one
-        attempt goes first (single flight, as without the monitor), the others once it
-        has connected (see :meth:`_connect`)."""
+        """Send one held connection attempt on: the oldest (``token`` None: the monitor's
+        wake-up, or the previous attempt connected, see :meth:`_connect`), or the one of
+        ``token`` (its periodic recheck, which holds it again while the outage lasts, or
+        the monitor's grant, ``granted``). After an outage the held attempts thus go one
+        at a time, each once the previous one has connected: the first connection serves
+        a waiting request at once, not slowed by a burst of logins at the pooler."""
         with self._pgf_parked_lock:
-            if token is None and self._pgf.outage_since is not None and self._pgf_parked:
-                first = next(iter(self._pgf_parked))
-                held = [self._pgf_parked.pop(first)]
-            elif token is None:
-                held = list(self._pgf_parked.values())
-                self._pgf_parked.clear()
-            else:
-                one = self._pgf_parked.pop(token, None)
-                held = [] if one is None else [one]
+            if token is None:
+                token = next(iter(self._pgf_parked), None)
+            one = None if token is None else self._pgf_parked.pop(token, None)
+            held = [] if one is None else [one]
         if granted and not held:  # gone meanwhile (gave up, or its recheck took it)
             self._pgf.grant_unused()
         for attempt, growing in held:
@@ -269,7 +265,7 @@ class ConnectionPool(_BasePool[CT]):
         aware.pool_generation = self._pgf.generation
         aware.pool_returned_at = now
         self._pgf.connected(now)
-        if self._pgf_parked:  # attempts held back at the wake-up: the primary is back
+        if self._pgf_parked:  # attempts held back: the primary is back, the next may go
             self._pgf_in_pool(_Unpark(self, None))
         return conn
 
@@ -430,8 +426,8 @@ class _Drain(MaintenanceTask):
 
 
 class _Unpark(MaintenanceTask):
-    """Send held connection attempts on (see ``_pgf_unpark``; all of them, or the first,
-    when ``token`` is None; ``granted``: the monitor's grant)."""
+    """Send one held connection attempt on (see ``_pgf_unpark``: the oldest when ``token``
+    is None; ``granted``: the monitor's grant)."""
 
     def __init__(self, pool: Any, token: int | None, granted: bool = False) -> None:
         super().__init__(pool)

@@ -10,12 +10,14 @@ tests for the sync pool. Each test uses a private :class:`Monitor` with short ti
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from pgfailover import _pool_common
 from pgfailover.monitor import Monitor, Status
 from pgfailover.pool import ConnectionPool
 from pgfailover.testing import LocalCluster
@@ -150,6 +152,57 @@ def test_pools_of_one_endpoint_share_one_watch_and_hold_their_attempts(
     finally:
         for pool in pools:
             pool.close()
+        monitor.close()
+
+
+class _AttemptsPool(ConnectionPool[Any]):
+    """The pool, plus ``(start, end, ok)`` of each connection attempt (monotonic)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.attempts: list[tuple[float, float, bool]] = []
+        super().__init__(*args, **kwargs)
+
+    def _connect(self, timeout: float | None = None) -> Any:
+        start = time.monotonic()
+        try:
+            conn = super()._connect(timeout)
+        except BaseException:
+            self.attempts.append((start, time.monotonic(), False))
+            raise
+        self.attempts.append((start, time.monotonic(), True))
+        return conn
+
+
+def test_one_attempt_at_a_time_until_the_first_connects_after_the_outage(
+    pgfailover_cluster_factory: ClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool holding several connection attempts during an outage: they go one at a time
+    (each one the monitor's granted look, then each once the previous one connected: no
+    burst of logins), and the pool fills up again once the primary is back."""
+    monkeypatch.setattr(_pool_common, "PARK_RECHECK", 60.0)  # no recheck lets one slip out
+    cluster, dsn = _cluster_and_dsn(pgfailover_cluster_factory, "transaction")
+    monitor = Monitor(interval=0.2)
+    try:
+        with _AttemptsPool(
+            dsn, min_size=3, max_size=3, timeout=10, kwargs=KWARGS, monitor=monitor
+        ) as pool:
+            pool.wait()
+            _blocking(cluster.failover)
+
+            def holding() -> bool:  # attempts held, none under way (one from before the
+                # monitor's purge would not be gated)
+                made = pool.get_stats().get("connections_num", 0)
+                return len(pool._pgf_parked) >= 2 and made == len(pool.attempts)
+
+            _wait_for(holding)
+            since = time.monotonic()  # single flight from here
+            _blocking(cluster.repoint_pgbouncer, cluster.primary)
+            _wait_for(lambda: pool.get_stats().get("pool_available", 0) >= 3)
+            attempts = sorted(a for a in pool.attempts if a[0] >= since)
+        for before, after in itertools.pairwise(attempts):
+            assert after[0] >= before[1], attempts  # never two at once
+        assert sum(1 for a in attempts if a[2]) >= 3, attempts  # refilled by new connections
+    finally:
         monitor.close()
 
 

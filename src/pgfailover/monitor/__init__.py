@@ -21,8 +21,8 @@ connection:
   watch's look then the pool's would make two in a row; when no pool waits, and after
   nine granted attempts failed in a row, the watch looks itself;
 - when a writable primary is back it wakes the pools, spread over up to 0.25 s so that a
-  hundred pools do not stampede PgBouncer or the server; each pool sends one held
-  attempt first and the others once it has connected.
+  hundred pools do not stampede PgBouncer or the server; each pool sends its held
+  attempts one at a time, each once the previous one has connected.
 
 A pool whose own request meets a failure first makes the watch look at once. A pool the
 monitor cannot watch (a callable conninfo, ``topology=``) keeps its own single-flight prober.
