@@ -460,13 +460,11 @@ class _Watch:
             if ok is not None:
                 self._act(self.state.granted(ok, time.monotonic(), time.time()))
                 return
-        found = await self._check()
-        if found is None:  # a slow answer from a writable endpoint: look again at once
-            limit = self.monitor.probe_timeout
-            found_slow = f"down: no answer to the role query within {limit:.3g} s"
-            self._act(self.state.observe_slow(found_slow, time.monotonic(), time.time()))
+        status, found = await self._check()
+        if status is None:  # no answer in time: a loss, or only a busy pooler or server
+            self._act(self.state.observe_slow(found, time.monotonic(), time.time()))
             return
-        self._record(*found)
+        self._record(status, found)
 
     async def _grant(self, members: list[Any]) -> bool | None:
         """Let one waiting member's connection attempt go as this look: whether it
@@ -523,9 +521,10 @@ class _Watch:
             logger.warning("pgfailover monitor: %s: writable primary again", self.endpoint)
         self.monitor._act(self.endpoint, change, self.state)
 
-    async def _check(self) -> tuple[Status, str] | None:
-        """What one look of the watch's own found; None when a role query got no answer
-        in time (see :meth:`EndpointWatch.observe_slow`)."""
+    async def _check(self) -> tuple[Status | None, str]:
+        """What one look of the watch's own found, and the finding; no status (None) when
+        the connection or the role query got no answer in time (see
+        :meth:`EndpointWatch.observe_slow`)."""
         phase = Phase.CONNECT
         try:
             if self.conn is None or self.conn.closed:
@@ -541,14 +540,19 @@ class _Watch:
             )
         except (asyncio.TimeoutError, TimeoutError):
             await self._close()
-            if phase is not Phase.CONNECT:
-                return None
-            limit = self.monitor.connect_timeout
-            return Status.DOWN, f"down: no answer to the connection within {limit:.3g} s"
+            what = "connection" if phase is Phase.CONNECT else "role query"
+            limit = (
+                self.monitor.connect_timeout
+                if phase is Phase.CONNECT
+                else self.monitor.probe_timeout
+            )
+            return None, f"down: no answer to the {what} within {limit:.3g} s"
         except psycopg.Error as ex:
             await self._close()
             verdict = classify(ex, phase=phase)
             message = scrub(verdict.message, self._secrets)
+            if isinstance(ex, psycopg.errors.ConnectionTimeout):  # libpq's connect_timeout
+                return None, f"down: {message}"
             if verdict.kind is Kind.CONFIGURATION:
                 return Status.MISCONFIGURED, f"auth or configuration failure: {message}"
             return Status.DOWN, f"down: {message}"

@@ -33,10 +33,10 @@ MAX_SPREAD = 0.25
 #: Spread per pool beyond the first (seconds): 2 pools 5 ms apart, 51 pools or more over
 #: :data:`MAX_SPREAD`.
 SPREAD_STEP = 0.005
-#: Role queries in a row without an answer in time before a writable endpoint counts as
-#: lost: the first ones only make the watch look again at once, on a new connection (a busy
-#: pooler or server answering slowly is not a failover; a purge would send every pool
-#: reconnecting into the same congestion).
+#: Looks in a row without an answer in time (to the connection or the role query) before a
+#: writable endpoint counts as lost: the first ones only make the watch look again at once,
+#: on a new connection (a busy pooler or server answering slowly is not a failover; a purge
+#: would send every pool reconnecting into the same congestion).
 SLOW_LOOKS = 2
 #: During an outage, looks made by granting a waiting pool's connection attempt before one
 #: look of the watch's own (see :meth:`EndpointWatch.next_look`): the own look keeps the
@@ -167,7 +167,7 @@ class EndpointWatch:
         self.connects = 0
         #: looks made by granting a pool's connection attempt (counted in ``checks`` too)
         self.grants = 0
-        #: role queries in a row unanswered in time while the endpoint was writable
+        #: looks in a row unanswered in time while the endpoint was writable
         self.slow = 0
         #: granted attempts in a row that did not reach a writable primary
         self.grants_in_row = 0
@@ -205,10 +205,11 @@ class EndpointWatch:
         return None
 
     def observe_slow(self, finding: str, now: float, wall: float) -> Change | None:
-        """The role query got no answer in time (``finding`` says so). While the endpoint
-        is writable, the first :data:`SLOW_LOOKS` - 1 such looks in a row change nothing
-        but make the watch look again at once (None); the next one, or any while it is
-        not writable, counts as DOWN (see :meth:`observe`)."""
+        """The look got no answer in time, to its connection or its role query
+        (``finding`` says so): a lost (frozen, unreachable) server, or a busy pooler or
+        server. While the endpoint is writable, the first :data:`SLOW_LOOKS` - 1 such looks
+        in a row change nothing but make the watch look again at once (None); the next
+        one, or any while it is not writable, counts as DOWN (see :meth:`observe`)."""
         if self.status is Status.WRITABLE and self.slow + 1 < SLOW_LOOKS:
             self.slow += 1
             self.checks += 1
