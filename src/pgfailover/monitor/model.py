@@ -19,11 +19,14 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..policy import RECONNECT_POLICY
+
 #: Seconds between two role checks of a healthy endpoint (each with jitter, see JITTER).
 INTERVAL = 1.0
-#: Seconds between two looks at an endpoint while no writable primary is found there: each
-#: is one query on the watch connection, or one connection attempt when that is lost. As
-#: often as one pool's single-flight prober (:data:`pgfailover._state.MIN_PROBE_INTERVAL`).
+#: Seconds between two looks at an endpoint while no writable primary is found there, at
+#: the least: after a look that made a connection attempt the wait follows the pools' own
+#: reconnection schedule at its longest (see :meth:`EndpointWatch.look_delay`). As often
+#: as one pool's single-flight prober at most (:data:`pgfailover._state.MIN_PROBE_INTERVAL`).
 OUTAGE_INTERVAL = 0.05
 #: Relative jitter of the healthy interval (+/-), so that processes started together do not
 #: query together.
@@ -171,6 +174,8 @@ class EndpointWatch:
         self.slow = 0
         #: granted attempts in a row that did not reach a writable primary
         self.grants_in_row = 0
+        #: looks that logged in (a connection attempt) during the current outage
+        self.outage_logins = 0
         #: whether the last observation changed the status or the finding
         self.news = False
 
@@ -200,6 +205,7 @@ class EndpointWatch:
             return None
         if self.outage_since is None:
             self.outage_since = now
+            self.outage_logins = 0
         if previous in (Status.WRITABLE, Status.UNKNOWN):
             return Change.LOST
         return None
@@ -252,15 +258,20 @@ class EndpointWatch:
         """Seconds to wait after a look that began at ``started`` (``time.monotonic()``),
         ``now`` being its end; ``login``: the look made a connection attempt (the watch's
         own, or a granted pool's). During an outage, a look without a login (a query on a
-        kept session) is followed by the next one period after its start; one with a login
-        a period after its end, so that the endpoint never sees more connection attempts
-        per second than one pool's single-flight prober makes on its own (which waits at
-        least as long after each failed attempt). Outside an outage: :meth:`next_delay`,
-        from the end."""
+        kept session) is followed by the next one the outage interval after its start.
+        After the n-th look with a login in an outage, the wait runs from its end and is
+        the longest a pool on its own waits before its n-th reconnection attempt
+        (:data:`~pgfailover.policy.RECONNECT_POLICY`'s cap: 50 ms growing x1.5 to 200 ms;
+        its own waits are drawn below it), and at least the outage interval: the endpoint
+        never sees the monitor's attempts come sooner than one pool's single-flight
+        prober's would. Outside an outage: :meth:`next_delay`, from the end."""
         delay = self.next_delay(rng)
-        if delay > 0 and not login and self.status in (Status.READ_ONLY, Status.DOWN):
+        if delay <= 0 or self.status not in (Status.READ_ONLY, Status.DOWN):
+            return delay
+        if not login:
             return max(0.0, delay - max(0.0, now - started))
-        return delay
+        self.outage_logins += 1
+        return max(delay, RECONNECT_POLICY.cap(self.outage_logins))
 
     def suspect(self) -> None:
         """A pool met a failover error there: look again now, whatever the schedule."""
