@@ -63,7 +63,7 @@ from psycopg_pool.pool import AddConnection, MaintenanceTask
 from . import _pool_common, _registry
 from ._pool_common import FastAttempt, endpoint
 from ._state import FailoverState, finding
-from .classify import Kind, Phase, classify
+from .classify import Kind, Phase, classify, read_only_hosts
 from .connection import Connection, _FailoverAware
 from .errors import NotWritable
 from .events import PoolEvent, _emit
@@ -265,7 +265,10 @@ class ConnectionPool(_BasePool[CT]):
                 self._pgf_invalidate()
         else:
             conninfo = self._resolve_conninfo()
-        self._pgf.connect_failed(_pool_common.conninfo_endpoint(conninfo), verdict, monotonic())
+        standbys = read_only_hosts(str(ex)) if verdict.kind is Kind.READ_ONLY else None
+        self._pgf.connect_failed(
+            _pool_common.conninfo_endpoint(conninfo), verdict, monotonic(), standbys or ()
+        )
         if verdict.kind is Kind.CONFIGURATION:
             self._pgf.fatal = ex
             with self._lock:

@@ -61,7 +61,7 @@ from psycopg_pool.pool_async import AddConnection, MaintenanceTask
 from . import _pool_common, _registry
 from ._pool_common import FastAttempt, endpoint
 from ._state import FailoverState, finding
-from .classify import Kind, Phase, classify
+from .classify import Kind, Phase, classify, read_only_hosts
 from .connection import AsyncConnection, _FailoverAware
 from .errors import NotWritable
 from .events import PoolEvent, _emit
@@ -276,7 +276,10 @@ class AsyncConnectionPool(_BasePool[CT]):
                 self._pgf_invalidate()
         else:
             conninfo = await self._resolve_conninfo()
-        self._pgf.connect_failed(_pool_common.conninfo_endpoint(conninfo), verdict, monotonic())
+        standbys = read_only_hosts(str(ex)) if verdict.kind is Kind.READ_ONLY else None
+        self._pgf.connect_failed(
+            _pool_common.conninfo_endpoint(conninfo), verdict, monotonic(), standbys or ()
+        )
         if verdict.kind is Kind.CONFIGURATION:
             self._pgf.fatal = ex
             async with self._lock:

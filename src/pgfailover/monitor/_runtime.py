@@ -33,7 +33,7 @@ from psycopg.generators import notifies
 
 from .._secrets import scrub, secret_candidates
 from .._state import FailoverState, finding
-from ..classify import Kind, Phase, classify
+from ..classify import Kind, Phase, classify, read_only_hosts
 from ..probe import _probe_gen
 from .model import (
     INTERVAL,
@@ -44,6 +44,7 @@ from .model import (
     Health,
     Status,
     spread,
+    standbys_finding,
 )
 
 logger = logging.getLogger("pgfailover.monitor")
@@ -475,6 +476,8 @@ class _Watch:
             message = scrub(verdict.message, self._secrets)
             if verdict.kind is Kind.CONFIGURATION:
                 return Status.MISCONFIGURED, f"auth or configuration failure: {message}"
+            if (standbys := read_only_hosts(str(ex))) is not None:
+                return Status.READ_ONLY, standbys_finding(standbys)
             return Status.DOWN, f"down: {message}"
         if report.writable:
             return Status.WRITABLE, "primary"
