@@ -71,9 +71,10 @@ _ROUTING = frozenset({"host", "hostaddr", "port"})
 @dataclass(frozen=True, slots=True)
 class TopologyTarget(WatchTarget):
     """How the monitor follows the leader of ``topology`` for a pool: ``conninfo`` and
-    ``kwargs`` are the pool's (without host and port: the leader's are used), ``home`` the
-    event loop an async source lives on (the pool's; None for a sync source). The repr
-    shows the source's description only."""
+    ``kwargs`` are the pool's (without host and port: the leader's are used; the watch of a
+    source shared by several pools uses the first pool's), ``home`` the event loop an async
+    source lives on (the pool's; None for a sync source). The repr shows the source's
+    description only."""
 
     topology: AsyncTopologySource | TopologySource | None = field(default=None, repr=False)
     home: asyncio.AbstractEventLoop | None = field(default=None, repr=False, compare=False)
