@@ -34,9 +34,8 @@ pgfailover's connection classes and:
   (:mod:`pgfailover.monitor`): one watch connection per endpoint (with ``topology=``, one
   per topology source object, following its leader) purges the pool's stale connections
   when the endpoint stops being writable (or the leader changes), before a request meets
-  them; during
-  the outage the pool makes no connection attempt of its own (the monitor is the one
-  prober of the process) and the monitor wakes it when a writable primary is back;
+  them; during the outage the pool makes no connection attempt of its own (the monitor is
+  the one prober of the process) and the monitor wakes it when a writable primary is back;
 - count what happened in ``get_stats()``.
 
 Decisions live in :class:`~pgfailover._state.FailoverState` (no I/O); the pool class is a
