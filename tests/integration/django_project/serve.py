@@ -21,6 +21,10 @@
 - ``{"op": "wrapper", "db": alias}``: the error (type, message) of connecting the alias;
 - ``{"op": "topology_refresh", "db": alias}``: refresh the alias's topology source (as
   any user sharing it may), answer the leader's ``host:port``;
+- ``{"op": "health", "db": alias}`` (optional ``by``: ``"name"``, the default, or
+  ``"connection"``): ``pgfailover.health()`` of the alias, the alias's failover counters and
+  whether the process monitor has its member; for a target it refuses, the error's type
+  and message;
 - ``{"op": "testcase"}``: Django's own test runner on ``shop.tests``;
 - ``{"op": "exit"}``.
 """
@@ -201,6 +205,21 @@ def handle(  # noqa: PLR0911, PLR0912 - one branch per op
         topology = connections[db].pgf_topology.refresh()
         leader = topology.write_target
         return {"leader": leader.address if leader is not None else None}
+    if op == "health":  # what a readiness probe of the alias answers, and its counters
+        target: Any = connections[db] if message.get("by") == "connection" else db
+        try:
+            found = pgfailover.health(target)
+        except TypeError as ex:
+            return {"error": type(ex).__name__, "message": str(ex)}
+        from pgfailover.django import _monitor  # noqa: PLC0415 - after django.setup()
+
+        wrapper = connections[db]
+        stats = wrapper.pgf_state.stats() if hasattr(wrapper, "pgf_state") else {}
+        return {
+            "health": found.as_dict(),
+            "stats": stats,
+            "member": db in _monitor.aliases(),
+        }
     if op == "testcase":
         return testcase()
     raise ValueError(f"unknown op {op!r}")
