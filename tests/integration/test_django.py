@@ -591,8 +591,13 @@ def test_monitor_purges_idle_persistent_connections_before_the_next_request(
         _poll(lambda a=alias: not _health(p, a)["health"]["writable"], f"{alias} outage seen")
     during = {alias: _health(p, alias) for alias in ours}
     cluster.repoint_pgbouncer(cluster.primary)
-    for alias in watched:
-        _poll(lambda a=alias: _health(p, a)["health"]["writable"], f"{alias} primary back")
+    for alias in watched:  # the monitor ends the alias's outage just after its own answer
+
+        def back(alias: str = alias) -> bool:
+            seen = _health(p, alias)
+            return bool(seen["health"]["writable"]) and not seen["outage"]
+
+        _poll(back, f"{alias} primary back")
     after = {alias: [p.request("/write/", alias) for _ in range(2)] for alias in ours}
     print({alias: [r["status"] for r in results] for alias, results in after.items()})
     for alias in watched:

@@ -22,9 +22,9 @@
 - ``{"op": "topology_refresh", "db": alias}``: refresh the alias's topology source (as
   any user sharing it may), answer the leader's ``host:port``;
 - ``{"op": "health", "db": alias}`` (optional ``by``: ``"name"``, the default, or
-  ``"connection"``): ``pgfailover.health()`` of the alias, the alias's failover counters and
-  whether the process monitor has its member; for a target it refuses, the error's type
-  and message;
+  ``"connection"``): ``pgfailover.health()`` of the alias, the alias's failover counters,
+  whether it knows of an outage and whether the process monitor has its member; for a
+  target it refuses, the error's type and message;
 - ``{"op": "testcase"}``: Django's own test runner on ``shop.tests``;
 - ``{"op": "exit"}``.
 """
@@ -213,11 +213,11 @@ def handle(  # noqa: PLR0911, PLR0912 - one branch per op
             return {"error": type(ex).__name__, "message": str(ex)}
         from pgfailover.django import _monitor  # noqa: PLC0415 - after django.setup()
 
-        wrapper = connections[db]
-        stats = wrapper.pgf_state.stats() if hasattr(wrapper, "pgf_state") else {}
+        failover = connections[db].pgf_state
         return {
             "health": found.as_dict(),
-            "stats": stats,
+            "stats": failover.stats(),
+            "outage": failover.outage_since is not None,
             "member": db in _monitor.aliases(),
         }
     if op == "testcase":
