@@ -45,7 +45,8 @@ class AliasMember:
         self.alias = alias
         self._state = state
         self._target = target
-        #: The monitor the alias is registered with, None when it is not (refused, left).
+        #: The monitor that watches the alias's endpoint, None when none does (no target,
+        #: a closed monitor, left).
         self._pgf_monitor: Monitor | None = None
         #: The monitor the alias was asked to join (kept when it refused: a closed Monitor).
         self.wanted: Monitor | None = None
@@ -107,7 +108,7 @@ def join(
         member = _members[alias] = AliasMember(alias, state, target)
         member.wanted = wanted
         try:
-            wanted.register(member)
+            watched = wanted.register(member)
         except RuntimeError:  # a Monitor of the settings', closed since
             logger.warning(
                 "pgfailover: the monitor given to DATABASES[%r] is closed: the alias "
@@ -115,7 +116,8 @@ def join(
                 alias,
             )
             return member
-        member._pgf_monitor = wanted
+        if watched:  # else no target (a topology): known to the monitor, not watched
+            member._pgf_monitor = wanted
         return member
 
 
@@ -131,9 +133,9 @@ def leave(alias: str) -> None:
 
 def _leave(member: AliasMember) -> None:
     _members.pop(member.alias, None)
-    monitor, member._pgf_monitor = member._pgf_monitor, None
-    if monitor is not None:
-        monitor.unregister(member)
+    member._pgf_monitor = None
+    if member.wanted is not None:
+        member.wanted.unregister(member)  # a member it does not know is ignored
 
 
 def _endpoint(target: WatchTarget | None) -> object:
