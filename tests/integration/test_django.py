@@ -552,7 +552,8 @@ def test_monitor_purges_idle_persistent_connections_before_the_next_request(
     generation, so once it has seen the primary back the first write request succeeds on
     its first attempt, on a new connection, with no failover error met and no probe, with
     CONN_HEALTH_CHECKS and without; pgfailover.health() of the alias (by name or
-    connection) is the monitor's answer: not writable during the outage, writable after.
+    connection), and the readiness app's with no target, is the monitor's answer: not
+    writable during the outage, writable after.
     With OPTIONS {"monitor": False} today's behaviour stays: the alias is not watched
     (health() says writable through the outage: nothing of its own failed) and, without
     health checks, its first request after the repoint fails on the dead connection and
@@ -590,6 +591,7 @@ def test_monitor_purges_idle_persistent_connections_before_the_next_request(
     for alias in watched:
         _poll(lambda a=alias: not _health(p, a)["health"]["writable"], f"{alias} outage seen")
     during = {alias: _health(p, alias) for alias in ours}
+    probe_during = p.ask("ready")
     cluster.repoint_pgbouncer(cluster.primary)
     for alias in watched:  # the monitor ends the alias's outage just after its own answer
 
@@ -598,6 +600,7 @@ def test_monitor_purges_idle_persistent_connections_before_the_next_request(
             return bool(seen["health"]["writable"]) and not seen["outage"]
 
         _poll(back, f"{alias} primary back")
+    probe_after = p.ask("ready")
     after = {alias: [p.request("/write/", alias) for _ in range(2)] for alias in ours}
     print({alias: [r["status"] for r in results] for alias, results in after.items()})
     for alias in watched:
@@ -612,6 +615,10 @@ def test_monitor_purges_idle_persistent_connections_before_the_next_request(
         assert stats["connections_rejected"] == 0, (alias, stats)  # nor the standby
         assert stats["probes_run"] == 0, (alias, stats)  # closed without a round trip
         assert p.request("/pid/", alias)["body"]["pid"] != pids[alias]
+    # the readiness app with no target checks the aliases the monitor watches
+    assert probe_during["status"] == 503, probe_during
+    assert len(probe_during["body"]["targets"]) == len(watched), probe_during
+    assert probe_after["status"] == 200, probe_after
     assert during["alone"]["health"]["writable"] is True, during["alone"]
     assert during["alone"]["stats"]["generations_purged"] == 0, during["alone"]
     first, second = after["alone"]

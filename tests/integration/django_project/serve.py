@@ -25,6 +25,8 @@
   ``"connection"``): ``pgfailover.health()`` of the alias, the alias's failover counters,
   whether it knows of an outage and whether the process monitor has its member; for a
   target it refuses, the error's type and message;
+- ``{"op": "ready"}``: one GET of ``pgfailover.readiness.wsgi_app()`` with no target (every
+  pool, engine and monitored alias of the process): the status code and the JSON body;
 - ``{"op": "testcase"}``: Django's own test runner on ``shop.tests``;
 - ``{"op": "exit"}``.
 """
@@ -50,6 +52,7 @@ from django.test import Client  # type: ignore[import-untyped]  # noqa: E402
 
 import pgfailover  # noqa: E402
 from pgfailover.events import RetryEvent  # noqa: E402
+from pgfailover.readiness import wsgi_app  # noqa: E402
 from pgfailover.testing.trace import round_trips  # noqa: E402
 
 _retries: list[RetryEvent] = []
@@ -140,6 +143,17 @@ def trace(client: Client, path: str, db: str, n: int) -> int:
         return round_trips(f.read())
 
 
+def ready() -> dict[str, Any]:
+    """One GET of the WSGI readiness app with no target (it finds them at each request)."""
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        statuses.append(status)
+
+    body = b"".join(wsgi_app()({"REQUEST_METHOD": "GET"}, start_response))
+    return {"status": int(statuses[0].split()[0]), "body": json.loads(body)}
+
+
 def testcase() -> dict[str, Any]:
     """Django's test runner on the project's TestCase (it creates and drops its database)."""
     from django.test.runner import (  # type: ignore[import-untyped]  # noqa: PLC0415
@@ -220,6 +234,8 @@ def handle(  # noqa: PLR0911, PLR0912 - one branch per op
             "outage": failover.outage_since is not None,
             "member": db in _monitor.aliases(),
         }
+    if op == "ready":  # a readiness probe of the whole process
+        return ready()
     if op == "testcase":
         return testcase()
     raise ValueError(f"unknown op {op!r}")
