@@ -87,7 +87,7 @@ def health(target: object) -> Health:
       (just after the pool opened) it is not writable (``role="unknown"``, for a few
       milliseconds).
     - A pool or an instrumented engine the monitor does not watch (``monitor=False``, a
-      callable conninfo, ``topology=``) is answered from its own failover state
+      callable conninfo) is answered from its own failover state
       (``monitored=False``): not writable while an outage its requests or connection
       attempts met is not over (``since`` = when it was noticed, ``role`` ``down``,
       ``read-only`` or ``unknown`` from what each host was found to be) or after an

@@ -128,7 +128,7 @@ def test_ctrl_c_during_a_drill_tears_everything_down(tmp_path: Path) -> None:
             break
     assert match is not None, "no progress line before the deadline"
     os.kill(proc.pid, signal.SIGINT)
-    assert proc.wait(60) == 130
+    assert proc.wait(180) == 130  # the teardown's bounds; more than 60 s on a loaded machine
     assert "interrupted" in proc.stderr.read()
     assert _processes_under(root) == []
     assert not Path(root).exists()
