@@ -98,11 +98,10 @@ def health(target: object) -> Health:
       engine connects only for a request.
     - A pool that is closed or not open yet is not writable (``role="closed"``, the
       reason says which).
-    - A Django alias is answered as its pool when it has one (``OPTIONS {"pool": ...}``),
-      otherwise as a pool with no pool of its own: from the monitor when ``OPTIONS
-      ["monitor"]`` is not False (the alias joins the monitor here if no connection has
-      yet: no I/O in this call), else from the alias's failover state, shared by its
-      threads.
+    - A Django alias is answered as its pool when it has one (``OPTIONS {"pool": ...}``);
+      otherwise from the monitor when ``OPTIONS["monitor"]`` is not False (the alias joins
+      it here if it has not connected yet: no I/O in this call), else from the alias's
+      failover state, shared by its threads, as for an unwatched pool.
 
     Times are ``time.time()`` values. No field ever holds a password.
     """

@@ -458,8 +458,9 @@ def test_topology_through_options_follows_the_leader(
     costs no more round trips than without a topology, and across a failover the first or
     second write request after it succeeds and every one after, on the new primary (the
     failover verdict invalidated the topology, the next connection refreshed it); with
-    Django's pool too (Django 5.1+). A bad spec raises ImproperlyConfigured naming the
-    alias."""
+    Django's pool too (Django 5.1+). The process monitor watches the alias through its
+    topology: pgfailover.health() of it is the monitor's answer. A bad spec raises
+    ImproperlyConfigured naming the alias."""
     c = pgfailover_cluster
     standby = next(n for n in c.nodes if n is not c.primary)
     nodes = [standby, c.primary]  # the leader last: libpq's order would pick the standby
@@ -504,6 +505,11 @@ def test_topology_through_options_follows_the_leader(
         assert first_ok <= 1, (alias, results)
         assert all(r["status"] == 200 for r in results[first_ok:]), (alias, results)
         assert {r["body"]["port"] for r in results[first_ok:]} == {c.primary.port}, results
+    # the process monitor follows the alias's topology (one watch per source object)
+    _poll(lambda: _health(p, "default")["health"]["writable"], "the new leader watched")
+    watched = _health(p, "default")
+    assert watched["member"] is True, watched
+    assert watched["health"]["monitored"] is True, watched
 
 
 def test_topology_naming_another_leader_ends_connections_to_the_former_one(

@@ -76,7 +76,7 @@ def test_an_alias_joins_once_follows_its_endpoint_and_leaves(
 ) -> None:
     """join() registers an alias once (its threads share the member), registers it again
     when its connection parameters name another endpoint (the old watch ends), and takes
-    it off with monitor False or leave(); an alias with no target (a topology) is known
+    it off with monitor False or leave(); an alias with no target is known
     but not watched, and joins only once too; a closed Monitor is logged once and the alias
     stays on its own."""
     monitor = Monitor(interval=0.2)

@@ -37,9 +37,9 @@ _lock = threading.Lock()  # joining and leaving (never held by the monitor's cal
 class AliasMember:
     """The monitor's member for one database alias (a :class:`pgfailover.monitor.Member`).
 
-    ``target`` is where the watch connects (None: the monitor cannot watch the alias, e.g.
-    with ``OPTIONS {"topology": ...}``: the alias is then only known to the monitor). The
-    repr names the alias and the endpoint, never a password."""
+    ``target`` is where the watch connects (a ``TopologyTarget`` with ``OPTIONS
+    {"topology": ...}``; None: the monitor cannot watch the alias, which is then only known
+    to it). The repr names the alias and the endpoint, never a password."""
 
     def __init__(self, alias: str, state: FailoverState, target: WatchTarget | None) -> None:
         self.alias = alias
@@ -116,7 +116,7 @@ def join(
                 alias,
             )
             return member
-        if watched:  # else no target (a topology): known to the monitor, not watched
+        if watched:  # else no target: known to the monitor, not watched
             member._pgf_monitor = wanted
         return member
 

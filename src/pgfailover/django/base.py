@@ -80,7 +80,7 @@ from ..classify import Phase, classify
 from ..connection import Connection
 from ..errors import NotWritable
 from ..events import _emit
-from ..monitor import Monitor, WatchTarget
+from ..monitor import Monitor, TopologyTarget, WatchTarget
 from ..probe import probe
 from ..topology import Topology, TopologyError, TopologySource
 from ..topology.model import ROUTING_KEYS, former_leader, leader_moved
@@ -314,10 +314,12 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
 
     def _pgf_watch_target(self, conn_params: dict[str, Any]) -> WatchTarget | None:
         """Where the monitor's watch connects: the alias's own connection parameters (the
-        watch leaves out what shapes cursors and adaptation). None with a topology: the
-        topology source is the alias's watch."""
-        if self.pgf_topology is not None:
-            return None
+        watch leaves out what shapes cursors and adaptation); with a topology, the leader
+        it names, followed by one watch per source object (a sync source: the monitor
+        refreshes it in a thread of its own, sharing its cache with the alias's threads)."""
+        topology = self.pgf_topology
+        if topology is not None:
+            return TopologyTarget.of(topology, base_conninfo(conn_params), conn_params, None)
         return _pool_common.watch_target("", conn_params)
 
     def _pgf_leader_params(
