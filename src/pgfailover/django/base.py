@@ -33,17 +33,17 @@ and changes only what a failover needs (psycopg 3 only):
   invalidates the topology so that the next connection refreshes it, and a persistent
   connection opened before the topology named another leader is closed at the end of its
   request, or refused by its next health check (no round trip: the topology is cached).
-  With the pool, the pool gets the topology (``pgfailover.ConnectionPool(topology=)``).
-
+  With the pool, the pool gets the topology (``pgfailover.ConnectionPool(topology=)``);
 - with ``OPTIONS {"monitor": True}`` (the default) the alias joins the process monitor
   (:mod:`pgfailover.monitor`, see :mod:`pgfailover.django._monitor`) at its first
-  connection: one watch connection per endpoint in the process, whatever the number of
-  threads and aliases. When it finds no writable primary there, it purges the alias's
-  generation (no I/O, from its thread), and each thread's persistent connection opened
-  before is then closed by its own thread at the next request start or end
-  (``close_if_unusable_or_obsolete``) or health check, without a round trip: an idle
-  connection never meets the failover, the next request connects anew. With the pool, the
-  pool registers itself (``monitor`` is passed on to it).
+  connection: one watch connection per endpoint (with a topology, per source object,
+  following its leader) in the process, whatever the number of threads and aliases.
+  When it finds no writable primary there, it purges the alias's generation (no I/O,
+  from its thread), and each thread's persistent connection opened before is then closed
+  by its own thread at the next request start or end (``close_if_unusable_or_obsolete``)
+  or health check, without a round trip: an idle connection never meets the failover,
+  the next request connects anew. With the pool, the pool registers itself (``monitor``
+  is passed on to it).
 
 Extra ``OPTIONS`` (taken out before psycopg sees the others): ``pooler`` (True: a
 multiplexing pooler such as PgBouncer is in front, so the role is always asked with a
