@@ -384,9 +384,10 @@ def test_caught_failover_error_still_ends_the_connection_with_the_request(
 def test_bad_settings_and_nested_atomic_fail_typed(
     pgfailover_cluster: LocalCluster, project: list[Project]
 ) -> None:
-    """Bad pgfailover OPTIONS raise ImproperlyConfigured naming the alias (never the
-    password); AtomicRunner inside an outer atomic block raises NestedAtomicError before
-    running anything; unknown policy options raise TypeError at construction."""
+    """Bad pgfailover OPTIONS (recheck_interval, pooler, monitor) raise
+    ImproperlyConfigured naming the alias and the option (never the password); AtomicRunner
+    inside an outer atomic block raises NestedAtomicError before running anything; unknown
+    policy options raise TypeError at construction."""
     node = pgfailover_cluster.primary
     c = pgfailover_cluster
     dbs = {
@@ -397,11 +398,15 @@ def test_bad_settings_and_nested_atomic_fail_typed(
         "bad_pooler": database(
             PGF, host=node.host, port=node.port, cluster=c, options={"pooler": "yes"}
         ),
+        "bad_monitor": database(
+            PGF, host=node.host, port=node.port, cluster=c, options={"monitor": "yes"}
+        ),
     }
     p = Project(dbs)
     project.append(p)
     p.ask("migrate", db="default")
-    for alias, word in (("bad", "recheck_interval"), ("bad_pooler", "pooler")):
+    bad = (("bad", "recheck_interval"), ("bad_pooler", "pooler"), ("bad_monitor", "monitor"))
+    for alias, word in bad:
         answer = p.ask("wrapper", db=alias)
         assert answer["error"] == "ImproperlyConfigured", answer
         assert alias in answer["message"]
@@ -453,8 +458,9 @@ def test_topology_through_options_follows_the_leader(
     costs no more round trips than without a topology, and across a failover the first or
     second write request after it succeeds and every one after, on the new primary (the
     failover verdict invalidated the topology, the next connection refreshed it); with
-    Django's pool too (Django 5.1+). A bad spec raises ImproperlyConfigured naming the
-    alias."""
+    Django's pool too (Django 5.1+). The process monitor watches the alias through its
+    topology: pgfailover.health() of it is the monitor's answer. A bad spec raises
+    ImproperlyConfigured naming the alias."""
     c = pgfailover_cluster
     standby = next(n for n in c.nodes if n is not c.primary)
     nodes = [standby, c.primary]  # the leader last: libpq's order would pick the standby
@@ -499,6 +505,11 @@ def test_topology_through_options_follows_the_leader(
         assert first_ok <= 1, (alias, results)
         assert all(r["status"] == 200 for r in results[first_ok:]), (alias, results)
         assert {r["body"]["port"] for r in results[first_ok:]} == {c.primary.port}, results
+    # the process monitor follows the alias's topology (one watch per source object)
+    _poll(lambda: _health(p, "default")["health"]["writable"], "the new leader watched")
+    watched = _health(p, "default")
+    assert watched["member"] is True, watched
+    assert watched["health"]["monitored"] is True, watched
 
 
 def test_topology_naming_another_leader_ends_connections_to_the_former_one(
@@ -524,3 +535,99 @@ def test_topology_naming_another_leader_ends_connections_to_the_former_one(
     served = p.request("/server/", "default")
     assert served["status"] == 200, served
     assert served["body"]["port"] == new.port
+
+
+def _health(p: Project, alias: str, by: str = "name") -> dict[str, Any]:
+    """``pgfailover.health()`` of ``alias`` in the project, its counters, its membership."""
+    return p.ask("health", db=alias, by=by)
+
+
+def _poll(check: Any, what: str, timeout: float = 30.0) -> None:
+    """Poll ``check`` until true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_monitor_purges_idle_persistent_connections_before_the_next_request(
+    session_mode_cluster: LocalCluster, project: list[Project]
+) -> None:
+    """Through PgBouncer in session mode with CONN_MAX_AGE, no request in flight during a
+    failover and the repoint: the process monitor (on by default) purges the alias's
+    generation, so once it has seen the primary back the first write request succeeds on
+    its first attempt, on a new connection, with no failover error met and no probe, with
+    CONN_HEALTH_CHECKS and without; pgfailover.health() of the alias (by name or
+    connection), and the readiness app's with no target, is the monitor's answer: not
+    writable during the outage, writable after.
+    With OPTIONS {"monitor": False} today's behaviour stays: the alias is not watched
+    (health() says writable through the outage: nothing of its own failed) and, without
+    health checks, its first request after the repoint fails on the dead connection and
+    the next one succeeds. health() refuses an alias of another ENGINE and a string that
+    is no alias (without showing it) with a TypeError."""
+    cluster = session_mode_cluster
+    pgb = cluster.pgbouncer
+    assert pgb is not None
+    at: dict[str, Any] = {"host": pgb.host, "port": pgb.port, "cluster": cluster}
+    dbs = {
+        "default": database(PGF, **at),
+        "plain": database(PGF, health_checks=False, **at),
+        "alone": database(PGF, health_checks=False, options={"monitor": False}, **at),
+        "stock": database(STOCK, **at),
+    }
+    p = Project(dbs)
+    project.append(p)
+    p.ask("migrate", db="default")
+    ours = ("default", "plain", "alone")
+    pids = {alias: p.request("/pid/", alias)["body"]["pid"] for alias in ours}
+    watched = ("default", "plain")
+    for alias in watched:
+        _poll(lambda a=alias: _health(p, a)["health"]["writable"], f"{alias} watched")
+    assert _health(p, "default", by="connection")["health"]["monitored"] is True
+    alone = _health(p, "alone")
+    assert alone["member"] is False
+    assert alone["health"]["monitored"] is False
+    refused = {target: _health(p, target) for target in ("stock", "host=x password=hunter2")}
+    assert refused["stock"]["error"] == "TypeError", refused
+    assert "'stock'" in refused["stock"]["message"], refused
+    assert refused["host=x password=hunter2"]["error"] == "TypeError", refused
+    assert "hunter2" not in refused["host=x password=hunter2"]["message"], refused
+
+    cluster.failover()
+    for alias in watched:
+        _poll(lambda a=alias: not _health(p, a)["health"]["writable"], f"{alias} outage seen")
+    during = {alias: _health(p, alias) for alias in ours}
+    probe_during = p.ask("ready")
+    cluster.repoint_pgbouncer(cluster.primary)
+    for alias in watched:  # the monitor ends the alias's outage just after its own answer
+
+        def back(alias: str = alias) -> bool:
+            seen = _health(p, alias)
+            return bool(seen["health"]["writable"]) and not seen["outage"]
+
+        _poll(back, f"{alias} primary back")
+    probe_after = p.ask("ready")
+    after = {alias: [p.request("/write/", alias) for _ in range(2)] for alias in ours}
+    print({alias: [r["status"] for r in results] for alias, results in after.items()})
+    for alias in watched:
+        seen = during[alias]
+        assert seen["member"] is True
+        assert seen["health"]["monitored"] is True
+        assert seen["health"]["role"] in ("read-only", "down"), seen
+        assert seen["stats"]["generations_purged"] == 1, seen  # by the monitor, once
+        assert [r["status"] for r in after[alias]] == [200, 200], (alias, after[alias])
+        stats = _health(p, alias)["stats"]
+        assert stats["connections_poisoned"] == 0, (alias, stats)  # no request met it
+        assert stats["connections_rejected"] == 0, (alias, stats)  # nor the standby
+        assert stats["probes_run"] == 0, (alias, stats)  # closed without a round trip
+        assert p.request("/pid/", alias)["body"]["pid"] != pids[alias]
+    # the readiness app with no target checks the aliases the monitor watches
+    assert probe_during["status"] == 503, probe_during
+    assert len(probe_during["body"]["targets"]) == len(watched), probe_during
+    assert probe_after["status"] == 200, probe_after
+    assert during["alone"]["health"]["writable"] is True, during["alone"]
+    assert during["alone"]["stats"]["generations_purged"] == 0, during["alone"]
+    first, second = after["alone"]
+    assert first["status"] == 500, first
+    assert first["error"] == "OperationalError", first
+    assert second["status"] == 200, second
