@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -248,8 +248,41 @@ class _Server(Protocol):
     def connect(self, *, superuser: bool = True, **kwargs: Any) -> Conn: ...
 
 
+def _userlist_entries(
+    conn: Conn, passwords: Mapping[str, str], plaintext: Collection[str] = ()
+) -> dict[str, str]:
+    """The secret PgBouncer's ``auth_file`` holds for each user of ``passwords``.
+
+    A user's SCRAM secret as the server keeps it (``pg_authid.rolpassword``, read on
+    ``conn``, a superuser connection): PgBouncer then checks a client's proof without deriving
+    the key from a password (PBKDF2, 4096 iterations, at every login otherwise), and logs in
+    to the server with the keys the client's own SCRAM exchange gave it (SCRAM pass-through:
+    that needs the server to hold the very same secret, same salt and iterations, which
+    reading it from the server and its replicas guarantees). The plaintext password instead
+    for a user named in ``plaintext`` (PgBouncer's ``auth_user``, which logs in to the server
+    with no client behind it) and for a user the server keeps no SCRAM secret for (e.g.
+    ``password_encryption = md5``).
+    """
+    rows = conn.execute(
+        "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)", [list(passwords)]
+    ).fetchall()
+    stored = {str(name): secret for name, secret in rows}
+    entries: dict[str, str] = {}
+    for user, password in passwords.items():
+        secret = stored.get(user)
+        if isinstance(secret, str) and secret.startswith("SCRAM-SHA-256$"):
+            entries[user] = password if user in plaintext else secret
+        else:
+            entries[user] = password
+    return entries
+
+
 class PgBouncer:
-    """The PgBouncer of a :class:`LocalCluster` (admin console enabled for ``postgres``)."""
+    """The PgBouncer of a :class:`LocalCluster` (admin console enabled for ``postgres``).
+
+    Its ``auth_file`` (``userlist.txt``) holds each user's SCRAM secret, not its password,
+    except for an ``auth_user`` given in the cluster's ``pgbouncer_settings``.
+    """
 
     def __init__(
         self,
@@ -321,11 +354,14 @@ class PgBouncer:
     # The set-up both clusters share; the cluster supplies its programs, user and files.
     def _configure(self, target: _Server, passwords: Mapping[str, str], osuser: OsUser) -> None:
         """Create PgBouncer's directory, its ``auth_file`` (mode 0600; each user of
-        ``passwords`` with its password) and its configuration pointing at ``target``."""
+        ``passwords`` with its secret on ``target``, see :func:`_userlist_entries`) and its
+        configuration pointing at ``target``."""
         self.root.mkdir(mode=0o700)
         osuser.own(self.root)
+        with target.connect() as conn:
+            entries = _userlist_entries(conn, passwords, [self.settings.get("auth_user", "")])
         path = self.root / "userlist.txt"
-        path.write_text("".join(f'"{_quoted(u)}" "{_quoted(s)}"\n' for u, s in passwords.items()))
+        path.write_text("".join(f'"{_quoted(u)}" "{_quoted(s)}"\n' for u, s in entries.items()))
         path.chmod(0o600)
         osuser.own(path)
         self._write_config(target, osuser)
