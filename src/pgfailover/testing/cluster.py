@@ -477,11 +477,60 @@ class _Runtime:
     pgbouncer_bin: Path | None
 
 
+class _Credentials:
+    """The users and database of a harness cluster (LocalCluster, PatroniCluster) and the
+    conninfo strings and SQLAlchemy URLs its nodes and PgBouncer hand out (they contain the
+    password: never log them)."""
+
+    dbname: str
+    user: str
+    password: str
+    superuser_password: str
+
+    def _dsn(
+        self, host: str, port: int | str, *, dbname: str | None, user: str | None, **params: Any
+    ) -> str:
+        """Conninfo for ``host``/``port``: ``dbname`` and ``user`` None mean the application
+        database and user; the password is that user's unless ``params`` has one (None: no
+        password in the string, for a passfile); other ``params`` are added as they are."""
+        user = user or self.user
+        default = self.superuser_password if user == SUPERUSER else self.password
+        password = params.pop("password", default)
+        return make_conninfo(
+            host=host,
+            port=str(port),
+            dbname=dbname or self.dbname,
+            user=user,
+            password=password,
+            **params,
+        )
+
+    def _url(
+        self, host: str, port: int, driver: str, *, dbname: str | None, user: str | None
+    ) -> str:
+        """A SQLAlchemy URL for ``host``/``port`` (see :meth:`Node.url`); ValueError for a
+        driver not in :data:`URL_SCHEMES`."""
+        scheme = URL_SCHEMES.get(driver)
+        if scheme is None:
+            raise ValueError(f"driver must be one of {', '.join(URL_SCHEMES)}, got {driver!r}")
+        user = user or self.user
+        password = self.superuser_password if user == SUPERUSER else self.password
+
+        def quote(part: str) -> str:
+            return urllib.parse.quote(part, safe="")
+
+        where = f"[{host}]" if ":" in host else host  # an IPv6 address
+        return (
+            f"{scheme}://{quote(user)}:{quote(password)}@{where}:{port}/"
+            f"{quote(dbname or self.dbname)}"
+        )
+
+
 _open_clusters: set[LocalCluster] = set()
 _open_lock = threading.Lock()
 
 
-class LocalCluster:
+class LocalCluster(_Credentials):
     """A primary, ``standbys`` streaming standbys and optionally a PgBouncer, all local.
 
     Use it as a context manager (or call :meth:`open` and :meth:`close`)::
@@ -716,39 +765,6 @@ class LocalCluster:
         hosts = ",".join(n.host for n in self.nodes)
         ports = ",".join(str(n.port) for n in self.nodes)
         return self._dsn(hosts, ports, dbname=dbname, user=None, **params)
-
-    def _dsn(
-        self, host: str, port: int | str, *, dbname: str | None, user: str | None, **params: Any
-    ) -> str:
-        user = user or self.user
-        default = self.superuser_password if user == SUPERUSER else self.password
-        password = params.pop("password", default)
-        return make_conninfo(
-            host=host,
-            port=str(port),
-            dbname=dbname or self.dbname,
-            user=user,
-            password=password,
-            **params,
-        )
-
-    def _url(
-        self, host: str, port: int, driver: str, *, dbname: str | None, user: str | None
-    ) -> str:
-        scheme = URL_SCHEMES.get(driver)
-        if scheme is None:
-            raise ValueError(f"driver must be one of {', '.join(URL_SCHEMES)}, got {driver!r}")
-        user = user or self.user
-        password = self.superuser_password if user == SUPERUSER else self.password
-
-        def quote(part: str) -> str:
-            return urllib.parse.quote(part, safe="")
-
-        where = f"[{host}]" if ":" in host else host  # an IPv6 address
-        return (
-            f"{scheme}://{quote(user)}:{quote(password)}@{where}:{port}/"
-            f"{quote(dbname or self.dbname)}"
-        )
 
     # ------------------------------------------------------------------ node operations
     def role(self, node: Node) -> Role:

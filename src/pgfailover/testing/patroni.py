@@ -68,7 +68,6 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from ._binaries import PostgresBinaries, find_pgbouncer, find_postgres
 from ._etcd import Etcd, find_etcd
@@ -80,11 +79,11 @@ from .cluster import (
     BASE_SETTINGS,
     HOST,
     SUPERUSER,
-    URL_SCHEMES,
     Conn,
     PgBouncer,
     PoolMode,
     Timings,
+    _Credentials,
     _Stopwatch,
 )
 from .errors import BinariesNotFound, HarnessError
@@ -380,7 +379,7 @@ _open_clusters: set[PatroniCluster] = set()
 _open_lock = threading.Lock()
 
 
-class PatroniCluster:
+class PatroniCluster(_Credentials):
     """etcd + ``nodes`` Patroni-managed PostgreSQL servers (+ optionally PgBouncer), all local.
 
     ``nodes`` members (at least 1; 2 with ``synchronous_mode``). ``ttl``, ``loop_wait`` and
@@ -676,38 +675,6 @@ class PatroniCluster:
         if self._root is None:
             return []
         return sorted(_pids_under(self._root))
-
-    def _dsn(
-        self, host: str, port: int | str, *, dbname: str | None, user: str | None, **params: Any
-    ) -> str:
-        user = user or self.user
-        default = self.superuser_password if user == SUPERUSER else self.password
-        password = params.pop("password", default)
-        return make_conninfo(
-            host=host,
-            port=str(port),
-            dbname=dbname or self.dbname,
-            user=user,
-            password=password,
-            **params,
-        )
-
-    def _url(
-        self, host: str, port: int, driver: str, *, dbname: str | None, user: str | None
-    ) -> str:
-        scheme = URL_SCHEMES.get(driver)
-        if scheme is None:
-            raise ValueError(f"driver must be one of {', '.join(URL_SCHEMES)}, got {driver!r}")
-        user = user or self.user
-        password = self.superuser_password if user == SUPERUSER else self.password
-
-        def quote(part: str) -> str:
-            return urllib.parse.quote(part, safe="")
-
-        return (
-            f"{scheme}://{quote(user)}:{quote(password)}@{host}:{port}/"
-            f"{quote(dbname or self.dbname)}"
-        )
 
     # ------------------------------------------------------------------ observing
     def members(self) -> list[Member]:
