@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import django  # type: ignore[import-untyped]  # in the dev extras: missing must fail, not skip
 import pytest
@@ -148,6 +148,30 @@ def multihost(cluster: LocalCluster) -> tuple[str, str]:
     )
 
 
+Results: TypeAlias = dict[str, list[dict[str, Any]]]
+
+
+def _write_across_failover(
+    cluster: LocalCluster, p: Project, aliases: list[str], *, before: int
+) -> tuple[Results, Results]:
+    """Fail ``cluster`` over, send ``before`` write requests per alias, repoint PgBouncer at
+    the new primary and send 8 more per alias; the answers before and after the repoint,
+    printed in short (status, or SQLSTATE / error of each) for the test's output."""
+    cluster.failover()
+    early = {alias: [p.request("/write/", alias) for _ in range(before)] for alias in aliases}
+    cluster.repoint_pgbouncer(cluster.primary)
+    late = {alias: [p.request("/write/", alias) for _ in range(8)] for alias in aliases}
+
+    def summary(results: list[dict[str, Any]]) -> list[str]:
+        return [
+            str(r["status"]) if r["status"] == 200 else f"{r['sqlstate'] or r['error']}"
+            for r in results
+        ]
+
+    print({alias: (summary(early[alias]), summary(late[alias])) for alias in aliases})
+    return early, late
+
+
 @pytest.fixture(scope="module")
 def session_mode_cluster(pgfailover_cluster_factory: ClusterFactory) -> LocalCluster:
     """Primary + standby + PgBouncer in session mode, for this module."""
@@ -175,18 +199,7 @@ def test_session_mode_stock_backend_stays_broken_pgfailover_recovers(
     for alias in dbs:
         assert p.request("/write/", alias)["status"] == 200
 
-    cluster.failover()
-    before = {alias: [p.request("/write/", alias) for _ in range(3)] for alias in dbs}
-    cluster.repoint_pgbouncer(cluster.primary)
-    after = {alias: [p.request("/write/", alias) for _ in range(8)] for alias in dbs}
-
-    def summary(results: list[dict[str, Any]]) -> list[str]:
-        return [
-            str(r["status"]) if r["status"] == 200 else f"{r['sqlstate'] or r['error']}"
-            for r in results
-        ]
-
-    print({alias: (summary(before[alias]), summary(after[alias])) for alias in dbs})
+    before, after = _write_across_failover(cluster, p, list(dbs), before=3)
     stock = after["stock"]
     assert all(r["status"] == 500 and r["sqlstate"] == "25006" for r in stock), stock
     ours = after["default"]
@@ -227,18 +240,7 @@ def test_session_mode_with_django_pool(
         for _ in range(3):  # every pooled connection used once
             assert p.request("/write/", alias)["status"] == 200
 
-    cluster.failover()
-    before = {alias: [p.request("/write/", alias) for _ in range(2)] for alias in dbs}
-    cluster.repoint_pgbouncer(cluster.primary)
-    after = {alias: [p.request("/write/", alias) for _ in range(8)] for alias in dbs}
-
-    def summary(results: list[dict[str, Any]]) -> list[str]:
-        return [
-            str(r["status"]) if r["status"] == 200 else f"{r['sqlstate'] or r['error']}"
-            for r in results
-        ]
-
-    print({alias: (summary(before[alias]), summary(after[alias])) for alias in dbs})
+    _, after = _write_across_failover(cluster, p, list(dbs), before=2)
     ours = after["default"]
     first_ok = next(i for i, r in enumerate(ours) if r["status"] == 200)
     assert first_ok <= 1, ours
