@@ -113,7 +113,8 @@ class Monitor:
     ``interval``: seconds between two role checks of a healthy endpoint (with +/-20 %
     jitter); ``outage_interval``: seconds between two looks while no writable primary is
     found, at the least (after a look that made a connection attempt, the watch's own or a
-    granted pool's, the wait grows as a lone pool's reconnection waits may, to 0.2 s: see
+    granted pool's, the wait is drawn as a lone pool's reconnection wait, below a cap
+    growing to 0.2 s: see
     :meth:`EndpointWatch.look_delay`);
     ``probe_timeout``: seconds a role query may take; ``connect_timeout``: seconds a watch
     connection attempt may take (libpq's minimum, 2, applies). The thread starts with the

@@ -25,7 +25,7 @@ from ..policy import RECONNECT_POLICY
 INTERVAL = 1.0
 #: Seconds between two looks at an endpoint while no writable primary is found there, at
 #: the least: after a look that made a connection attempt the wait follows the pools' own
-#: reconnection schedule at its longest (see :meth:`EndpointWatch.look_delay`). As often
+#: reconnection schedule (see :meth:`EndpointWatch.look_delay`). As often
 #: as one pool's single-flight prober at most (:data:`pgfailover._state.MIN_PROBE_INTERVAL`).
 OUTAGE_INTERVAL = 0.05
 #: Relative jitter of the healthy interval (+/-), so that processes started together do not
@@ -260,18 +260,20 @@ class EndpointWatch:
         own, or a granted pool's). During an outage, a look without a login (a query on a
         kept session) is followed by the next one the outage interval after its start.
         After the n-th look with a login in an outage, the wait runs from its end and is
-        the longest a pool on its own waits before its n-th reconnection attempt
-        (:data:`~pgfailover.policy.RECONNECT_POLICY`'s cap: 50 ms growing x1.5 to 200 ms;
-        its own waits are drawn below it), and at least the outage interval: the endpoint
-        never sees the monitor's attempts come sooner than one pool's single-flight
-        prober's would. Outside an outage: :meth:`next_delay`, from the end."""
+        drawn as a pool on its own draws its wait before its n-th reconnection attempt
+        (uniform below :data:`~pgfailover.policy.RECONNECT_POLICY`'s cap: 50 ms growing
+        x1.5 to 200 ms), and is at least the outage interval: the endpoint sees the
+        monitor's attempts come no sooner than one pool's single-flight prober's would
+        (which also waits from its attempt's end, at least 50 ms from its start). Waiting
+        the whole cap instead halves the attempts but delays the recovery by up to the
+        cap (measured: RESULTS.md). Outside an outage: :meth:`next_delay`, from the end."""
         delay = self.next_delay(rng)
         if delay <= 0 or self.status not in (Status.READ_ONLY, Status.DOWN):
             return delay
         if not login:
             return max(0.0, delay - max(0.0, now - started))
         self.outage_logins += 1
-        return max(delay, RECONNECT_POLICY.cap(self.outage_logins))
+        return max(delay, rng.uniform(0.0, RECONNECT_POLICY.cap(self.outage_logins)))
 
     def suspect(self) -> None:
         """A pool met a failover error there: look again now, whatever the schedule."""
