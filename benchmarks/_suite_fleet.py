@@ -22,7 +22,9 @@ Figures:
 - connection attempts during the outage (from the call of ``failover()`` to reachable): the
   pools' own, every call of a pool's ``_connect`` (each is one of psycopg_pool's
   ``connections_num``), recorded with its start and end instants by a subclass that only
-  appends a timestamp (:class:`_TimedPool`; the expected number with the monitor is 0), and
+  appends a timestamp (:class:`_TimedPool`), with whether the monitor had granted it (with
+  the monitor, one waiting pool's attempt at a time is the endpoint's look: the expected
+  number of attempts it did not grant is 0), and
   the watch's connection attempts and looks (``stats()["connects"]``, ``["checks"]``, the
   last samples at or before the two instants);
 - per pool, seconds from reachable to its first write acknowledged after the old primary
@@ -81,23 +83,26 @@ VARIANTS: dict[str, bool] = {"monitor": True, "no monitor": False}
 
 class _TimedPool(AsyncConnectionPool[Any]):
     """pgfailover's async pool, unchanged, plus the instants of its connection attempts:
-    ``attempts`` holds ``(start, end, ok)`` per call of ``_connect`` (``time.monotonic()``
-    values; ``ok`` False when it raised, counted in ``errors`` by SQLSTATE or class)."""
+    ``attempts`` holds ``(start, end, ok, granted)`` per call of ``_connect``
+    (``time.monotonic()`` values; ``ok`` False when it raised, counted in ``errors`` by
+    SQLSTATE or class; ``granted`` True when it ran on the monitor's grant, read from the
+    pool's failover state as the attempt starts)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.attempts: list[tuple[float, float, bool]] = []
+        self.attempts: list[tuple[float, float, bool, bool]] = []
         self.errors: Counter[str] = Counter()  # failed attempts by error (SQLSTATE or class)
         super().__init__(*args, **kwargs)
 
     async def _connect(self, timeout: float | None = None) -> Any:
         start = time.monotonic()
+        granted = self.failover_state._grant_running is not None
         try:
             conn = await super()._connect(timeout)
         except BaseException as ex:
-            self.attempts.append((start, time.monotonic(), False))
+            self.attempts.append((start, time.monotonic(), False, granted))
             self.errors[error_name(ex)] += 1
             raise
-        self.attempts.append((start, time.monotonic(), True))
+        self.attempts.append((start, time.monotonic(), True, granted))
         return conn
 
 
@@ -266,6 +271,7 @@ async def _one_run(
         "pool_attempt_errors": dict(sum((p.errors for p in pools), Counter[str]())),
         "pool_attempts_during_outage": len(during),
         "pool_attempts_failed_during_outage": sum(1 for a in during if not a[2]),
+        "pool_attempts_granted_during_outage": sum(1 for a in during if a[3]),
         "watch_connects_during_outage": (
             _at(samples, reachable, "connects") - _at(samples, failover_at, "connects")
         ),
@@ -318,6 +324,7 @@ async def connect_burst(dsn: str, n: int) -> dict[str, float]:
 def _summary(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     outage = sum(r["outage_s"] for r in runs)
     pool_attempts = sum(r["pool_attempts_during_outage"] for r in runs)
+    granted = sum(r.get("pool_attempts_granted_during_outage", 0) for r in runs)
     watch_connects = sum(r["watch_connects_during_outage"] for r in runs)
     worst_first = max(r["first_write_max_s"] for r in runs)
     share = max(max(r["share_50ms_starts"], r["share_50ms_ends"]) for r in runs)
@@ -328,6 +335,7 @@ def _summary(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "runs": runs,
         "outage_s_total": outage,
         "pool_attempts": pool_attempts,
+        "pool_attempts_granted": granted,
         "watch_connects": watch_connects,
         "watch_checks": sum(r["watch_checks_during_outage"] for r in runs),
         "attempts_per_s": (pool_attempts + watch_connects) / outage,
@@ -343,7 +351,7 @@ def _summary(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "first_write_met": worst_first <= TARGET_MAX,
         "share_met": share <= TARGET_SHARE,
         "watches_met": watches == TARGET_WATCHES if monitored else None,
-        "pool_attempts_met": pool_attempts == 0 if monitored else None,
+        "pool_attempts_met": pool_attempts == granted if monitored else None,
     }
 
 
@@ -416,8 +424,10 @@ def render(out: dict[str, Any], runs: int, repoint_delay: float) -> str:
         "(default timings); `no monitor`: `monitor=False`. Watches = the monitor's",
         f"`stats()['endpoints']`, largest value sampled (every {SAMPLE_EVERY * 1e3:g} ms). Pool",
         "attempts = calls of a pool's `_connect` (psycopg_pool's `connections_num`) from the",
-        "call of `failover()` to reachable, recorded with their instants by a subclass; watch",
-        "= the monitor's `connects` over the same span. First write = seconds from reachable",
+        "call of `failover()` to reachable, recorded with their instants by a subclass, and",
+        "how many of them the monitor granted (one waiting pool's attempt at a time as its",
+        "look; target: none it did not grant); watch = the monitor's `connects` over the",
+        "same span. First write = seconds from reachable",
         "to each pool's first acknowledged write. Reconnects = successful `_connect` calls",
         "that ended after reachable; share = the largest fraction of them in any 50 ms window,",
         "by the instant each started (what PgBouncer sees arriving) and ended (the",
@@ -433,7 +443,11 @@ def render(out: dict[str, Any], runs: int, repoint_delay: float) -> str:
                 str(len(s["runs"])),
                 str(s["watches_max"]) if monitored else "-",
                 f"{s['outage_s_total']:.2f}",
-                str(s["pool_attempts"]),
+                (
+                    f"{s['pool_attempts']} ({s.get('pool_attempts_granted', 0)} granted)"
+                    if monitored
+                    else str(s["pool_attempts"])
+                ),
                 str(s["watch_connects"]) if monitored else "-",
                 f"{s['attempts_per_s']:.1f}",
                 fmt(s["first_write_p50_s"]),
@@ -458,7 +472,7 @@ def render(out: dict[str, Any], runs: int, repoint_delay: float) -> str:
                 "runs",
                 "watches (target 1)",
                 "outage s (sum)",
-                "pool attempts in outage (target 0)",
+                "pool attempts in outage (target: all granted)",
                 "watch connects in outage",
                 "attempts/s",
                 "first write p50 s",
@@ -501,7 +515,8 @@ def render(out: dict[str, Any], runs: int, repoint_delay: float) -> str:
                 + f"generations purged {r['generations_purged']} (all pools), "
                 + "pool attempts in it "
                 f"{r['pool_attempts_during_outage']} "
-                f"({r['pool_attempts_failed_during_outage']} failed), watch connects "
+                f"({r['pool_attempts_failed_during_outage']} failed, "
+                f"{r.get('pool_attempts_granted_during_outage', 0)} granted), watch connects "
                 f"{r['watch_connects_during_outage']}, looks {r['watch_checks_during_outage']};"
                 f" first write p50 {fmt(r['first_write_p50_s'])} / max "
                 f"{fmt(r['first_write_max_s'])} s; {r['reconnects']} reconnects (made after "

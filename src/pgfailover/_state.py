@@ -63,10 +63,17 @@ class FailoverState:
         self._probing = False
         self._last_probe = 0.0
         #: True while the process monitor watches the pool's endpoint: during an outage the
-        #: pool then makes no connection attempt of its own until the monitor has seen a
-        #: writable primary there (:meth:`primary_back`); see :mod:`pgfailover.monitor`.
+        #: pool then makes no connection attempt but the one the monitor grants at a time
+        #: (:meth:`grant`) until the monitor has seen a writable primary there
+        #: (:meth:`primary_back`); see :mod:`pgfailover.monitor`.
         self.monitored = False
         self._released = False  # the monitor saw the primary back since the outage began
+        # the monitor's grant of one connection attempt during an outage: offered (not
+        # taken yet), then running (taken by an attempt under way); each holds the callback
+        # that tells the monitor how the attempt ended (see grant)
+        self._grant: Callable[[bool], None] | None = None
+        self._grant_running: Callable[[bool], None] | None = None
+        self._grant_ok = False
         #: Called (outside the lock) when the pool meets trouble the monitor should look
         #: at now: an outage begins, or a connection attempt after a release failed.
         self.on_suspect: Callable[[], None] | None = None
@@ -152,6 +159,8 @@ class FailoverState:
                 self.counters["recovery_ms_last"] = int(recovery * 1000)
                 self.outage_since = None
                 self.hosts.clear()
+            if self._grant_running is not None:
+                self._grant_ok = True
         if recovery is not None:
             self._event("primary reached again", recovery=recovery)
 
@@ -174,6 +183,7 @@ class FailoverState:
             self.outage_since = now
             self.counters["failovers_detected"] += 1
             self._released = False
+            self._grant = None  # one offered in an outage past is not for this one
             return True
         if self._released:
             self._released = False
@@ -186,8 +196,8 @@ class FailoverState:
 
     def primary_back(self) -> bool:
         """The monitor found a writable primary at the pool's endpoint: connection attempts
-        may go (all at once: the monitor spreads the pools). True if an outage was under
-        way (the caller then wakes the attempts it held back)."""
+        may go (the monitor spreads the pools; the pool sends them one at a time). True if an outage
+        was under way (the caller then wakes the attempts it held back)."""
         with self._lock:
             self._released = True
             return self.outage_since is not None
@@ -208,6 +218,31 @@ class FailoverState:
             self._event("generation purged", reason=f"{endpoint}: {finding} (seen by the monitor)")
         return purge
 
+    def grant(self, report: Callable[[bool], None]) -> bool:
+        """The monitor lets one connection attempt of the pool go during an outage (it is
+        then the monitor's look at the endpoint). ``report`` is called once, with True if
+        that attempt connected to a writable primary, False if it failed (from the thread
+        that ran it, outside the lock). False (nothing granted) when the pool knows of no
+        outage, was released already, or has a granted attempt under way."""
+        with self._lock:
+            if (
+                self.outage_since is None
+                or self._released
+                or not self.monitored
+                or self._grant_running is not None
+            ):
+                return False
+            self._grant = report
+            return True
+
+    def grant_unused(self) -> None:
+        """The granted attempt is not there any more (it gave up, the pool closed): the
+        grant is withdrawn and reported as failed, unless an attempt took it already."""
+        with self._lock:
+            report, self._grant = self._grant, None
+        if report is not None:
+            report(False)
+
     # -- decisions
     def may_connect(self, now: float) -> bool:
         """Single flight: during an outage, one connection attempt at a time, and not more
@@ -215,12 +250,19 @@ class FailoverState:
 
         While the monitor watches the endpoint (:attr:`monitored`), the pool makes no
         attempt of its own during an outage until the monitor has seen a writable primary
-        (:meth:`primary_back`), then every held attempt may go."""
+        (:meth:`primary_back`), then every held attempt may go; before that, one attempt
+        may go when the monitor granted it (:meth:`grant`)."""
         with self._lock:
             if self.outage_since is None:
                 return True
             if self.monitored:
-                return self._released
+                if self._released:
+                    return True
+                if self._grant is not None and self._grant_running is None:
+                    self._grant_running, self._grant = self._grant, None
+                    self._grant_ok = False
+                    return True
+                return False
             if self._probing or now - self._last_probe < MIN_PROBE_INTERVAL:
                 return False
             self._probing = True
@@ -228,9 +270,14 @@ class FailoverState:
             return True
 
     def connect_done(self) -> None:
-        """The attempt allowed by :meth:`may_connect` is over."""
+        """The attempt allowed by :meth:`may_connect` is over (a granted one is reported
+        to the monitor: connected, i.e. :meth:`connected` was called, or not)."""
         with self._lock:
             self._probing = False
+            report, self._grant_running = self._grant_running, None
+            ok = self._grant_ok
+        if report is not None:
+            report(ok)
 
     def needs_check(
         self, generation: int, returned_at: float, recheck_interval: float | None, now: float

@@ -34,8 +34,10 @@ pgfailover's connection classes and:
   (:mod:`pgfailover.monitor`): one watch connection per endpoint (with ``topology=``, one
   per topology source object, following its leader) purges the pool's stale connections
   when the endpoint stops being writable (or the leader changes), before a request meets
-  them; during the outage the pool makes no connection attempt of its own (the monitor is
-  the one prober of the process) and the monitor wakes it when a writable primary is back;
+  them; during the outage the pool makes no connection attempt but those the monitor
+  grants (the monitor is the one prober of the endpoint, and a waiting pool's attempt is
+  its look) and the monitor wakes it when a writable primary is back (its held attempts
+  then go one at a time, each once the previous one has connected);
 - count what happened in ``get_stats()``.
 
 Decisions live in :class:`~pgfailover._state.FailoverState` (no I/O); the pool class is a
@@ -187,6 +189,17 @@ class AsyncConnectionPool(_BasePool[CT]):
         if self._pgf.primary_back():
             self._pgf_in_pool(_Unpark(self, None))
 
+    def _pgf_grant(self, report: Callable[[bool], None]) -> bool:
+        """Let one held connection attempt go as the monitor's look (called from its
+        thread; see :meth:`~pgfailover._state.FailoverState.grant`). False when the pool
+        holds no attempt back or is closed: nothing was granted, ``report`` is not called."""
+        with self._pgf_parked_lock:
+            token = next(iter(self._pgf_parked), None)
+        if token is None or self._closed or not self._pgf.grant(report):
+            return False
+        self._pgf_in_pool(_Unpark(self, token, granted=True))
+        return True
+
     def _pgf_in_pool(self, task: MaintenanceTask) -> None:
         """Hand ``task`` to the pool's workers, from any thread."""
         if self._closed:
@@ -208,16 +221,20 @@ class AsyncConnectionPool(_BasePool[CT]):
             self._pgf_parked[token] = (attempt, growing)
         return token
 
-    async def _pgf_unpark(self, token: int | None) -> None:
-        """Send held connection attempts on: all (``token`` None, the monitor's wake-up)
-        or one (its periodic recheck, which holds it again while the outage lasts)."""
+    async def _pgf_unpark(self, token: int | None, granted: bool = False) -> None:
+        """Send one held connection attempt on: the oldest (``token`` None: the monitor's
+        wake-up, or the previous attempt connected, see :meth:`_connect`), or the one of
+        ``token`` (its periodic recheck, which holds it again while the outage lasts, or
+        the monitor's grant, ``granted``). After an outage the held attempts thus go one
+        at a time, each once the previous one has connected: the first connection serves
+        a waiting request at once, not slowed by a burst of logins at the pooler."""
         with self._pgf_parked_lock:
             if token is None:
-                held = list(self._pgf_parked.values())
-                self._pgf_parked.clear()
-            else:
-                one = self._pgf_parked.pop(token, None)
-                held = [] if one is None else [one]
+                token = next(iter(self._pgf_parked), None)
+            one = None if token is None else self._pgf_parked.pop(token, None)
+            held = [] if one is None else [one]
+        if granted and not held:  # gone meanwhile (gave up, or its recheck took it)
+            self._pgf.grant_unused()
         for attempt, growing in held:
             self.run_task(AddConnection(self, attempt, growing=growing))
 
@@ -271,6 +288,8 @@ class AsyncConnectionPool(_BasePool[CT]):
         aware.pool_generation = self._pgf.generation
         aware.pool_returned_at = now
         self._pgf.connected(now)
+        if self._pgf_parked:  # attempts held back: the primary is back, the next may go
+            self._pgf_in_pool(_Unpark(self, None))
         return conn
 
     def _pgf_misconfigured(self) -> bool:
@@ -419,6 +438,7 @@ class AsyncConnectionPool(_BasePool[CT]):
             monitor.unregister(self)
         with self._pgf_parked_lock:
             self._pgf_parked.clear()
+        self._pgf.grant_unused()  # a monitor's look waiting on this pool ends now
         await super().close(timeout)
 
     def get_stats(self) -> dict[str, int]:
@@ -436,11 +456,13 @@ class _Drain(MaintenanceTask):
 
 
 class _Unpark(MaintenanceTask):
-    """Send held connection attempts on (all of them when ``token`` is None)."""
+    """Send one held connection attempt on (see ``_pgf_unpark``: the oldest when ``token``
+    is None; ``granted``: the monitor's grant)."""
 
-    def __init__(self, pool: Any, token: int | None) -> None:
+    def __init__(self, pool: Any, token: int | None, granted: bool = False) -> None:
         super().__init__(pool)
         self.token = token
+        self.granted = granted
 
     async def _run(self, pool: Any) -> None:
-        await pool._pgf_unpark(self.token)
+        await pool._pgf_unpark(self.token, self.granted)

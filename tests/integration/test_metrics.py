@@ -314,7 +314,13 @@ def test_metrics_show_what_the_monitor_sees_through_a_failover(
             )
 
             cluster.repoint_pgbouncer(cluster.primary)
-            eventually(lambda: reads(1.0, outage=False), timeout=30)
+            # the watch connects again once writable (during the outage its looks may all
+            # have been the pool's granted attempts, counted in checks, not in connects)
+            connects = "pgfailover_monitor_connects_total"
+            eventually(
+                lambda: reads(1.0, outage=False) and values[0][connects] > before[connects],
+                timeout=30,
+            )
             prom, points = values
     finally:
         monitor.close()

@@ -12,15 +12,18 @@ from hypothesis import strategies as st
 from pgfailover import _pool_common
 from pgfailover.monitor import Monitor
 from pgfailover.monitor.model import (
+    GRANTS_PER_OWN_LOOK,
     JITTER,
     MAX_SPREAD,
     SPREAD_STEP,
     Change,
     Endpoint,
     EndpointWatch,
+    Look,
     Status,
     spread,
 )
+from pgfailover.policy import RECONNECT_POLICY
 
 EP = Endpoint("db1,db2", "5432", "app")
 
@@ -184,3 +187,104 @@ def test_pool_monitor_argument_is_checked() -> None:
     with pytest.raises(TypeError, match="monitor must be True"):
         ConnectionPool[Any]("", open=False, monitor="yes")  # type: ignore[arg-type]
     assert ConnectionPool[Any]("", open=False, monitor=Monitor()).failover_state is not None
+
+
+def test_a_slow_role_query_is_not_a_loss_until_the_next_one_is_slow_too() -> None:
+    """A writable endpoint whose role query gets no answer in time is not lost at once: the
+    watch looks again now; a second slow answer in a row is a loss (DOWN, LOST); an answer
+    in between starts the count again; while not writable, a slow answer is DOWN at once."""
+    watch = EndpointWatch(EP)
+    watch.observe(Status.WRITABLE, "primary", 0.0, 0.0)
+    assert watch.observe_slow("down: slow", 1.0, 1.0) is None
+    assert watch.status is Status.WRITABLE
+    rng = random.Random(0)  # noqa: S311 - jitter, not security
+    assert watch.next_delay(rng) == 0.0  # look again at once
+    watch.observe(Status.WRITABLE, "primary", 1.1, 1.1)  # answered: the count restarts
+    assert watch.observe_slow("down: slow", 2.0, 2.0) is None
+    assert watch.observe_slow("down: slow", 2.1, 2.1) is Change.LOST
+    assert (watch.status, watch.finding) == (Status.DOWN, "down: slow")
+    assert watch.observe_slow("down: slow", 2.2, 2.2) is None  # still down, no new change
+    assert watch.health().role == "down"
+    assert watch.checks == 6
+
+
+def test_grants_during_an_outage_with_an_own_look_between() -> None:
+    """During an outage, with a pool waiting, the looks are granted pool attempts, with one
+    of the watch's own after GRANTS_PER_OWN_LOOK that failed; no pool waiting, or no outage:
+    the watch's own. A granted attempt that connected is BACK."""
+    watch = EndpointWatch(EP)
+    assert watch.next_look(waiting=True) is Look.OWN  # never looked
+    watch.observe(Status.WRITABLE, "primary", 0.0, 0.0)
+    assert watch.next_look(waiting=True) is Look.OWN  # healthy
+    watch.observe(Status.READ_ONLY, "standby", 1.0, 1.0)
+    assert watch.next_look(waiting=False) is Look.OWN
+    looks = []
+    for i in range(2 * (GRANTS_PER_OWN_LOOK + 1)):
+        look = watch.next_look(waiting=True)
+        looks.append(look)
+        if look is Look.GRANT:
+            assert watch.granted(False, 2.0 + i, 2.0 + i) is None
+        else:
+            watch.observe(Status.READ_ONLY, "standby", 2.0 + i, 2.0 + i)
+    assert looks == ([Look.GRANT] * GRANTS_PER_OWN_LOOK + [Look.OWN]) * 2
+    assert (watch.status, watch.grants) == (Status.READ_ONLY, 2 * GRANTS_PER_OWN_LOOK)
+    assert watch.next_look(waiting=True) is Look.GRANT
+    assert watch.granted(True, 20.0, 20.0) is Change.BACK
+    assert (watch.status, watch.outage_since) == (Status.WRITABLE, None)
+    watch.observe(Status.MISCONFIGURED, "auth", 21.0, 21.0)
+    assert watch.next_look(waiting=True) is Look.OWN  # faster cannot help
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["own", "slow", "granted"]), st.sampled_from(list(Status)[1:])),
+        max_size=60,
+    )
+)
+def test_lost_and_back_alternate_with_grants_and_slow_looks(
+    looks: list[tuple[str, Status]],
+) -> None:
+    """Whatever mix of own looks, slow answers and granted attempts: LOST and BACK
+    alternate, starting with LOST, and a granted attempt changes nothing unless it
+    connected."""
+    watch = EndpointWatch(EP)
+    changes = []
+    for i, (kind, status) in enumerate(looks):
+        before = watch.status
+        if kind == "own":
+            change = watch.observe(status, status.value, float(i), float(i))
+        elif kind == "slow":
+            change = watch.observe_slow("down: slow", float(i), float(i))
+        else:
+            ok = status is Status.WRITABLE
+            change = watch.granted(ok, float(i), float(i))
+            if not ok:
+                assert (change, watch.status) == (None, before)
+        if change is not None:
+            changes.append(change)
+    assert changes == [Change.LOST, Change.BACK] * (len(changes) // 2) + (
+        [Change.LOST] if len(changes) % 2 else []
+    )
+
+
+def test_look_delay_during_an_outage() -> None:
+    """During an outage the pause after a look without a login is the outage interval less
+    the look's duration (0 once it took longer); after the n-th look with a login, the
+    wait of a lone pool before its n-th reconnection attempt (drawn below the policy's
+    cap, as the pool's own), at least the outage interval (never more attempts than one
+    pool's prober), counted again from 1 in the next outage; healthy, the jittered
+    interval."""
+    rng = random.Random(2)  # noqa: S311 - jitter, not security
+    watch = EndpointWatch(EP, interval=1.0, outage_interval=0.05)
+    watch.observe(Status.DOWN, "down", 0.0, 0.0)
+    assert watch.look_delay(rng, 10.0, 10.02, login=False) == pytest.approx(0.03)
+    assert watch.look_delay(rng, 10.0, 10.2, login=False) == 0.0
+    waits = [watch.look_delay(rng, 10.0, 10.2, login=True) for _ in range(200)]
+    caps = [max(0.05, RECONNECT_POLICY.cap(n)) for n in range(1, 201)]
+    assert all(0.05 <= wait <= cap for wait, cap in zip(waits, caps, strict=True))
+    assert waits[0] == 0.05  # the first cap is the outage interval itself
+    assert max(waits) > 0.15  # drawn up to the grown cap (200 ms), not pinned to the floor
+    watch.observe(Status.WRITABLE, "primary", 1.0, 1.0)
+    assert watch.look_delay(rng, 10.0, 10.5, login=False) >= 1.0 * (1 - JITTER)
+    watch.observe(Status.READ_ONLY, "standby", 2.0, 2.0)
+    assert watch.look_delay(rng, 10.0, 10.2, login=True) == 0.05  # a new outage

@@ -8,12 +8,21 @@ connection:
 
 - while all is well it runs one role query every ``interval`` (1 s, +/-20 % jitter) and, on
   a direct connection, notices the loss of its session at once (it waits on the socket);
+- a role query that gets no answer in time from a writable endpoint makes it look again
+  at once, on a new connection; only a second one in a row counts as a loss (a busy
+  pooler is not a failover, and a purge would send every pool reconnecting into it);
 - when the endpoint stops being writable (lost, standby, read-only) it purges the stale
   connections of every pool there before requests meet them, and the pools stop making
-  connection attempts of their own: the monitor alone looks, every ``outage_interval``
-  (50 ms), so a process has one prober per endpoint whatever its number of pools;
+  connection attempts of their own: the monitor makes the endpoint's one look at a time,
+  ``outage_interval`` (50 ms) after the end of the last one that logged in, so a process
+  has one prober per endpoint whatever its number of pools. While a pool waits for a
+  connection, the look is that pool's own attempt, let through by the monitor (a
+  *grant*): when it connects, it serves that pool at once, with one login where the
+  watch's look then the pool's would make two in a row; when no pool waits, and after
+  nine granted attempts failed in a row, the watch looks itself;
 - when a writable primary is back it wakes the pools, spread over up to 0.25 s so that a
-  hundred pools do not stampede PgBouncer or the server.
+  hundred pools do not stampede PgBouncer or the server; each pool sends its held
+  attempts one at a time, each once the previous one has connected.
 
 A pool made with ``topology=`` is watched through its topology source instead: one watch
 per source object (shared by the pools using it) reads the topology (the source's own

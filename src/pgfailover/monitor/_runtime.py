@@ -42,6 +42,7 @@ from .model import (
     Endpoint,
     EndpointWatch,
     Health,
+    Look,
     Status,
     spread,
     standbys_finding,
@@ -99,13 +100,22 @@ class Member(Protocol):
     def _pgf_endpoint_back(self) -> None:
         """A writable primary is there again (called from the monitor's thread)."""
 
+    # Optional (pgfailover's pools have it; a member without it is never granted):
+    # ``_pgf_grant(report: Callable[[bool], None]) -> bool`` lets one connection attempt
+    # the member holds back during an outage go as the monitor's look; True if one was
+    # granted, and ``report`` is then called once with whether it connected to a writable
+    # primary (see :meth:`pgfailover._state.FailoverState.grant`).
+
 
 class Monitor:
     """One process monitor: watches each endpoint its members use with one connection.
 
     ``interval``: seconds between two role checks of a healthy endpoint (with +/-20 %
     jitter); ``outage_interval``: seconds between two looks while no writable primary is
-    found (one query, or one connection attempt when the watch connection is lost);
+    found, at the least (after a look that made a connection attempt, the watch's own or a
+    granted pool's, the wait is drawn as a lone pool's reconnection wait, below a cap
+    growing to 0.2 s: see
+    :meth:`EndpointWatch.look_delay`);
     ``probe_timeout``: seconds a role query may take; ``connect_timeout``: seconds a watch
     connection attempt may take (libpq's minimum, 2, applies). The thread starts with the
     first member and runs until :meth:`close` (a daemon: it never holds the process).
@@ -228,13 +238,16 @@ class Monitor:
 
     def stats(self) -> dict[str, int]:
         """Counters summed over the endpoints: ``checks`` (looks), ``connects`` (watch
-        connection attempts), ``endpoints`` (watched now)."""
+        connection attempts), ``grants`` (looks made by a pool's connection attempt the
+        monitor let go during an outage, counted in ``checks`` too, not in ``connects``),
+        ``endpoints`` (watched now)."""
         with self._lock:
             watches = list(self._watches.values())
         return {
             "endpoints": len(watches),
             "checks": sum(w.state.checks for w in watches),
             "connects": sum(w.state.connects for w in watches),
+            "grants": sum(w.state.grants for w in watches),
         }
 
     def suspect(self, endpoint: Endpoint) -> None:
@@ -367,6 +380,10 @@ class _Watch:
         )
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self._stopping = False
+        # the grant under way: its number and what its member reports (see _grant)
+        self._grants = 0
+        self._granted: asyncio.Future[bool] | None = None
+        self._next_member = 0  # where the next grant starts looking (round robin)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._secrets = secret_candidates(target.conninfo) + [
@@ -403,10 +420,14 @@ class _Watch:
         try:
             while not self._stopping:
                 try:
+                    started = time.monotonic()
+                    logins = self.state.connects + self.state.grants
                     await self._look()
                     if self._stopping or self.monitor._forget_if_unused(self):
                         break
-                    await self._pause(self.state.next_delay(rng))
+                    login = self.state.connects + self.state.grants != logins
+                    delay = self.state.look_delay(rng, started, time.monotonic(), login)
+                    await self._pause(delay)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # never let the watch die: log, wait, go on
@@ -442,17 +463,77 @@ class _Watch:
             self._record(Status.DOWN, "down: the watch's session was lost")
 
     async def _look(self) -> None:
-        self._record(*await self._check())
+        members = [m for m in self.monitor.members(self.endpoint) if hasattr(m, "_pgf_grant")]
+        if self.state.next_look(bool(members)) is Look.GRANT:
+            ok = await self._grant(members)
+            if ok is not None:
+                self._act(self.state.granted(ok, time.monotonic(), time.time()))
+                return
+        status, found = await self._check()
+        if status is None:  # no answer in time: a loss, or only a busy pooler or server
+            self._act(self.state.observe_slow(found, time.monotonic(), time.time()))
+            return
+        self._record(status, found)
+
+    async def _grant(self, members: list[Any]) -> bool | None:
+        """Let one waiting member's connection attempt go as this look: whether it
+        reached a writable primary (False also when it did not end within the watch's
+        connect and query timeouts), None when no member took the grant."""
+        loop = asyncio.get_running_loop()
+        self._grants += 1
+        number = self._grants
+        future: asyncio.Future[bool] = loop.create_future()
+        self._granted = future
+
+        def report(ok: bool) -> None:  # from the member's thread, once
+            with contextlib.suppress(RuntimeError):  # the monitor's loop closed meanwhile
+                loop.call_soon_threadsafe(self._grant_ended, number, ok)
+
+        start = self._next_member % len(members)
+        for member in members[start:] + members[:start]:
+            self._next_member += 1
+            try:
+                taken = bool(member._pgf_grant(report))
+            except Exception:  # a member's failure must not end the watch
+                logger.exception("pgfailover monitor: granting %r failed", member)
+                taken = False
+            if taken:
+                break
+        else:
+            self._granted = None
+            return None
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(future), self.monitor.connect_timeout + self.monitor.probe_timeout
+            )
+        except (asyncio.TimeoutError, TimeoutError):
+            return False
+        finally:
+            self._granted = None
+
+    def _grant_ended(self, number: int, ok: bool) -> None:
+        """A granted attempt ended (in the monitor's thread). One that ended after its
+        look gave up still counts when it reached a writable primary: that is news."""
+        future = self._granted
+        if number == self._grants and future is not None and not future.done():
+            future.set_result(ok)
+        elif ok and self.state.status is not Status.WRITABLE and not self._stopping:
+            self._act(self.state.granted(True, time.monotonic(), time.time()))
 
     def _record(self, status: Status, found: str) -> None:
-        change = self.state.observe(status, found, time.monotonic(), time.time())
+        self._act(self.state.observe(status, found, time.monotonic(), time.time()))
+
+    def _act(self, change: Change | None) -> None:
         if change is Change.LOST:
-            logger.warning("pgfailover monitor: %s: %s", self.endpoint, found)
+            logger.warning("pgfailover monitor: %s: %s", self.endpoint, self.state.finding)
         elif change is Change.BACK:
             logger.warning("pgfailover monitor: %s: writable primary again", self.endpoint)
         self.monitor._act(self.endpoint, change, self.state)
 
-    async def _check(self) -> tuple[Status, str]:
+    async def _check(self) -> tuple[Status | None, str]:
+        """What one look of the watch's own found, and the finding; no status (None) when
+        the connection or the role query got no answer in time (see
+        :meth:`EndpointWatch.observe_slow`)."""
         phase = Phase.CONNECT
         try:
             if self.conn is None or self.conn.closed:
@@ -474,16 +555,10 @@ class _Watch:
                 if phase is Phase.CONNECT
                 else self.monitor.probe_timeout
             )
-            return Status.DOWN, f"down: no answer to the {what} within {limit:.3g} s"
+            return None, f"down: no answer to the {what} within {limit:.3g} s"
         except psycopg.Error as ex:
             await self._close()
-            verdict = classify(ex, phase=phase)
-            message = scrub(verdict.message, self._secrets)
-            if verdict.kind is Kind.CONFIGURATION:
-                return Status.MISCONFIGURED, f"auth or configuration failure: {message}"
-            if (standbys := read_only_hosts(str(ex))) is not None:
-                return Status.READ_ONLY, standbys_finding(standbys)
-            return Status.DOWN, f"down: {message}"
+            return self._failed(ex, phase)
         if report.writable:
             return Status.WRITABLE, "primary"
         # the next look comes as a new client: a pooler in session mode, or a TCP forwarder
@@ -491,6 +566,18 @@ class _Watch:
         # server even once it leads elsewhere
         await self._close()
         return Status.READ_ONLY, finding(report)
+
+    def _failed(self, ex: psycopg.Error, phase: Phase) -> tuple[Status | None, str]:
+        """What a look that failed with ``ex`` found (no status: no answer in time)."""
+        verdict = classify(ex, phase=phase)
+        message = scrub(verdict.message, self._secrets)
+        if isinstance(ex, psycopg.errors.ConnectionTimeout):  # libpq's connect_timeout
+            return None, f"down: {message}"
+        if verdict.kind is Kind.CONFIGURATION:
+            return Status.MISCONFIGURED, f"auth or configuration failure: {message}"
+        if (standbys := read_only_hosts(str(ex))) is not None:
+            return Status.READ_ONLY, standbys_finding(standbys)
+        return Status.DOWN, f"down: {message}"
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         # the pool's connection options, less what shapes cursors and adaptation (a sync

@@ -19,11 +19,14 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..policy import RECONNECT_POLICY
+
 #: Seconds between two role checks of a healthy endpoint (each with jitter, see JITTER).
 INTERVAL = 1.0
-#: Seconds between two looks at an endpoint while no writable primary is found there: each
-#: is one query on the watch connection, or one connection attempt when that is lost. As
-#: often as one pool's single-flight prober (:data:`pgfailover._state.MIN_PROBE_INTERVAL`).
+#: Seconds between two looks at an endpoint while no writable primary is found there, at
+#: the least: after a look that made a connection attempt the wait follows the pools' own
+#: reconnection schedule (see :meth:`EndpointWatch.look_delay`). As often
+#: as one pool's single-flight prober at most (:data:`pgfailover._state.MIN_PROBE_INTERVAL`).
 OUTAGE_INTERVAL = 0.05
 #: Relative jitter of the healthy interval (+/-), so that processes started together do not
 #: query together.
@@ -33,6 +36,15 @@ MAX_SPREAD = 0.25
 #: Spread per pool beyond the first (seconds): 2 pools 5 ms apart, 51 pools or more over
 #: :data:`MAX_SPREAD`.
 SPREAD_STEP = 0.005
+#: Looks in a row without an answer in time (to the connection or the role query) before a
+#: writable endpoint counts as lost: the first ones only make the watch look again at once,
+#: on a new connection (a busy pooler or server answering slowly is not a failover; a purge
+#: would send every pool reconnecting into the same congestion).
+SLOW_LOOKS = 2
+#: During an outage, looks made by granting a waiting pool's connection attempt before one
+#: look of the watch's own (see :meth:`EndpointWatch.next_look`): the own look keeps the
+#: endpoint's status honest should a pool's attempts fail for a reason of the pool's own.
+GRANTS_PER_OWN_LOOK = 9
 
 
 class Status(enum.Enum):
@@ -74,6 +86,13 @@ class Endpoint:
         port = str(params.get("port") or "5432")
         dbname = str(params.get("dbname") or params.get("user") or "")
         return cls(host, port, dbname)
+
+
+class Look(enum.Enum):
+    """How the next look at an endpoint is made."""
+
+    OWN = "own"  #: the watch's role query (on its connection, or a new one)
+    GRANT = "grant"  #: one waiting pool's connection attempt, let through by the monitor
 
 
 class Change(enum.Enum):
@@ -149,6 +168,14 @@ class EndpointWatch:
         self.suspected = False
         self.checks = 0
         self.connects = 0
+        #: looks made by granting a pool's connection attempt (counted in ``checks`` too)
+        self.grants = 0
+        #: looks in a row unanswered in time while the endpoint was writable
+        self.slow = 0
+        #: granted attempts in a row that did not reach a writable primary
+        self.grants_in_row = 0
+        #: looks that logged in (a connection attempt) during the current outage
+        self.outage_logins = 0
         #: whether the last observation changed the status or the finding
         self.news = False
 
@@ -162,6 +189,8 @@ class EndpointWatch:
         self.checks += 1
         self.checked_wall = wall
         self.suspected = False
+        self.slow = 0
+        self.grants_in_row = 0
         previous = self.status
         self.news = status is not previous or finding != self.finding
         if status is not previous:
@@ -176,9 +205,75 @@ class EndpointWatch:
             return None
         if self.outage_since is None:
             self.outage_since = now
+            self.outage_logins = 0
         if previous in (Status.WRITABLE, Status.UNKNOWN):
             return Change.LOST
         return None
+
+    def observe_slow(self, finding: str, now: float, wall: float) -> Change | None:
+        """The look got no answer in time, to its connection or its role query
+        (``finding`` says so): a lost (frozen, unreachable) server, or a busy pooler or
+        server. While the endpoint is writable, the first :data:`SLOW_LOOKS` - 1 such looks
+        in a row change nothing but make the watch look again at once (None); the next
+        one, or any while it is not writable, counts as DOWN (see :meth:`observe`)."""
+        if self.status is Status.WRITABLE and self.slow + 1 < SLOW_LOOKS:
+            self.slow += 1
+            self.checks += 1
+            self.checked_wall = wall
+            self.suspected = True
+            return None
+        return self.observe(Status.DOWN, finding, now, wall)
+
+    def next_look(self, waiting: bool) -> Look:
+        """How to make the next look. ``waiting``: some pool of the endpoint holds a
+        connection attempt back now. During an outage (the endpoint read-only or down) with
+        a pool waiting, the look is that pool's own attempt (GRANT: when it connects, the
+        connection serves the pool at once and the primary is seen back, with one login
+        instead of the watch's then the pool's); after :data:`GRANTS_PER_OWN_LOOK` grants
+        in a row that found no writable primary, and whenever no pool waits, the watch
+        looks itself (OWN)."""
+        if (
+            waiting
+            and self.status in (Status.READ_ONLY, Status.DOWN)
+            and self.grants_in_row < GRANTS_PER_OWN_LOOK
+        ):
+            return Look.GRANT
+        self.grants_in_row = 0  # the own look restarts the count
+        return Look.OWN
+
+    def granted(self, ok: bool, now: float, wall: float) -> Change | None:
+        """A granted pool attempt ended: ``ok`` when it connected to a writable primary
+        (then as :meth:`observe` of WRITABLE: BACK during an outage), else a look that
+        found no writable primary (the pool's own error says what; the status and finding
+        stay as they were, no change)."""
+        self.grants += 1
+        if ok:
+            return self.observe(Status.WRITABLE, "primary", now, wall)
+        self.checks += 1
+        self.checked_wall = wall
+        self.grants_in_row += 1
+        return None
+
+    def look_delay(self, rng: random.Random, started: float, now: float, login: bool) -> float:
+        """Seconds to wait after a look that began at ``started`` (``time.monotonic()``),
+        ``now`` being its end; ``login``: the look made a connection attempt (the watch's
+        own, or a granted pool's). During an outage, a look without a login (a query on a
+        kept session) is followed by the next one the outage interval after its start.
+        After the n-th look with a login in an outage, the wait runs from its end and is
+        drawn as a pool on its own draws its wait before its n-th reconnection attempt
+        (uniform below :data:`~pgfailover.policy.RECONNECT_POLICY`'s cap: 50 ms growing
+        x1.5 to 200 ms), and is at least the outage interval: the endpoint sees the
+        monitor's attempts come no sooner than one pool's single-flight prober's would
+        (which also waits from its attempt's end, at least 50 ms from its start). Waiting
+        the whole cap instead halves the attempts but delays the recovery by up to the
+        cap (measured: RESULTS.md). Outside an outage: :meth:`next_delay`, from the end."""
+        delay = self.next_delay(rng)
+        if delay <= 0 or self.status not in (Status.READ_ONLY, Status.DOWN):
+            return delay
+        if not login:
+            return max(0.0, delay - max(0.0, now - started))
+        self.outage_logins += 1
+        return max(delay, rng.uniform(0.0, RECONNECT_POLICY.cap(self.outage_logins)))
 
     def suspect(self) -> None:
         """A pool met a failover error there: look again now, whatever the schedule."""
