@@ -30,14 +30,16 @@ pgfailover's connection classes and:
   every new connection against it in-band (a writable node that is not the leader is
   refused: fencing), and invalidate the topology on every failover verdict, so the next
   connection attempt refreshes it (once, shared by all the pools using the same source);
-- with ``monitor=True`` (opt-in), register with the process monitor
-  (:mod:`pgfailover.monitor`): one watch connection per endpoint (with ``topology=``, one
-  per topology source object, following its leader) purges the pool's stale connections
-  when the endpoint stops being writable (or the leader changes), before a request meets
-  them; during the outage the pool makes no connection attempt but those the monitor
-  grants (the monitor is the one prober of the endpoint, and a waiting pool's attempt is
-  its look) and the monitor wakes it when a writable primary is back (its held attempts
-  then go one at a time, each once the previous one has connected);
+- register with the process monitor (:mod:`pgfailover.monitor`; ``monitor=True``, the
+  default): one watch connection per endpoint (with ``topology=``, one per topology
+  source object, following its leader) purges the pool's stale connections when the
+  endpoint stops being writable (or the leader changes), before a request meets them;
+  during the outage the pool makes no connection attempt but those the monitor grants
+  (the monitor is the one prober of the endpoint, and a waiting pool's attempt is its
+  look) and the monitor wakes it when a writable primary is back (its held attempts then
+  go one at a time, each once the previous one has connected). It costs one thread per
+  process, one connection per endpoint and one role query per second on it;
+  ``monitor=False`` opts out;
 - count what happened in ``get_stats()``.
 
 Decisions live in :class:`~pgfailover._state.FailoverState` (no I/O); the pool class is a
@@ -91,10 +93,10 @@ class AsyncConnectionPool(_BasePool[CT]):
     leader: ``conninfo`` must then be a string without the host and port (any given are
     replaced by the leader's). Share one topology object between the pools that reach the
     same cluster: its refreshes are single-flight per object.
-    ``monitor``: True registers the pool with the process's shared
-    :class:`~pgfailover.monitor.Monitor` when it opens, False (default) keeps the pool on
-    its own (it then probes by itself during an outage, one attempt at a time), a
-    ``Monitor`` registers it with that one.
+    ``monitor``: True (default) registers the pool with the process's shared
+    :class:`~pgfailover.monitor.Monitor` when it opens (the pool leaves it when it closes),
+    False keeps the pool on its own (it then probes by itself during an outage, one
+    attempt at a time), a ``Monitor`` registers it with that one.
     """
 
     def __init__(
@@ -106,7 +108,7 @@ class AsyncConnectionPool(_BasePool[CT]):
         recheck_interval: float | None = 10.0,
         pooler: bool | None = None,
         topology: AsyncTopologySource | None = None,
-        monitor: Monitor | bool = False,
+        monitor: Monitor | bool = True,
         **kwargs: Any,
     ) -> None:
         _pool_common.check_options(recheck_interval, pooler)

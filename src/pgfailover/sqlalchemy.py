@@ -48,9 +48,10 @@ What it changes:
   adapter's lock, or its COMMIT/ROLLBACK is under way (asyncpg). The happy path costs
   nothing per statement.
 
-- **The process monitor** (:mod:`pgfailover.monitor`; ``monitor=True``, opt-in): the
-  engine registers with the process's monitor, which keeps one watch connection per
-  endpoint (shared with the pools and engines of the process that use it). When the
+- **The process monitor** (:mod:`pgfailover.monitor`; ``monitor=True``, the default;
+  ``monitor=False`` opts out): the engine registers with the process's monitor, which
+  keeps one watch connection per endpoint (shared with the pools and engines of the
+  process that use it; one thread per process, one role query per second). When the
   endpoint stops being writable, the monitor invalidates the engine's pool before a
   request meets it: every connection opened before then is replaced at its next checkout
   (idle ones at once when a request comes, checked-out ones the next time they are checked
@@ -137,7 +138,7 @@ class Options:
     silence_limit: float | None
     probe_timeout: float
     topology: TopologySource | AsyncTopologySource | None = None
-    monitor: Monitor | bool = False
+    monitor: Monitor | bool = True
 
 
 class Instrumentation:
@@ -715,7 +716,7 @@ def instrument(
     silence_limit: float | None = 5.0,
     probe_timeout: float = 3.0,
     topology: TopologySource | AsyncTopologySource | None = None,
-    monitor: Monitor | bool = False,
+    monitor: Monitor | bool = True,
 ) -> Instrumentation:
     """Make ``engine`` (an ``Engine`` or ``AsyncEngine``) survive failovers; see the module doc.
 
@@ -744,8 +745,8 @@ def instrument(
             names (the URL's host and port are replaced), are fenced against it in-band,
             a failover verdict invalidates it, and a checkout that finds it naming another
             leader replaces the engine's connections. None (default): the URL's hosts.
-        monitor: True registers the engine with the process's shared
-            :class:`~pgfailover.monitor.Monitor` (see the module doc), False (default)
+        monitor: True (default) registers the engine with the process's shared
+            :class:`~pgfailover.monitor.Monitor` (see the module doc), False
             keeps it on its own (during an outage it then probes by itself, one attempt
             at a time), a ``Monitor`` registers it with that one (its timings). The
             engine leaves it with :meth:`Instrumentation.remove` (or

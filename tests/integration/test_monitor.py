@@ -277,3 +277,32 @@ def test_closing_the_last_pool_ends_the_watch_and_monitor_false_opts_out(
         assert not pool.failover_state.monitored
     finally:
         monitor.close()
+
+
+def test_a_pool_joining_a_watch_refused_its_login_is_not_held(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """The watch of an endpoint logs in with its first pool's credentials; when the server
+    refuses them (a wrong password), that is no outage: a second pool with good
+    credentials joining the endpoint connects at once instead of waiting for the watch to
+    see a primary it cannot see."""
+    node = pgfailover_cluster.primary
+    monitor = Monitor(interval=0.2)
+    try:
+        with ConnectionPool[Any](
+            node.dsn(password="not-the-password"), min_size=0, max_size=1, monitor=monitor
+        ):
+            (endpoint,) = monitor.endpoints()
+
+            def refused() -> bool:
+                watch = monitor.watch_of(endpoint)
+                return watch is not None and watch.status is Status.MISCONFIGURED
+
+            _wait_for(refused)
+            with ConnectionPool[Any](node.dsn(), min_size=1, timeout=10, monitor=monitor) as good:
+                assert monitor.endpoints() == [endpoint]
+                with good.connection() as conn:
+                    conn.execute("SELECT 1")
+                assert good.failover_state.outage_since is None
+    finally:
+        monitor.close()

@@ -123,14 +123,17 @@ def test_pool_recovers_through_pgbouncer_after_repoint(
     """Concurrent writers through PgBouncer; failover; repoint 1 s later: the pool recovers
     without restart, the first write lands within 0.5 s of the repoint, the generation is
     purged, failures and probes are bounded, no session is left on the old primary, and the
-    purge and recovery reach event hooks as PoolEvents naming the pool."""
+    purge and recovery reach event hooks as PoolEvents naming the pool. About the pool's own
+    recovery (``monitor=False``): the monitor's is pinned in test_monitor_async.py."""
     cluster = bouncer_cluster(pgfailover_cluster_factory, mode)
     assert cluster.pgbouncer is not None
     name = table(cluster)
     old_primary = cluster.primary
     stop = threading.Event()
     work = Workload()
-    with ConnectionPool[Any](cluster.pgbouncer.dsn(), name="orders", **POOL_KWARGS) as pool:
+    with ConnectionPool[Any](
+        cluster.pgbouncer.dsn(), name="orders", monitor=False, **POOL_KWARGS
+    ) as pool:
         pool.wait()
         workers = _start_writers(pool, name, stop, work)
         try:

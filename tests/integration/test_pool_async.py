@@ -135,7 +135,8 @@ async def test_pool_recovers_through_pgbouncer_after_repoint(
     """Concurrent writers through PgBouncer; failover; repoint 1 s later: the pool recovers
     without restart, the first write lands within 0.5 s of the repoint, the generation is
     purged, failures and probes are bounded, no session is left on the old primary, and the
-    purge and recovery reach event hooks as PoolEvents naming the pool."""
+    purge and recovery reach event hooks as PoolEvents naming the pool. About the pool's own
+    recovery (``monitor=False``): the monitor's is pinned in test_monitor_async.py."""
     cluster = bouncer_cluster(pgfailover_cluster_factory, mode)
     assert cluster.pgbouncer is not None
     name = table(cluster)
@@ -143,7 +144,7 @@ async def test_pool_recovers_through_pgbouncer_after_repoint(
     stop = asyncio.Event()
     work = Workload()
     async with AsyncConnectionPool[Any](
-        cluster.pgbouncer.dsn(), name="orders", **POOL_KWARGS
+        cluster.pgbouncer.dsn(), name="orders", monitor=False, **POOL_KWARGS
     ) as pool:
         await pool.wait()
         workers = await _start_writers(pool, name, stop, work)

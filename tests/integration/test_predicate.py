@@ -23,7 +23,9 @@ def test_tenacity_with_the_documented_predicate_gets_through_a_session_mode_fail
     """PgBouncer in session mode, a failover and a repoint: a hand-written write function
     under tenacity with ``retry_if_exception(pgfailover.is_retryable)`` gets through (the
     dead server's error reaches it with the connection's verdict: the transaction was
-    lost before its COMMIT), and the row is written exactly once."""
+    lost before its COMMIT), and the row is written exactly once. The pool is made with
+    ``monitor=False``: the test is about the predicate seeing the failure, and the process
+    monitor would purge the idle pool before its next write meets the failover."""
     cluster = bouncer_cluster(pgfailover_cluster_factory, "session")
     assert cluster.pgbouncer is not None
     table = f"k_{uuid.uuid4().hex[:10]}"
@@ -39,7 +41,7 @@ def test_tenacity_with_the_documented_predicate_gets_through_a_session_mode_fail
 
     kwargs: dict[str, Any] = {"prepare_threshold": None}
     with ConnectionPool[Any](
-        cluster.pgbouncer.dsn(), min_size=2, max_size=2, kwargs=kwargs, timeout=20
+        cluster.pgbouncer.dsn(), min_size=2, max_size=2, kwargs=kwargs, timeout=20, monitor=False
     ) as pool:
 
         @tenacity.retry(

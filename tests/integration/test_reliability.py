@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import pgfailover
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.plugin import ClusterFactory
 
@@ -42,16 +44,28 @@ SETTINGS = Settings(
 )
 
 
+def _with_monitor_thread(cluster: LocalCluster) -> LocalCluster:
+    """``cluster``, once the process monitor's thread runs: it starts with the first pool
+    registered with the monitor (the default) and is kept for the life of the process, as
+    the watchdog's is, so a scenario that counts its threads must not see it as a stack's
+    leak. A pool of no connection opens and closes (its watch ends with it)."""
+    with pgfailover.ConnectionPool[Any](cluster.multihost_dsn(), min_size=0, max_size=1) as pool:
+        assert pool.failover_state.monitored
+    return cluster
+
+
 @pytest.fixture(scope="module")
 def sync_cluster(pgfailover_cluster_factory: ClusterFactory) -> LocalCluster:
     """Primary + standby, synchronous replication, no PgBouncer (direct multi-host DSN)."""
-    return pgfailover_cluster_factory(standbys=1, pgbouncer=None, synchronous=True)
+    cluster = pgfailover_cluster_factory(standbys=1, pgbouncer=None, synchronous=True)
+    return _with_monitor_thread(cluster)
 
 
 @pytest.fixture(scope="module")
 def async_cluster(pgfailover_cluster_factory: ClusterFactory) -> LocalCluster:
     """Primary + standby, asynchronous replication (PostgreSQL's default), no PgBouncer."""
-    return pgfailover_cluster_factory(standbys=1, pgbouncer=None, synchronous=False)
+    cluster = pgfailover_cluster_factory(standbys=1, pgbouncer=None, synchronous=False)
+    return _with_monitor_thread(cluster)
 
 
 def _assert_clean(result: ScenarioResult, *, leaks_known: bool = False) -> None:

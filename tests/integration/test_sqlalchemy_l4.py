@@ -203,7 +203,7 @@ def _sync_scenario(
         if held is None:
             for conn in conns:
                 conn.close()
-        stats = pgsa.instrument(engine).stats if mode != "plain" else None
+        stats = pgsa.instrument(engine, monitor=False).stats if mode != "plain" else None
         switched_at = time.monotonic()
         proxy.switch(cluster.primary)
 
@@ -274,7 +274,7 @@ async def _async_scenario(
         if held is None:
             for conn in conns:
                 await conn.close()
-        stats = pgsa.instrument(engine).stats if mode != "plain" else None
+        stats = pgsa.instrument(engine, monitor=False).stats if mode != "plain" else None
         switched_at = time.monotonic()
         proxy.switch(cluster.primary)
         stop = asyncio.Event()
@@ -331,7 +331,9 @@ def _on_standby(outcome: Outcome, standby: Node) -> None:
 async def test_instrumented_engine_recovers_after_an_l4_switch(
     pgfailover_cluster: LocalCluster, kind: str, where: str, request: pytest.FixtureRequest
 ) -> None:
-    """Connections an L4 switch left on the standby are replaced; writes recover within 0.5 s."""
+    """Connections an L4 switch left on the standby are replaced; writes recover within 0.5 s.
+    About the engine's own role checks (``monitor=False``): the process monitor would see the
+    failover first and change which connections meet the standby."""
     # where="pooled": the connections wait in the pool at the switch; "held": each writer
     # holds its own across the switch, so its first write does reach the standby.
     cluster = pgfailover_cluster

@@ -8,7 +8,8 @@ and changes only what a failover needs (psycopg 3 only):
   happened on;
 - with ``OPTIONS {"pool": True | {...}}`` (Django 5.1+) the pool is a
   :class:`pgfailover.ConnectionPool` (role-checked new connections, purge of a failed
-  node's connections, fast reconnection) instead of psycopg_pool's;
+  node's connections, fast reconnection) instead of psycopg_pool's, registered with the
+  process monitor like every pgfailover pool (``{"pool": {"monitor": False}}`` opts out);
 - :meth:`DatabaseWrapper.is_usable` (what ``CONN_HEALTH_CHECKS`` and the end-of-request
   check after an error call) is role-aware: a poisoned, closed, broken or failed
   connection, or one of a generation purged since it was opened or last checked (a

@@ -1,8 +1,10 @@
 """One monitor per process: notice a failover before requests do, recover faster.
 
-Pools register with the process's :class:`Monitor` when they open with ``monitor=True``
-(opt-in: the default, False, keeps a pool on its own; a :class:`Monitor` of your own
-changes the timings), and so do SQLAlchemy engines given ``instrument(engine, monitor=True)``.
+Pools register with the process's :class:`Monitor` when they open (``monitor=True``, the
+default; ``monitor=False`` keeps a pool on its own; a :class:`Monitor` of your own changes
+the timings) and leave it when they close, and so do SQLAlchemy engines given to
+``instrument(engine)``. The cost: one daemon thread per process, one connection per
+endpoint, one role query per second on it while all is well.
 For each endpoint (host list, ports, database), not each pool, the monitor keeps one watch
 connection:
 

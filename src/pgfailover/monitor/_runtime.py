@@ -187,7 +187,10 @@ class Monitor:
         watch = self._watches[endpoint]
         if start:
             self._submit(watch.run())
-        elif watch.state.outage_since is not None:  # joining during an outage: hold too
+        elif watch.state.status in (Status.DOWN, Status.READ_ONLY):
+            # joining during an outage: hold too. Not when the watch's own login was
+            # refused (its credentials are the first member's): that is no outage, and
+            # nothing would release a pool held for it
             _call(member._pgf_endpoint_lost, endpoint.address, watch.state.finding)
         return True
 
