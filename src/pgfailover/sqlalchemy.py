@@ -23,7 +23,9 @@ What it changes:
   backoff (50 ms, x1.5, at most 200 ms, with jitter; one attempt at a time per engine during
   an outage) until ``timeout``; then :class:`~pgfailover.errors.NoPrimaryAvailable` says
   what each host was. Authentication and configuration errors are raised at once.
-  With ``NullPool`` (every checkout is a new connection) new connections are probed only
+  A URL with several hosts gets ``target_session_attrs=read-write`` (unless it sets its
+  own, or ``pooler=True``), as the pools' conninfo does, so the driver passes over hosts
+  that answer as standbys. With ``NullPool`` (every checkout is a new connection) new connections are probed only
   while an outage is under way, so the happy path costs no round trip there either.
 - **Checkout** (``checkout``): a pooled connection is probed only when there is a reason:
   an outage is under way, or it was last checked out (or probed) at least
@@ -367,6 +369,8 @@ class Instrumentation:
         timeout = self.options.timeout
         deadline = time.monotonic() + timeout
         cparams = _bounded(dialect, cparams, timeout)
+        if self.options.topology is None:
+            cparams = _read_write(dialect, cparams, self.options.pooler)
         retries = 0
         last_error: BaseException | None = None
         while True:
@@ -880,6 +884,29 @@ def _bounded(dialect: Dialect, cparams: dict[str, Any], timeout: float) -> dict[
     timeout = min(timeout, CONNECT_ATTEMPT_BOUND)  # then the next attempt can go elsewhere
     bound = max(2, math.ceil(timeout)) if key == "connect_timeout" else max(timeout, 0.1)
     return {**cparams, key: bound}
+
+
+def _read_write(dialect: Dialect, cparams: dict[str, Any], pooler: bool | None) -> dict[str, Any]:
+    """``cparams`` with ``target_session_attrs=read-write`` when they name several hosts,
+    say nothing of it, and ``pooler`` is not True: as the pools' conninfo (and the monitor's
+    watch of the engine) do. libpq and asyncpg then pass over hosts that answer as standbys
+    instead of stopping at the first that answers; without it, once the first host of the
+    list is a standby again (a switchover back, a rejoin), every new connection lands there
+    and is refused, for as long as the list stays in that order. The caller's own value,
+    or a ``dsn`` string, is kept as given."""
+    if (
+        pooler is True
+        or dialect.driver not in _CONNECT_BOUNDS
+        or "target_session_attrs" in cparams
+        or "dsn" in cparams
+    ):
+        return cparams
+    host = cparams.get("host")
+    if isinstance(host, str):
+        several = "," in host
+    else:
+        several = isinstance(host, list | tuple) and len(host) > 1
+    return {**cparams, "target_session_attrs": "read-write"} if several else cparams
 
 
 def _check_topology(topology: object, *, is_async: bool) -> None:

@@ -397,6 +397,38 @@ async def test_engine_pinned_to_the_demoted_node_names_it_as_standby(
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+async def test_a_host_list_starting_with_a_standby_connects_to_the_primary(
+    pgfailover_cluster: LocalCluster, kind: str
+) -> None:
+    """An engine whose URL lists a standby before the primary (as after a switchover back,
+    or a rejoin): instrument() asks the driver for a read-write session
+    (target_session_attrs), so its connections go to the primary at once, with no failed
+    attempt, rather than to the first host that answers, again and again."""
+    cluster = pgfailover_cluster
+    driver, _ = KINDS[kind]
+    order = [*cluster.standbys, cluster.primary]
+    url = _url(cluster.primary, driver).set(host=None, port=None)
+    url = url.update_query_dict({"host": [n.address for n in order]})
+    engine = _engine(url, kind, pool_size=1, max_overflow=0)
+    pgsa.instrument(engine, timeout=5.0, monitor=False)
+    try:
+        port = await _server_port(engine)
+    finally:
+        await _dispose(engine)
+    assert port == cluster.primary.port
+
+
+async def _server_port(engine: Engine | AsyncEngine) -> int:
+    """The server port of a connection checked out of ``engine``."""
+    query = sa.text("SELECT inet_server_port()")
+    if isinstance(engine, AsyncEngine):
+        async with engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 async def test_wrong_password_fails_fast_with_the_drivers_error(
     pgfailover_cluster: LocalCluster, kind: str
 ) -> None:
