@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from typing import Any
 
+import _bench_recovery
 import psycopg
 import psycopg_pool
 
@@ -68,17 +68,12 @@ def happy_path(rounds: int, checkouts: int) -> None:
 
 
 def recovery(runs: int, server_login_retry: float) -> None:
-    delays: list[float] = []
-    promotes: list[float] = []
     with LocalCluster(
         standbys=1, pgbouncer="transaction", server_login_retry=server_login_retry
     ) as cluster:
         assert cluster.pgbouncer is not None
         with cluster.primary.connect(superuser=False) as conn:
             conn.execute("CREATE TABLE bench (id serial PRIMARY KEY)")
-        ok: list[float] = []
-        failed: list[str] = []
-        stop = threading.Event()
         with ConnectionPool[Any](
             cluster.pgbouncer.dsn(),
             kwargs={"prepare_threshold": None, "autocommit": True},
@@ -88,54 +83,19 @@ def recovery(runs: int, server_login_retry: float) -> None:
         ) as pool:
             pool.wait()
 
-            def writer() -> None:
-                while not stop.is_set():
-                    try:
-                        with pool.connection() as conn:
-                            conn.execute("INSERT INTO bench DEFAULT VALUES")
-                        ok.append(time.monotonic())
-                    except (psycopg.Error, psycopg_pool.PoolTimeout) as ex:
-                        failed.append(getattr(ex, "sqlstate", None) or type(ex).__name__)
+            def write() -> None:
+                with pool.connection() as conn:
+                    conn.execute("INSERT INTO bench DEFAULT VALUES")
 
-            threads = [threading.Thread(target=writer) for _ in range(4)]
-            for t in threads:
-                t.start()
-            try:
-                for _ in range(runs):
-                    time.sleep(0.3)
-                    timings = cluster.failover()
-                    promotes.append(timings["promote"])
-                    time.sleep(0.3)
-                    at = cluster.repoint_pgbouncer(cluster.primary).ended_at["reload"]
-                    deadline = time.monotonic() + 10
-                    while not any(t > at for t in ok[-50:]) and time.monotonic() < deadline:
-                        time.sleep(0.002)
-                    later = [t for t in ok if t > at]
-                    delays.append(min(later) - at if later else float("inf"))
-            finally:
-                stop.set()
-                for t in threads:
-                    t.join()
+            result = _bench_recovery.measure(
+                cluster,
+                write,
+                errors=(psycopg.Error, psycopg_pool.PoolTimeout),
+                error_name=lambda ex: getattr(ex, "sqlstate", None) or type(ex).__name__,
+                runs=runs,
+            )
             stats = pool.get_stats()
-    print(f"(b) recovery through PgBouncer (transaction mode), {runs} failovers\n")
-    print("| measure | p50 s | max s |")
-    print("|---|---:|---:|")
-    print(
-        f"| repoint -> first successful write | {statistics.median(delays):.3f} | "
-        f"{max(delays):.3f} |"
-    )
-    print(
-        f"| harness promote-until-writable | {statistics.median(promotes):.3f} | "
-        f"{max(promotes):.3f} |"
-    )
-    print(
-        f"\nfailed writes over all runs: {len(failed)} "
-        f"{ {c: failed.count(c) for c in sorted(set(failed))} }"
-    )
-    print(
-        f"probes run: {stats['probes_run']}, generations purged: "
-        f"{stats['generations_purged']}, failovers detected: {stats['failovers_detected']}"
-    )
+    _bench_recovery.report(result, stats)
 
 
 def main() -> int:

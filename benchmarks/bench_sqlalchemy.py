@@ -20,10 +20,9 @@ import asyncio
 import logging
 import statistics
 import sys
-import threading
 import time
-from collections import Counter
 
+import _bench_recovery
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -113,8 +112,6 @@ def happy_path(rounds: int, checkouts: int, drivers: list[str]) -> None:
 
 
 def recovery(runs: int) -> None:
-    delays: list[float] = []
-    promotes: list[float] = []
     with LocalCluster(standbys=1, pgbouncer="transaction", server_login_retry=0.1) as cluster:
         assert cluster.pgbouncer is not None
         with cluster.primary.connect(superuser=False) as conn:
@@ -124,53 +121,21 @@ def recovery(runs: int) -> None:
             url, pool_size=4, max_overflow=4, connect_args={"prepare_threshold": None}
         )
         instrumentation = pgsa.instrument(engine)
-        ok: list[float] = []
-        failed: list[str] = []
-        stop = threading.Event()
 
-        def writer() -> None:
-            while not stop.is_set():
-                try:
-                    with engine.begin() as conn:
-                        conn.execute(sa.text("INSERT INTO bench DEFAULT VALUES"))
-                    ok.append(time.monotonic())
-                except Exception as ex:
-                    failed.append(pgfailover.sqlstate_of(ex) or type(ex).__name__)
+        def write() -> None:
+            with engine.begin() as conn:
+                conn.execute(sa.text("INSERT INTO bench DEFAULT VALUES"))
 
-        threads = [threading.Thread(target=writer) for _ in range(4)]
-        for t in threads:
-            t.start()
-        try:
-            for _ in range(runs):
-                time.sleep(0.3)
-                timings = cluster.failover()
-                promotes.append(timings["promote"])
-                time.sleep(0.3)
-                at = cluster.repoint_pgbouncer(cluster.primary).ended_at["reload"]
-                deadline = time.monotonic() + 10
-                while not any(t > at for t in ok[-50:]) and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                later = [t for t in ok if t > at]
-                delays.append(min(later) - at if later else float("inf"))
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
+        result = _bench_recovery.measure(
+            cluster,
+            write,
+            errors=(Exception,),
+            error_name=lambda ex: pgfailover.sqlstate_of(ex) or type(ex).__name__,
+            runs=runs,
+        )
         stats = instrumentation.stats()
         engine.dispose()
-    print(f"(b) recovery through PgBouncer (transaction mode), {runs} failovers\n")
-    print("| measure | p50 s | max s |")
-    print("|---|---:|---:|")
-    for what, values in (
-        ("repoint -> first successful write", delays),
-        ("harness promote-until-writable", promotes),
-    ):
-        print(f"| {what} | {statistics.median(values):.3f} | {max(values):.3f} |")
-    print(f"\nfailed writes over all runs: {len(failed)} {dict(Counter(failed))}")
-    print(
-        f"probes run: {stats['probes_run']}, generations purged: {stats['generations_purged']}, "
-        f"failovers detected: {stats['failovers_detected']}"
-    )
+    _bench_recovery.report(result, stats)
 
 
 def main() -> int:

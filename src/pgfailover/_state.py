@@ -8,7 +8,7 @@ single-flight gate for reconnecting, and the counters.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .classify import Kind, Verdict
 from .errors import NoPrimaryAvailable
@@ -17,6 +17,10 @@ from .probe import RoleReport
 
 #: Smallest wait between two role probes of new connections while no primary is reachable.
 MIN_PROBE_INTERVAL = 0.05
+
+
+#: What a host libpq refused as read-only (``target_session_attrs``) is called in errors.
+STANDBY_REFUSED = "standby (libpq refused it as read-only)"
 
 
 def finding(report: RoleReport) -> str:
@@ -107,12 +111,22 @@ class FailoverState:
             self._event("generation purged", reason=f"{endpoint} leads to a {finding}")
         return purge
 
-    def connect_failed(self, endpoint: str, verdict: Verdict, now: float) -> None:
-        """Opening a connection failed with ``verdict``."""
+    def connect_failed(
+        self, endpoint: str, verdict: Verdict, now: float, standbys: Sequence[str] = ()
+    ) -> None:
+        """Opening a connection failed with ``verdict``. ``standbys``: the hosts libpq
+        reached and refused as read-only, when it refused every host so
+        (:func:`~pgfailover.classify.read_only_hosts`); each is then named a standby in
+        :meth:`no_primary`'s error instead of the endpoint being called down."""
         suspect = False
         with self._lock:
             if verdict.kind is Kind.CONFIGURATION:
                 self.hosts[endpoint] = f"auth or configuration failure: {verdict.message}"
+            elif standbys:
+                self.hosts.pop(endpoint, None)
+                for host in standbys:
+                    self.hosts[host] = STANDBY_REFUSED
+                suspect = self._outage(now)
             else:
                 self.hosts[endpoint] = f"down: {verdict.message}"
                 if verdict.is_failover:

@@ -36,6 +36,7 @@ __all__ = [
     "classify",
     "is_failover_error",
     "is_retryable",
+    "read_only_hosts",
     "sqlstate_of",
 ]
 
@@ -237,6 +238,15 @@ _READ_ONLY_TRANSACTION: Final = _Rule(
 )
 _READ_ONLY_ASKED: Final = _application(
     "25006 in a session that asked for read-only: the program tried to write"
+)
+_STANDBYS_ONLY: Final = _Rule(
+    Kind.READ_ONLY,
+    RetryCondition.NOT_SENT,
+    True,
+    True,
+    True,
+    "libpq refused every host of the conninfo as read-only (target_session_attrs): the "
+    "hosts answer, none is a writable primary",
 )
 _CANNOT_CONNECT_NOW: Final = _Rule(
     Kind.SERVER_UNAVAILABLE,
@@ -814,6 +824,46 @@ def _message_rule(lowered: str) -> _Rule | None:
     return None
 
 
+# What libpq says of a host it reached but refused for ``target_session_attrs``
+# (read-write: ``session is read-only``; primary: ``server is in hot standby mode``).
+_READ_ONLY_REFUSALS: Final = ("session is read-only", "server is in hot standby mode")
+# One host's connection failure in libpq's message: ``connection to server at "h" (addr),
+# port p failed: reason`` or ``connection to server on socket "path" failed: reason``.
+_ATTEMPT_RE: Final = re.compile(
+    r'connection to server (?:at "(?P<host>[^"]*)"(?: \([^)]*\))?, port (?P<port>\d+)'
+    r'|on socket "(?P<socket>[^"]*)") failed: (?P<reason>[^\n]*)'
+)
+# psycopg's summary when it tried several hosts (its own multi-host loop): one line per
+# attempt follows, the first line repeats the last attempt.
+_ATTEMPTS_SUMMARY: Final = "Multiple connection attempts failed. All failures were:"
+
+
+def read_only_hosts(message: str) -> tuple[str, ...] | None:
+    """The hosts (``host:port``, or the socket path) of a failed connection attempt when
+    libpq reached every one and refused each as read-only, None otherwise.
+
+    ``message`` is the text of the connection error (``str(exc)``): libpq's, or psycopg's
+    summary of one attempt per host. Each attempt must end with ``session is read-only``
+    (``target_session_attrs=read-write``) or ``server is in hot standby mode``
+    (``=primary``); one host down, refused for another reason or unparsable makes it None
+    (the endpoint then counts as down). A host listed twice is named once, in order.
+    """
+    if _ATTEMPTS_SUMMARY in message:
+        lines = message.split(_ATTEMPTS_SUMMARY, 1)[1].splitlines()
+        attempts = [line for line in lines if line.startswith("- ")]
+    else:
+        attempts = [message]
+    hosts: list[str] = []
+    for attempt in attempts:
+        found = _ATTEMPT_RE.search(attempt)
+        if found is None or found["reason"].strip() not in _READ_ONLY_REFUSALS:
+            return None
+        host = found["socket"] or f"{found['host']}:{found['port']}"
+        if host not in hosts:
+            hosts.append(host)
+    return tuple(hosts) or None
+
+
 def _is_conninfo_message(lowered: str) -> bool:
     for needle in _CONNINFO_MESSAGES:
         if needle in lowered:
@@ -826,6 +876,8 @@ def _rule_without_sqlstate(  # noqa: PLR0911 - a decision list, checked in order
 ) -> _Rule:
     if not info.driver:
         return info.plain
+    if "failed: s" in text and read_only_hosts(text) is not None:  # cheap test first
+        return _STANDBYS_ONLY
     lowered = text.lower()
     rule = _message_rule(lowered)
     if rule is not None:

@@ -34,11 +34,12 @@ pgfailover's connection classes and:
   refused: fencing), and invalidate the topology on every failover verdict, so the next
   connection attempt refreshes it (once, shared by all the pools using the same source);
 - register with the process monitor (:mod:`pgfailover.monitor`; ``monitor=True``, the
-  default): one watch connection per endpoint purges the pool's stale connections when the
-  endpoint stops being writable, before a request meets them; during the outage the pool
-  makes no connection attempt of its own (the monitor is the one prober of the process)
-  and the monitor wakes it when a writable primary is back. It costs one thread per
-  process, one connection per endpoint and one role query per second on it;
+  default): one watch connection per endpoint (with ``topology=``, one per topology source
+  object, following its leader) purges the pool's stale connections when the endpoint
+  stops being writable (or the leader changes), before a request meets them; during the
+  outage the pool makes no connection attempt of its own (the monitor is the one prober of
+  the process) and the monitor wakes it when a writable primary is back. It costs one
+  thread per process, one connection per endpoint and one role query per second on it;
   ``monitor=False`` opts out;
 - count what happened in ``get_stats()``.
 
@@ -65,11 +66,11 @@ from psycopg_pool.pool import AddConnection, MaintenanceTask
 from . import _pool_common, _registry
 from ._pool_common import FastAttempt, endpoint
 from ._state import FailoverState, finding
-from .classify import Kind, Phase, classify
+from .classify import Kind, Phase, classify, read_only_hosts
 from .connection import Connection, _FailoverAware
 from .errors import NotWritable
 from .events import PoolEvent, _emit
-from .monitor import Monitor, WatchTarget, process_monitor
+from .monitor import Monitor, TopologyTarget, WatchTarget, process_monitor
 from .probe import probe
 from .topology import Topology, TopologyError, TopologySource
 from .topology.model import former_leader, leader_moved
@@ -161,9 +162,18 @@ class ConnectionPool(_BasePool[CT]):
 
     def _pgf_watch_target(self) -> WatchTarget | None:
         """Where the monitor should look (see :class:`~pgfailover.monitor.Member`)."""
-        if self.topology is not None:
-            return None
+        if self.topology is not None:  # one watch per source, following its leader
+            kwargs = self.kwargs
+            if kwargs is not None and not isinstance(kwargs, dict):
+                return None  # resolved per connection: only the pool knows them
+            home: Any = None  # a sync source: the monitor reads it in a thread of its own
+            return TopologyTarget.of(self.topology, self._pgf_base_conninfo, kwargs, home)
         return _pool_common.watch_target(self.conninfo, self.kwargs)
+
+    def _pgf_topology_followed(self, topology: Topology) -> None:
+        """The monitor purged the pool for ``topology``'s new leader (called from its
+        thread): the next request need not purge again (see _pgf_follow_topology)."""
+        self._pgf_topology_seen = topology
 
     def _pgf_endpoint_lost(self, where: str, found: str) -> None:
         """The monitor found no writable primary (called from its thread)."""
@@ -267,7 +277,10 @@ class ConnectionPool(_BasePool[CT]):
                 self._pgf_invalidate()
         else:
             conninfo = self._resolve_conninfo()
-        self._pgf.connect_failed(_pool_common.conninfo_endpoint(conninfo), verdict, monotonic())
+        standbys = read_only_hosts(str(ex)) if verdict.kind is Kind.READ_ONLY else None
+        self._pgf.connect_failed(
+            _pool_common.conninfo_endpoint(conninfo), verdict, monotonic(), standbys or ()
+        )
         if verdict.kind is Kind.CONFIGURATION:
             self._pgf.fatal = ex
             with self._lock:

@@ -1,6 +1,7 @@
 """Readiness: can this process write now? For Kubernetes readiness probes.
 
-:func:`health` answers for one pool or instrumented engine, from what is known already:
+:func:`health` answers for one pool, instrumented engine or Django database alias (with
+``ENGINE: "pgfailover.django"``), from what is known already:
 the process monitor's watch of the pool's endpoint (:mod:`pgfailover.monitor`) when it has
 one, otherwise what the pool's (or engine's) own requests and connection attempts last
 saw. It never makes a database call: a probe every few seconds costs no round trip and
@@ -45,8 +46,10 @@ logger = logging.getLogger("pgfailover.readiness")
 
 #: What :func:`health` accepts, for its ``TypeError``.
 ACCEPTED = (
-    "a pgfailover.ConnectionPool or pgfailover.AsyncConnectionPool, or a SQLAlchemy "
-    "Engine or AsyncEngine instrumented with pgfailover.sqlalchemy.instrument()"
+    "a pgfailover.ConnectionPool or pgfailover.AsyncConnectionPool, a SQLAlchemy "
+    "Engine or AsyncEngine instrumented with pgfailover.sqlalchemy.instrument(), or a "
+    "Django database alias (or its django.db.connections[alias]) with ENGINE "
+    "'pgfailover.django'"
 )
 
 #: Role of a target that is closed, not open yet, or gone (the apps hold targets weakly).
@@ -71,9 +74,12 @@ WSGIApp = Callable[["WSGIEnvironment", "StartResponse"], Iterable[bytes]]
 def health(target: object) -> Health:
     """Whether this process can write through ``target`` now, and why. No I/O.
 
-    ``target``: a pgfailover ``ConnectionPool`` or ``AsyncConnectionPool``, or a SQLAlchemy
-    ``Engine``/``AsyncEngine`` instrumented with :func:`pgfailover.sqlalchemy.instrument`;
-    anything else (an engine not instrumented included) raises ``TypeError``.
+    ``target``: a pgfailover ``ConnectionPool`` or ``AsyncConnectionPool``, a SQLAlchemy
+    ``Engine``/``AsyncEngine`` instrumented with :func:`pgfailover.sqlalchemy.instrument`,
+    or a Django database alias whose ``ENGINE`` is ``"pgfailover.django"``, given by name
+    (``"default"``) or as its connection (``django.db.connections["default"]``,
+    ``django.db.connection``); anything else (an engine not instrumented, an alias of
+    another engine or not configured included) raises ``TypeError``.
 
     - A pool (or an engine's instrumentation) registered with a monitor (``monitor=True``
       or a ``Monitor``) gets the monitor's answer for its endpoint (``monitored=True``):
@@ -81,7 +87,7 @@ def health(target: object) -> Health:
       (just after the pool opened) it is not writable (``role="unknown"``, for a few
       milliseconds).
     - A pool or an instrumented engine the monitor does not watch (``monitor=False``, a
-      callable conninfo, ``topology=``) is answered from its own failover state
+      callable conninfo) is answered from its own failover state
       (``monitored=False``): not writable while an outage its requests or connection
       attempts met is not over (``since`` = when it was noticed, ``role`` ``down``,
       ``read-only`` or ``unknown`` from what each host was found to be) or after an
@@ -92,6 +98,10 @@ def health(target: object) -> Health:
       engine connects only for a request.
     - A pool that is closed or not open yet is not writable (``role="closed"``, the
       reason says which).
+    - A Django alias is answered as its pool when it has one (``OPTIONS {"pool": ...}``);
+      otherwise from the monitor when ``OPTIONS["monitor"]`` is not False (the alias joins
+      it here if it has not connected yet: no I/O in this call), else from the alias's
+      failover state, shared by its threads, as for an unwatched pool.
 
     Times are ``time.time()`` values. No field ever holds a password.
     """
@@ -101,6 +111,9 @@ def health(target: object) -> Health:
     instrumentation = _instrumentation(target)
     if instrumentation is not None:
         return _engine_health(target, instrumentation)
+    wrapper = _django_wrapper(target)
+    if wrapper is not None:
+        return _django_health(wrapper)
     raise TypeError(f"health() needs {ACCEPTED}, got {_kind(target)}")
 
 
@@ -196,6 +209,55 @@ def _engine_health(engine: Any, instrumentation: Any) -> Health:
             Endpoint.of({"host": host, "port": url.port, "dbname": url.database or url.username})
         )
     return _state_health(instrumentation.state, endpoint, secrets)
+
+
+def _django_wrapper(target: object) -> Any:
+    """This thread's ``DatabaseWrapper`` of a Django alias given by name or connection;
+    None when ``target`` is neither (or Django is not imported and configured).
+    ``TypeError`` for an alias of another ``ENGINE``. A string that is no configured alias
+    is never shown (it may be a conninfo with its password)."""
+    db = sys.modules.get("django.db")
+    settings = getattr(sys.modules.get("django.conf"), "settings", None)
+    if db is None or settings is None or not settings.configured:
+        return None
+    connections = db.connections
+    if isinstance(target, str):
+        if target not in connections.settings:
+            return None
+        target = connections[target]
+    else:
+        proxy = getattr(sys.modules.get("django.utils.connection"), "ConnectionProxy", None)
+        if proxy is not None and isinstance(target, proxy):  # django.db.connection
+            target = connections[target.alias]
+    django_base = sys.modules.get("django.db.backends.base.base")
+    base_wrapper = getattr(django_base, "BaseDatabaseWrapper", None)
+    if base_wrapper is None or not isinstance(target, base_wrapper):
+        return None
+    ours = getattr(sys.modules.get("pgfailover.django.base"), "DatabaseWrapper", None)
+    if ours is None or not isinstance(target, ours):
+        raise TypeError(
+            f"health() needs {ACCEPTED}: the Django database {target.alias!r} uses "
+            f"ENGINE {target.settings_dict.get('ENGINE')!r}"
+        )
+    return target
+
+
+def _django_health(wrapper: Any) -> Health:
+    pool = wrapper.pool
+    if pool is not None:
+        return _pool_health(pool)
+    from .django import _monitor  # noqa: PLC0415 - Django is imported already
+
+    wrapper.pgf_join_monitor()
+    watched = _monitor.monitored_health(wrapper.alias)
+    if watched is not None:
+        return watched
+    params = wrapper.get_connection_params()
+    password = params.get("password")
+    secrets = [password] if isinstance(password, str) and password else []
+    topology = wrapper.pgf_topology
+    endpoint = str(topology.description) if topology is not None else str(Endpoint.of(params))
+    return _state_health(wrapper.pgf_state, endpoint, secrets)
 
 
 def _state_health(state: FailoverState, endpoint: str, secrets: list[str]) -> Health:
@@ -294,13 +356,17 @@ def _checked(target: object, endpoint: str) -> Health:
 
 
 def _process_targets() -> list[object]:
-    """Every open pgfailover pool and instrumented engine of the process."""
+    """Every open pgfailover pool and instrumented engine of the process, and every Django
+    alias registered with a monitor (by name)."""
     found: list[object] = list(_registry.pools())
     module = sys.modules.get("pgfailover.sqlalchemy")
     if module is not None:
         with module._registry_lock:
             items = list(module._registry.items())
         found.extend(engine for engine, instrumentation in items if instrumentation.installed)
+    django_members = sys.modules.get("pgfailover.django._monitor")
+    if django_members is not None:
+        found.extend(django_members.aliases())
     return found
 
 

@@ -97,7 +97,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, NullPool, Pool, PoolProxiedConn
 from . import _watchdog
 from ._runner import WATCHED_KEY
 from ._state import FailoverState, finding
-from .classify import Kind, Phase, Verdict, attach_verdict, classify
+from .classify import Kind, Phase, Verdict, attach_verdict, classify, read_only_hosts
 from .connection import _FailoverAware
 from .errors import NoPrimaryAvailable
 from .events import FailoverEvent, NodeInfo, _emit, caller_stack, diagnostics_of
@@ -408,7 +408,10 @@ class Instrumentation:
             verdict = classify(ex, phase=Phase.CONNECT)
             if verdict.kind is Kind.CONFIGURATION or not verdict.may_retry():
                 raise
-            self.state.connect_failed(_endpoint_of_params(cparams), verdict, time.monotonic())
+            standbys = read_only_hosts(str(ex)) if verdict.kind is Kind.READ_ONLY else None
+            self.state.connect_failed(
+                _endpoint_of_params(cparams), verdict, time.monotonic(), standbys or ()
+            )
             return None, ex
         watched = self._watch(dialect, dbapi_conn)  # the probe below is watched too
         validate = self.state.outage_since is not None or not self._null_pool()

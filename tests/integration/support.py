@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 import uuid
@@ -114,3 +115,11 @@ def count_key(cluster: LocalCluster, table: str, key: str) -> int:
         row = conn.execute(f"SELECT count(*) FROM {table} WHERE k = %s", [key]).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child process the test will send SIGINT: SIGINT back to its
+    default, which Python then turns into KeyboardInterrupt. A shell started in the
+    background (``cmd &``, ``nohup``) ignores SIGINT, and an ignored signal is inherited
+    through exec: the child would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

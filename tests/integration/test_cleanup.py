@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .support import interruptible
+
 _RECORD = """
 import json, os, sys
 from pgfailover.testing import LocalCluster
@@ -121,7 +123,11 @@ def test_ctrl_c_ends_every_process(tmp_path: Path) -> None:
         """
         )
     )
-    proc = subprocess.Popen([sys.executable, str(path), str(record_path)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(path), str(record_path)],
+        stderr=subprocess.PIPE,
+        preexec_fn=interruptible,  # noqa: PLW1509 - only resets one signal before exec
+    )
     deadline = time.monotonic() + 60
     while not record_path.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import django  # type: ignore[import-untyped]  # in the dev extras: missing must fail, not skip
 import pytest
@@ -148,6 +148,30 @@ def multihost(cluster: LocalCluster) -> tuple[str, str]:
     )
 
 
+Results: TypeAlias = dict[str, list[dict[str, Any]]]
+
+
+def _write_across_failover(
+    cluster: LocalCluster, p: Project, aliases: list[str], *, before: int
+) -> tuple[Results, Results]:
+    """Fail ``cluster`` over, send ``before`` write requests per alias, repoint PgBouncer at
+    the new primary and send 8 more per alias; the answers before and after the repoint,
+    printed in short (status, or SQLSTATE / error of each) for the test's output."""
+    cluster.failover()
+    early = {alias: [p.request("/write/", alias) for _ in range(before)] for alias in aliases}
+    cluster.repoint_pgbouncer(cluster.primary)
+    late = {alias: [p.request("/write/", alias) for _ in range(8)] for alias in aliases}
+
+    def summary(results: list[dict[str, Any]]) -> list[str]:
+        return [
+            str(r["status"]) if r["status"] == 200 else f"{r['sqlstate'] or r['error']}"
+            for r in results
+        ]
+
+    print({alias: (summary(early[alias]), summary(late[alias])) for alias in aliases})
+    return early, late
+
+
 @pytest.fixture(scope="module")
 def session_mode_cluster(pgfailover_cluster_factory: ClusterFactory) -> LocalCluster:
     """Primary + standby + PgBouncer in session mode, for this module."""
@@ -175,18 +199,7 @@ def test_session_mode_stock_backend_stays_broken_pgfailover_recovers(
     for alias in dbs:
         assert p.request("/write/", alias)["status"] == 200
 
-    cluster.failover()
-    before = {alias: [p.request("/write/", alias) for _ in range(3)] for alias in dbs}
-    cluster.repoint_pgbouncer(cluster.primary)
-    after = {alias: [p.request("/write/", alias) for _ in range(8)] for alias in dbs}
-
-    def summary(results: list[dict[str, Any]]) -> list[str]:
-        return [
-            str(r["status"]) if r["status"] == 200 else f"{r['sqlstate'] or r['error']}"
-            for r in results
-        ]
-
-    print({alias: (summary(before[alias]), summary(after[alias])) for alias in dbs})
+    before, after = _write_across_failover(cluster, p, list(dbs), before=3)
     stock = after["stock"]
     assert all(r["status"] == 500 and r["sqlstate"] == "25006" for r in stock), stock
     ours = after["default"]
@@ -227,18 +240,7 @@ def test_session_mode_with_django_pool(
         for _ in range(3):  # every pooled connection used once
             assert p.request("/write/", alias)["status"] == 200
 
-    cluster.failover()
-    before = {alias: [p.request("/write/", alias) for _ in range(2)] for alias in dbs}
-    cluster.repoint_pgbouncer(cluster.primary)
-    after = {alias: [p.request("/write/", alias) for _ in range(8)] for alias in dbs}
-
-    def summary(results: list[dict[str, Any]]) -> list[str]:
-        return [
-            str(r["status"]) if r["status"] == 200 else f"{r['sqlstate'] or r['error']}"
-            for r in results
-        ]
-
-    print({alias: (summary(before[alias]), summary(after[alias])) for alias in dbs})
+    _, after = _write_across_failover(cluster, p, list(dbs), before=2)
     ours = after["default"]
     first_ok = next(i for i, r in enumerate(ours) if r["status"] == 200)
     assert first_ok <= 1, ours
@@ -384,9 +386,10 @@ def test_caught_failover_error_still_ends_the_connection_with_the_request(
 def test_bad_settings_and_nested_atomic_fail_typed(
     pgfailover_cluster: LocalCluster, project: list[Project]
 ) -> None:
-    """Bad pgfailover OPTIONS raise ImproperlyConfigured naming the alias (never the
-    password); AtomicRunner inside an outer atomic block raises NestedAtomicError before
-    running anything; unknown policy options raise TypeError at construction."""
+    """Bad pgfailover OPTIONS (recheck_interval, pooler, monitor) raise
+    ImproperlyConfigured naming the alias and the option (never the password); AtomicRunner
+    inside an outer atomic block raises NestedAtomicError before running anything; unknown
+    policy options raise TypeError at construction."""
     node = pgfailover_cluster.primary
     c = pgfailover_cluster
     dbs = {
@@ -397,11 +400,15 @@ def test_bad_settings_and_nested_atomic_fail_typed(
         "bad_pooler": database(
             PGF, host=node.host, port=node.port, cluster=c, options={"pooler": "yes"}
         ),
+        "bad_monitor": database(
+            PGF, host=node.host, port=node.port, cluster=c, options={"monitor": "yes"}
+        ),
     }
     p = Project(dbs)
     project.append(p)
     p.ask("migrate", db="default")
-    for alias, word in (("bad", "recheck_interval"), ("bad_pooler", "pooler")):
+    bad = (("bad", "recheck_interval"), ("bad_pooler", "pooler"), ("bad_monitor", "monitor"))
+    for alias, word in bad:
         answer = p.ask("wrapper", db=alias)
         assert answer["error"] == "ImproperlyConfigured", answer
         assert alias in answer["message"]
@@ -453,8 +460,9 @@ def test_topology_through_options_follows_the_leader(
     costs no more round trips than without a topology, and across a failover the first or
     second write request after it succeeds and every one after, on the new primary (the
     failover verdict invalidated the topology, the next connection refreshed it); with
-    Django's pool too (Django 5.1+). A bad spec raises ImproperlyConfigured naming the
-    alias."""
+    Django's pool too (Django 5.1+). The process monitor watches the alias through its
+    topology: pgfailover.health() of it is the monitor's answer. A bad spec raises
+    ImproperlyConfigured naming the alias."""
     c = pgfailover_cluster
     standby = next(n for n in c.nodes if n is not c.primary)
     nodes = [standby, c.primary]  # the leader last: libpq's order would pick the standby
@@ -499,6 +507,11 @@ def test_topology_through_options_follows_the_leader(
         assert first_ok <= 1, (alias, results)
         assert all(r["status"] == 200 for r in results[first_ok:]), (alias, results)
         assert {r["body"]["port"] for r in results[first_ok:]} == {c.primary.port}, results
+    # the process monitor follows the alias's topology (one watch per source object)
+    _poll(lambda: _health(p, "default")["health"]["writable"], "the new leader watched")
+    watched = _health(p, "default")
+    assert watched["member"] is True, watched
+    assert watched["health"]["monitored"] is True, watched
 
 
 def test_topology_naming_another_leader_ends_connections_to_the_former_one(
@@ -524,3 +537,99 @@ def test_topology_naming_another_leader_ends_connections_to_the_former_one(
     served = p.request("/server/", "default")
     assert served["status"] == 200, served
     assert served["body"]["port"] == new.port
+
+
+def _health(p: Project, alias: str, by: str = "name") -> dict[str, Any]:
+    """``pgfailover.health()`` of ``alias`` in the project, its counters, its membership."""
+    return p.ask("health", db=alias, by=by)
+
+
+def _poll(check: Any, what: str, timeout: float = 30.0) -> None:
+    """Poll ``check`` until true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_monitor_purges_idle_persistent_connections_before_the_next_request(
+    session_mode_cluster: LocalCluster, project: list[Project]
+) -> None:
+    """Through PgBouncer in session mode with CONN_MAX_AGE, no request in flight during a
+    failover and the repoint: the process monitor (on by default) purges the alias's
+    generation, so once it has seen the primary back the first write request succeeds on
+    its first attempt, on a new connection, with no failover error met and no probe, with
+    CONN_HEALTH_CHECKS and without; pgfailover.health() of the alias (by name or
+    connection), and the readiness app's with no target, is the monitor's answer: not
+    writable during the outage, writable after.
+    With OPTIONS {"monitor": False} today's behaviour stays: the alias is not watched
+    (health() says writable through the outage: nothing of its own failed) and, without
+    health checks, its first request after the repoint fails on the dead connection and
+    the next one succeeds. health() refuses an alias of another ENGINE and a string that
+    is no alias (without showing it) with a TypeError."""
+    cluster = session_mode_cluster
+    pgb = cluster.pgbouncer
+    assert pgb is not None
+    at: dict[str, Any] = {"host": pgb.host, "port": pgb.port, "cluster": cluster}
+    dbs = {
+        "default": database(PGF, **at),
+        "plain": database(PGF, health_checks=False, **at),
+        "alone": database(PGF, health_checks=False, options={"monitor": False}, **at),
+        "stock": database(STOCK, **at),
+    }
+    p = Project(dbs)
+    project.append(p)
+    p.ask("migrate", db="default")
+    ours = ("default", "plain", "alone")
+    pids = {alias: p.request("/pid/", alias)["body"]["pid"] for alias in ours}
+    watched = ("default", "plain")
+    for alias in watched:
+        _poll(lambda a=alias: _health(p, a)["health"]["writable"], f"{alias} watched")
+    assert _health(p, "default", by="connection")["health"]["monitored"] is True
+    alone = _health(p, "alone")
+    assert alone["member"] is False
+    assert alone["health"]["monitored"] is False
+    refused = {target: _health(p, target) for target in ("stock", "host=x password=hunter2")}
+    assert refused["stock"]["error"] == "TypeError", refused
+    assert "'stock'" in refused["stock"]["message"], refused
+    assert refused["host=x password=hunter2"]["error"] == "TypeError", refused
+    assert "hunter2" not in refused["host=x password=hunter2"]["message"], refused
+
+    cluster.failover()
+    for alias in watched:
+        _poll(lambda a=alias: not _health(p, a)["health"]["writable"], f"{alias} outage seen")
+    during = {alias: _health(p, alias) for alias in ours}
+    probe_during = p.ask("ready")
+    cluster.repoint_pgbouncer(cluster.primary)
+    for alias in watched:  # the monitor ends the alias's outage just after its own answer
+
+        def back(alias: str = alias) -> bool:
+            seen = _health(p, alias)
+            return bool(seen["health"]["writable"]) and not seen["outage"]
+
+        _poll(back, f"{alias} primary back")
+    probe_after = p.ask("ready")
+    after = {alias: [p.request("/write/", alias) for _ in range(2)] for alias in ours}
+    print({alias: [r["status"] for r in results] for alias, results in after.items()})
+    for alias in watched:
+        seen = during[alias]
+        assert seen["member"] is True
+        assert seen["health"]["monitored"] is True
+        assert seen["health"]["role"] in ("read-only", "down"), seen
+        assert seen["stats"]["generations_purged"] == 1, seen  # by the monitor, once
+        assert [r["status"] for r in after[alias]] == [200, 200], (alias, after[alias])
+        stats = _health(p, alias)["stats"]
+        assert stats["connections_poisoned"] == 0, (alias, stats)  # no request met it
+        assert stats["connections_rejected"] == 0, (alias, stats)  # nor the standby
+        assert stats["probes_run"] == 0, (alias, stats)  # closed without a round trip
+        assert p.request("/pid/", alias)["body"]["pid"] != pids[alias]
+    # the readiness app with no target checks the aliases the monitor watches
+    assert probe_during["status"] == 503, probe_during
+    assert len(probe_during["body"]["targets"]) == len(watched), probe_during
+    assert probe_after["status"] == 200, probe_after
+    assert during["alone"]["health"]["writable"] is True, during["alone"]
+    assert during["alone"]["stats"]["generations_purged"] == 0, during["alone"]
+    first, second = after["alone"]
+    assert first["status"] == 500, first
+    assert first["error"] == "OperationalError", first
+    assert second["status"] == 200, second

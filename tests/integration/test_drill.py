@@ -17,6 +17,8 @@ from pgfailover.cli import main
 from pgfailover.drill.report import DrillReport
 from pgfailover.drill.run import DrillOptions, run_drill
 
+from .support import interruptible
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -109,6 +111,7 @@ def test_ctrl_c_during_a_drill_tears_everything_down(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        preexec_fn=interruptible,  # noqa: PLW1509 - only resets one signal before exec
     )
     assert proc.stderr is not None
     root = None

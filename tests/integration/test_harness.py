@@ -381,3 +381,62 @@ def test_no_repr_shows_a_password(pgfailover_cluster: LocalCluster) -> None:
     for thing in (cluster, *cluster.nodes, cluster.pgbouncer):
         assert not any(secret in repr(thing) for secret in secrets), repr(thing)
     assert cluster.password in cluster.pgbouncer.url()
+
+
+def _auth_file(cluster: LocalCluster) -> dict[str, str]:
+    """PgBouncer's auth_file of ``cluster`` as {user: secret} (the harness writes no quotes
+    inside its fields)."""
+    assert cluster.pgbouncer is not None
+    text = (cluster.pgbouncer.root / "userlist.txt").read_text()
+    pairs = (line.split(" ", 1) for line in text.splitlines())
+    return {user.strip('"'): secret.strip('"') for user, secret in pairs}
+
+
+def test_pgbouncer_auth_file_holds_every_nodes_scram_secret_and_no_password(
+    pgfailover_cluster: LocalCluster,
+) -> None:
+    """PgBouncer's auth_file holds each user's SCRAM secret exactly as every node keeps it
+    (so PgBouncer can log in to any of them with the client's keys) and no password; the
+    application user and the superuser log in through it, to the database and to the admin
+    console."""
+    cluster = pgfailover_cluster
+    assert cluster.pgbouncer is not None
+    entries = _auth_file(cluster)
+    assert sorted(entries) == sorted(["postgres", cluster.user])
+    text = (cluster.pgbouncer.root / "userlist.txt").read_text()
+    assert cluster.password not in text
+    assert cluster.superuser_password not in text
+    query = "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)"
+    for node in cluster.nodes:
+        with node.connect() as conn:
+            assert dict(conn.execute(query, [list(entries)]).fetchall()) == entries
+    assert all(secret.startswith("SCRAM-SHA-256$4096:") for secret in entries.values())
+    with psycopg.connect(cluster.pgbouncer.dsn(), prepare_threshold=None) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (cluster.user,)
+    superuser = cluster.pgbouncer.dsn(user="postgres", dbname="postgres")
+    with psycopg.connect(superuser, prepare_threshold=None) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+    assert cluster.pgbouncer.admin("SHOW VERSION")
+
+
+def test_pgbouncer_auth_user_keeps_its_password_and_serves_users_not_in_the_auth_file(
+    pgfailover_cluster_factory: ClusterFactory,
+) -> None:
+    """With ``auth_user`` set, that user's auth_file entry is its password (PgBouncer logs in
+    as it with no client behind it), the others' stay SCRAM secrets, and a role missing from
+    the auth_file logs in through PgBouncer (session mode) by PgBouncer's auth query."""
+    cluster = pgfailover_cluster_factory(
+        standbys=0, pgbouncer="session", pgbouncer_settings={"auth_user": "postgres"}
+    )
+    assert cluster.pgbouncer is not None
+    entries = _auth_file(cluster)
+    assert entries["postgres"] == cluster.superuser_password
+    assert entries[cluster.user].startswith("SCRAM-SHA-256$")
+    password = uuid.uuid4().hex
+    with cluster.primary.connect() as conn:
+        conn.execute(f"CREATE ROLE unlisted LOGIN PASSWORD '{password}'")
+    unlisted = cluster.pgbouncer.dsn(user="unlisted", password=password)
+    with psycopg.connect(unlisted, autocommit=True) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("unlisted",)
+    with psycopg.connect(cluster.pgbouncer.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (cluster.user,)

@@ -149,7 +149,8 @@ def test_a_silent_primary_ends_each_bare_call_within_the_bound(
 ) -> None:
     """The primary goes silent (each stack's proxy blackholed, or the primary frozen) for
     the stated bound + 2 s: a bare pool's call during the silence ends within
-    silence_limit + 2 x probe_timeout (+ 1 s), the runner stacks retry until the primary
+    silence_limit + 2 x probe_timeout (+ 2 s of scheduling slack: 1 s was overrun by
+    0.6 s on a 2-core machine at load 18), the runner stacks retry until the primary
     answers and lose nothing, and nothing is stuck or leaked. An instrumented engine has
     the same bound when instrument() takes the watchdog's settings. Sessions left on the
     server after a freeze (idle sessions opened during the freeze that no client closes,
@@ -157,7 +158,7 @@ def test_a_silent_primary_ends_each_bare_call_within_the_bound(
     result = hang(sync_cluster, 1, SETTINGS, fault=fault, more=2)
     _assert_clean(result, leaks_known=fault == "freeze")
     assert result.total("lost") == 0, [s.lost_keys for s in result.stacks]
-    bound = SETTINGS.hang_bound + 1.0
+    bound = SETTINGS.hang_bound + 2.0
     for name in ("pool (sync)", "pool (async)"):
         stack = result.stack(name)
         assert 0 < stack.fault_to_end_s <= bound, (name, stack)

@@ -384,6 +384,29 @@ def test_the_tally_counts_what_no_statistic_holds() -> None:
     assert snap.retries == {("retry", "read_only"): 1, ("give_up", "connection_lost"): 1}
     assert snap.commit_outcomes == {"unknown": 1}
     assert snap.write_unavailable == {}
+    assert snap.counts("failover_errors") == [
+        (("connection_lost", ""), 1),
+        (("read_only", "25006"), 2),
+    ]
+    assert snap.counts("commit_outcomes") == [(("unknown",), 1)]
+    with pytest.raises(KeyError):
+        snap.counts("write_unavailable")
+
+
+def test_points_are_the_series_each_exporter_writes() -> None:
+    """A pool metric gives one point per sample and key the sample has (pool name first, then
+    the key's own labels), a monitor metric one per endpoint that has it; a missing value
+    gives no point at all, never a 0."""
+    count = next(m for m in POOL_METRICS if m.key == "connections")
+    samples = [Sample("a", {"idle": 1.0, "used": 2.0}), Sample("b", {"used": 5.0})]
+    assert _core.pool_points(count, samples) == [
+        (("a", "idle"), 1.0),
+        (("a", "used"), 2.0),
+        (("b", "used"), 5.0),
+    ]
+    monitor = MONITOR_METRICS[0]
+    watches = [WatchSample("h:1/db", {monitor.key: 3.0}), WatchSample("h:2/db", {})]
+    assert _core.watch_points(monitor, watches) == [(("h:1/db",), 3.0)]
 
 
 def test_a_bound_belongs_to_its_bucket() -> None:

@@ -12,14 +12,16 @@ and changes only what a failover needs (psycopg 3 only):
   process monitor like every pgfailover pool (``{"pool": {"monitor": False}}`` opts out);
 - :meth:`DatabaseWrapper.is_usable` (what ``CONN_HEALTH_CHECKS`` and the end-of-request
   check after an error call) is role-aware: a poisoned, closed, broken or failed
-  connection is unusable at no cost, and the server is asked (the core role probe) only
-  when there is a reason: a failover was seen on this database alias since the connection
-  was last checked, an outage is under way, the connection sat idle at least
-  ``recheck_interval`` seconds, or its socket received something while idle (the server or
-  a pooler closing it). Otherwise the check costs no round trip;
-- a poisoned connection is closed at the end of the request by Django's own
-  ``close_if_unusable_or_obsolete`` (request_finished), whatever ``errors_occurred`` says,
-  so the next request opens a new connection instead of writing to the standby again;
+  connection, or one of a generation purged since it was opened or last checked (a
+  failover seen on this database alias by another thread or by the process monitor), is
+  unusable at no cost, and the server is asked (the core role probe) only when there is a
+  reason: an outage is under way, the connection sat idle at least ``recheck_interval``
+  seconds, or its socket received something while idle (the server or a pooler closing
+  it). Otherwise the check costs no round trip;
+- a poisoned connection, or one of a purged generation, is closed by Django's own
+  ``close_if_unusable_or_obsolete`` (request_started and request_finished), whatever
+  ``errors_occurred`` says and with or without ``CONN_HEALTH_CHECKS``, so the next request
+  opens a new connection instead of writing to the standby again;
 - during an outage a new connection is role-checked before use: one that reaches a standby
   is closed and :class:`~pgfailover.errors.NotWritable` (a ``psycopg.OperationalError``,
   ``django.db.OperationalError`` in a view) is raised;
@@ -32,14 +34,26 @@ and changes only what a failover needs (psycopg 3 only):
   invalidates the topology so that the next connection refreshes it, and a persistent
   connection opened before the topology named another leader is closed at the end of its
   request, or refused by its next health check (no round trip: the topology is cached).
-  With the pool, the pool gets the topology (``pgfailover.ConnectionPool(topology=)``).
+  With the pool, the pool gets the topology (``pgfailover.ConnectionPool(topology=)``);
+- with ``OPTIONS {"monitor": True}`` (the default) the alias joins the process monitor
+  (:mod:`pgfailover.monitor`, see :mod:`pgfailover.django._monitor`) at its first
+  connection: one watch connection per endpoint (with a topology, per source object,
+  following its leader) in the process, whatever the number of threads and aliases.
+  When it finds no writable primary there, it purges the alias's generation (no I/O,
+  from its thread), and each thread's persistent connection opened before is then closed
+  by its own thread at the next request start or end (``close_if_unusable_or_obsolete``)
+  or health check, without a round trip: an idle connection never meets the failover,
+  the next request connects anew. With the pool, the pool registers itself (``monitor``
+  is passed on to it).
 
 Extra ``OPTIONS`` (taken out before psycopg sees the others): ``pooler`` (True: a
 multiplexing pooler such as PgBouncer is in front, so the role is always asked with a
 query; False: direct, ParameterStatus is trusted; None, the default: detected by the first
 probe of each connection), ``recheck_interval`` (seconds, default 10; 0 probes at every
-health check, None never for idleness alone) and ``topology`` (None, the default: the
-``HOST`` list, tried by libpq).
+health check, None never for idleness alone), ``topology`` (None, the default: the
+``HOST`` list, tried by libpq) and ``monitor`` (True, the default: the process's shared
+:class:`~pgfailover.monitor.Monitor`; a ``Monitor`` of your own, for its timings; False:
+none, the alias learns of a failover from its own requests only).
 """
 
 from __future__ import annotations
@@ -55,6 +69,7 @@ import psycopg
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
 from django.db.backends.base.base import NO_DB_ALIAS  # type: ignore[import-untyped]
 from django.db.backends.postgresql import base as _pg  # type: ignore[import-untyped]
+from django.db.backends.postgresql import creation as _pg_creation
 from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-untyped]
     is_psycopg3,
 )
@@ -66,9 +81,11 @@ from ..classify import Phase, classify
 from ..connection import Connection
 from ..errors import NotWritable
 from ..events import _emit
+from ..monitor import Monitor, TopologyTarget, WatchTarget
 from ..probe import probe
 from ..topology import Topology, TopologyError, TopologySource
 from ..topology.model import ROUTING_KEYS, former_leader, leader_moved
+from . import _monitor
 from ._topology import base_conninfo, topology_from
 
 if not is_psycopg3:  # pragma: no cover - Django picks psycopg 3 when both are installed
@@ -77,12 +94,14 @@ if not is_psycopg3:  # pragma: no cover - Django picks psycopg 3 when both are i
         "Django loaded psycopg2"
     )
 
-__all__ = ["DatabaseWrapper"]
+__all__ = ["DatabaseCreation", "DatabaseWrapper"]
 
 #: Whether the installed Django has the ``pool`` option (5.1+).
 HAS_POOL = django.VERSION >= (5, 1)
 #: Seconds a connection may sit idle before its health check asks the server its role.
 DEFAULT_RECHECK_INTERVAL = 10.0
+#: ``OPTIONS`` keys of pgfailover's, taken out of the connection parameters.
+_OUR_OPTIONS = ("pooler", "recheck_interval", "topology", "monitor")
 
 _OK_STATUS = (TransactionStatus.IDLE, TransactionStatus.INTRANS)
 
@@ -143,6 +162,21 @@ def _locally_usable(conn: Any) -> bool:
     )
 
 
+class DatabaseCreation(_pg_creation.DatabaseCreation):  # type: ignore[misc]
+    """Django's PostgreSQL test database creation; the alias leaves the process monitor
+    before its database is dropped or cloned (the watch connection would hold it open:
+    ``DROP DATABASE`` and ``CREATE DATABASE ... TEMPLATE`` refuse a database in use). It
+    joins again, at the new ``NAME``, with its next connection."""
+
+    def _destroy_test_db(self, test_database_name: str, verbosity: int) -> Any:
+        _monitor.leave(self.connection.alias)
+        return super()._destroy_test_db(test_database_name, verbosity)
+
+    def _clone_test_db(self, suffix: str, verbosity: int, keepdb: bool = False) -> Any:
+        _monitor.leave(self.connection.alias)
+        return super()._clone_test_db(suffix, verbosity, keepdb)
+
+
 class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
     """Django's PostgreSQL ``DatabaseWrapper`` with pgfailover's connections (see the
     module doc). ``vendor`` stays ``"postgresql"``: ``django.contrib.postgres``, migrations
@@ -150,6 +184,7 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
 
     display_name = "PostgreSQL (pgfailover)"
     Database = _DRIVER
+    creation_class = DatabaseCreation
     # Pools per alias, apart from the stock backend's (a process may use both).
     _connection_pools: dict[str, Any] = {}  # noqa: RUF012 - Django's own shape: class-level
 
@@ -158,8 +193,10 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
         options = self.settings_dict.get("OPTIONS") or {}
         pooler = options.get("pooler")
         recheck = options.get("recheck_interval", DEFAULT_RECHECK_INTERVAL)
+        monitor = options.get("monitor", True)
         try:
             _pool_common.check_options(recheck, pooler)
+            _pool_common.check_monitor(monitor, Monitor)
         except (TypeError, ValueError) as ex:
             raise ImproperlyConfigured(f"DATABASES[{self.alias!r}]['OPTIONS']: {ex}") from None
         if options.get("pool") and not HAS_POOL:
@@ -169,6 +206,8 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
             )
         self.pgf_pooler: bool | None = pooler
         self.pgf_recheck_interval: float | None = recheck
+        #: ``OPTIONS["monitor"]``: True (the process monitor), False (none) or a Monitor.
+        self.pgf_monitor: Monitor | bool = monitor
         #: The alias's topology source (shared by its threads), None without one.
         self.pgf_topology: TopologySource | None = topology_from(
             self.alias, options.get("topology"), self.settings_dict
@@ -182,9 +221,8 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
     # -- connection parameters and the pool
     def get_connection_params(self) -> dict[str, Any]:
         params: dict[str, Any] = super().get_connection_params()
-        params.pop("pooler", None)
-        params.pop("recheck_interval", None)
-        params.pop("topology", None)
+        for key in _OUR_OPTIONS:
+            params.pop(key, None)
         host = str(params.get("host") or "")
         if (
             "," in host
@@ -218,6 +256,7 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
             connect_kwargs["autocommit"] = True  # Django sets its own mode after checkout
             options.setdefault("recheck_interval", self.pgf_recheck_interval)
             options.setdefault("pooler", self.pgf_pooler)
+            options.setdefault("monitor", self.pgf_monitor)
             conninfo = ""
             if self.pgf_topology is not None:
                 options.setdefault("topology", self.pgf_topology)
@@ -240,6 +279,7 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
             return super().get_new_connection(conn_params)  # the pool checked its role
         state = self.pgf_state
         topology = self.pgf_topology
+        self._pgf_join_monitor(conn_params)
         if topology is not None:
             conn_params = self._pgf_leader_params(topology, conn_params, state)
         try:
@@ -255,6 +295,33 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
         if topology is not None or state.outage_since is not None:
             self._pgf_check_new(conn, state, topology)
         return conn
+
+    # -- the process monitor
+    def pgf_join_monitor(self) -> _monitor.AliasMember | None:
+        """Join the monitor ``OPTIONS["monitor"]`` names now rather than at the first new
+        connection (:func:`pgfailover.health` does, so that readiness is watched from the
+        start). Once per alias; no I/O in this thread (the watch connects in the monitor's).
+        None with a pool (the pool registers itself when it opens), or ``monitor`` False."""
+        if self.pool is not None:
+            return None
+        return self._pgf_join_monitor(self.get_connection_params())
+
+    def _pgf_join_monitor(self, conn_params: dict[str, Any]) -> _monitor.AliasMember | None:
+        if self.alias == NO_DB_ALIAS:  # Django's short-lived maintenance connections
+            return None
+        return _monitor.join(
+            self.alias, self.pgf_monitor, self.pgf_state, self._pgf_watch_target(conn_params)
+        )
+
+    def _pgf_watch_target(self, conn_params: dict[str, Any]) -> WatchTarget | None:
+        """Where the monitor's watch connects: the alias's own connection parameters (the
+        watch leaves out what shapes cursors and adaptation); with a topology, the leader
+        it names, followed by one watch per source object (a sync source: the monitor
+        refreshes it in a thread of its own, sharing its cache with the alias's threads)."""
+        topology = self.pgf_topology
+        if topology is not None:
+            return TopologyTarget.of(topology, base_conninfo(conn_params), conn_params, None)
+        return _pool_common.watch_target("", conn_params)
 
     def _pgf_leader_params(
         self, topology: TopologySource, conn_params: dict[str, Any], state: FailoverState
@@ -317,6 +384,13 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
         )
         return True
 
+    def _pgf_obsolete(self, conn: Any) -> bool:
+        """Whether a connection without a pool must end now, with no round trip: its
+        generation was purged (a failover seen by another thread or by the monitor), or the
+        topology names another leader than when it was opened."""
+        purged = getattr(conn, "pool_generation", -1) != self.pgf_state.generation
+        return purged or self._pgf_leader_moved(conn)
+
     def _pgf_pooler(self, state: FailoverState) -> bool | None:
         return self.pgf_pooler if self.pgf_pooler is not None else state.pooler
 
@@ -333,9 +407,10 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
     # -- health
     def is_usable(self) -> bool:
         """Whether the connection may serve the next request: False without a round trip
-        when it is poisoned, closed, broken or in a failed transaction; otherwise True
-        without a round trip unless there is a reason to ask the server its role (see the
-        module doc), and then True only if the server is a writable primary."""
+        when it is poisoned, closed, broken, in a failed transaction, or of a purged
+        generation (or, with a topology, opened before it named another leader); otherwise
+        True without a round trip unless there is a reason to ask the server its role (see
+        the module doc), and then True only if the server is a writable primary."""
         conn = self.connection
         if not _locally_usable(conn):
             return False
@@ -349,6 +424,8 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
             return False
         state = self.pgf_state
         generation = getattr(conn, "pool_generation", -1)
+        if generation != state.generation:
+            return False  # purged: the pools close such connections too, unasked
         reason = state.needs_check(
             generation,
             getattr(conn, "pool_returned_at", 0.0),
@@ -377,13 +454,15 @@ class DatabaseWrapper(_pg.DatabaseWrapper):  # type: ignore[misc]
         return True
 
     def close_if_unusable_or_obsolete(self) -> None:
-        """Django's end-of-request check, which also closes a poisoned connection (even when
-        Django saw no error: the failure may have been caught) and notes when the
-        connection went idle, for the next health check."""
+        """Django's check at the start and end of each request, which also closes a
+        poisoned connection (even when Django saw no error: the failure may have been
+        caught) and, without a pool, one of a purged generation or opened before the
+        topology named another leader (no round trip), and notes when the connection went
+        idle, for the next health check."""
         conn = self.connection
         if conn is not None and (
             getattr(conn, "poisoned", None) is not None
-            or (self.pool is None and self._pgf_leader_moved(conn))
+            or (self.pool is None and self._pgf_obsolete(conn))
         ):
             self.close()
             return

@@ -24,7 +24,7 @@ import bisect
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from ..events import Event, FailoverEvent, PoolEvent, RetryEvent
 from ..monitor.model import EndpointWatch, Status
@@ -514,6 +514,33 @@ class WatchSample:
     values: Mapping[str, float]
 
 
+#: One series of a metric at one instant: its label values (in the metric's label order)
+#: and its value.
+Point: TypeAlias = tuple[tuple[str, ...], float]
+
+
+def pool_points(metric: Metric, samples: Iterable[Sample]) -> list[Point]:
+    """The series of pool metric ``metric`` in ``samples``: for each sample, one point per
+    key of :attr:`Metric.keys` the sample has a value for (pool name first, then the key's
+    own label values); a key a sample lacks gives no point, never a 0."""
+    return [
+        ((sample.pool, *extra), value)
+        for sample in samples
+        for key, extra in metric.keys
+        if (value := sample.values.get(key)) is not None
+    ]
+
+
+def watch_points(metric: Metric, watches: Iterable[WatchSample]) -> list[Point]:
+    """The series of monitor metric ``metric``: one point per watched endpoint that has a
+    value for it (label: the endpoint)."""
+    return [
+        ((watch.endpoint,), value)
+        for watch in watches
+        if (value := watch.values.get(metric.key)) is not None
+    ]
+
+
 def watch_sample(watch: EndpointWatch, now: float) -> WatchSample:
     """The sample of one monitor's watch of an endpoint, read at ``now``
     (``time.monotonic()``).
@@ -622,6 +649,15 @@ class TallySnapshot:
     retries: Mapping[tuple[str, str], int] = field(default_factory=dict)
     commit_outcomes: Mapping[str, int] = field(default_factory=dict)
     write_unavailable: Mapping[str, HistogramValue] = field(default_factory=dict)
+
+    def counts(self, key: str) -> list[tuple[tuple[str, ...], int]]:
+        """The counts of event metric ``key`` (``failover_errors``, ``retries`` or
+        ``commit_outcomes``) as (label values, count), sorted by label values; KeyError for
+        another key."""
+        if key == "commit_outcomes":
+            return sorted(((outcome,), n) for outcome, n in self.commit_outcomes.items())
+        counted = {"failover_errors": self.failover_errors, "retries": self.retries}[key]
+        return sorted(counted.items())
 
 
 class EventTally:

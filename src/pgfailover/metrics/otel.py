@@ -122,14 +122,8 @@ class PgfailoverInstruments:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             if not self._active:
                 return []
-            found = []
-            for sample in _sources.samples():
-                for key, extra in metric.keys:
-                    value = sample.values.get(key)
-                    if value is not None:
-                        attributes = _attributes(metric.labels, (sample.pool, *extra))
-                        found.append(Observation(value, attributes))
-            return found
+            points = _core.pool_points(metric, _sources.samples())
+            return [Observation(v, _attributes(metric.labels, labels)) for labels, v in points]
 
         return observe
 
@@ -137,11 +131,8 @@ class PgfailoverInstruments:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             if not self._active:
                 return []
-            return [
-                Observation(value, _attributes(metric.labels, (watch.endpoint,)))
-                for watch in _sources.watch_samples()
-                if (value := watch.values.get(metric.key)) is not None
-            ]
+            points = _core.watch_points(metric, _sources.watch_samples())
+            return [Observation(v, _attributes(metric.labels, labels)) for labels, v in points]
 
         return observe
 
@@ -151,17 +142,9 @@ class PgfailoverInstruments:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             if not self._active:
                 return []
-            snapshot = self.tally.snapshot()
-            counts: dict[tuple[str, ...], int]
-            if key == "failover_errors":
-                counts = {k: v for k, v in snapshot.failover_errors.items()}
-            elif key == "retries":
-                counts = {k: v for k, v in snapshot.retries.items()}
-            else:
-                counts = {(k,): v for k, v in snapshot.commit_outcomes.items()}
             return [
                 Observation(count, _attributes(metric.labels, labels))
-                for labels, count in sorted(counts.items())
+                for labels, count in self.tally.snapshot().counts(key)
             ]
 
         return observe

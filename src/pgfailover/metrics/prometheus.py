@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 try:
     from prometheus_client.core import (
@@ -56,6 +56,16 @@ def _family(metric: _core.Metric) -> GaugeMetricFamily | CounterMetricFamily:
     return GaugeMetricFamily(metric.prometheus, metric.description, labels=metric.labels)
 
 
+def _filled(
+    metric: _core.Metric, points: Iterable[tuple[tuple[str, ...], float]]
+) -> GaugeMetricFamily | CounterMetricFamily:
+    """The family of ``metric`` with one sample per point (label values, value)."""
+    family = _family(metric)
+    for labels, value in points:
+        family.add_metric(list(labels), value)
+    return family
+
+
 def _histogram(metric: _core.Metric) -> HistogramMetricFamily:
     return HistogramMetricFamily(metric.prometheus, metric.description, labels=metric.labels)
 
@@ -85,36 +95,19 @@ class PgfailoverCollector(Collector):
         from the events."""
         samples = _sources.samples()
         for metric in _core.POOL_METRICS:
-            family = _family(metric)
-            for sample in samples:
-                for key, extra in metric.keys:
-                    value = sample.values.get(key)
-                    if value is not None:
-                        family.add_metric([sample.pool, *extra], value)
-            yield family
+            yield _filled(metric, _core.pool_points(metric, samples))
         watches = _sources.watch_samples()
         for metric in _core.MONITOR_METRICS:
-            family = _family(metric)
-            for watch in watches:
-                value = watch.values.get(metric.key)
-                if value is not None:
-                    family.add_metric([watch.endpoint], value)
-            yield family
+            yield _filled(metric, _core.watch_points(metric, watches))
         snapshot = self.tally.snapshot()
-        errors = _family(_core.EVENT["failover_errors"])
-        retries = _family(_core.EVENT["retries"])
-        outcomes = _family(_core.EVENT["commit_outcomes"])
         histogram = _histogram(_core.EVENT["write_unavailable"])
-        for labels, count in sorted(snapshot.failover_errors.items()):
-            errors.add_metric(list(labels), count)
-        for labels, count in sorted(snapshot.retries.items()):
-            retries.add_metric(list(labels), count)
-        for outcome, count in sorted(snapshot.commit_outcomes.items()):
-            outcomes.add_metric([outcome], count)
         for pool, hist in sorted(snapshot.write_unavailable.items()):
             buckets = [(_le(bound), float(n)) for bound, n in hist.cumulative()]
             histogram.add_metric([pool], buckets, hist.total)
-        yield from (errors, histogram, retries, outcomes)
+        yield _filled(_core.EVENT["failover_errors"], snapshot.counts("failover_errors"))
+        yield histogram
+        for key in ("retries", "commit_outcomes"):
+            yield _filled(_core.EVENT[key], snapshot.counts(key))
 
     def unregister(self) -> None:
         """Remove the collector from its registry and stop counting events. Idempotent;

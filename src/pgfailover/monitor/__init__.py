@@ -17,8 +17,16 @@ connection:
 - when a writable primary is back it wakes the pools, spread over up to 0.25 s so that a
   hundred pools do not stampede PgBouncer or the server.
 
+A pool made with ``topology=`` is watched through its topology source instead: one watch
+per source object (shared by the pools using it) reads the topology (the source's own
+single-flight refresh: at every look while no writable leader is known, otherwise when the
+source's cache is stale), looks at the leader it names with the pool's conninfo (the same
+role query, and on each new connection the topology's in-band validation), and purges the
+pools when the leader changes or stops being writable, waking them when a writable leader
+is found (:mod:`pgfailover.monitor.leader`).
+
 A pool whose own request meets a failure first makes the watch look at once. A pool the
-monitor cannot watch (a callable conninfo, ``topology=``) keeps its own single-flight prober.
+monitor cannot watch (a callable conninfo) keeps its own single-flight prober.
 The monitor runs in one daemon thread with its own asyncio loop, for sync and async pools
 alike. Decisions are pure (:mod:`pgfailover.monitor.model`).
 """
@@ -34,6 +42,8 @@ from ._runtime import (
     monitors,
     process_monitor,
 )
+from ._topology_watch import TopologyTarget
+from .leader import TopologyEndpoint
 from .model import INTERVAL, OUTAGE_INTERVAL, Endpoint, EndpointWatch, Health, Status
 
 __all__ = [
@@ -47,6 +57,8 @@ __all__ = [
     "Member",
     "Monitor",
     "Status",
+    "TopologyEndpoint",
+    "TopologyTarget",
     "WatchTarget",
     "monitors",
     "process_monitor",

@@ -33,7 +33,7 @@ from psycopg.generators import notifies
 
 from .._secrets import scrub, secret_candidates
 from .._state import FailoverState, finding
-from ..classify import Kind, Phase, classify
+from ..classify import Kind, Phase, classify, read_only_hosts
 from ..probe import _probe_gen
 from .model import (
     INTERVAL,
@@ -44,6 +44,7 @@ from .model import (
     Health,
     Status,
     spread,
+    standbys_finding,
 )
 
 logger = logging.getLogger("pgfailover.monitor")
@@ -76,6 +77,10 @@ class WatchTarget:
     conninfo: str = field(repr=False)
     kwargs: dict[str, Any] = field(repr=False, default_factory=dict)
 
+    def _new_watch(self, monitor: Monitor) -> _Watch:
+        """The watch that looks at this target (a topology's target follows its leader)."""
+        return _Watch(monitor, self)
+
 
 class Member(Protocol):
     """What registers with the monitor (a pgfailover pool)."""
@@ -84,8 +89,9 @@ class Member(Protocol):
     def failover_state(self) -> FailoverState: ...
 
     def _pgf_watch_target(self) -> WatchTarget | None:
-        """Where the pool connects, or None when the monitor cannot watch it (a callable
-        conninfo, a topology source: the pool then keeps probing by itself)."""
+        """Where the pool connects (a ``TopologyTarget`` when it follows a topology's
+        leader), or None when the monitor cannot watch it (a callable conninfo: the pool
+        then keeps probing by itself)."""
 
     def _pgf_endpoint_lost(self, endpoint: str, finding: str) -> None:
         """No writable primary there any more (called from the monitor's thread)."""
@@ -164,7 +170,7 @@ class Monitor:
             members.add(member)
             start = target.endpoint not in self._watches
             if start:
-                self._watches[target.endpoint] = _Watch(self, target)
+                self._watches[target.endpoint] = target._new_watch(self)
         endpoint = target.endpoint
         state.on_suspect = lambda: self.suspect(endpoint)
         state.monitored = True
@@ -478,6 +484,8 @@ class _Watch:
             message = scrub(verdict.message, self._secrets)
             if verdict.kind is Kind.CONFIGURATION:
                 return Status.MISCONFIGURED, f"auth or configuration failure: {message}"
+            if (standbys := read_only_hosts(str(ex))) is not None:
+                return Status.READ_ONLY, standbys_finding(standbys)
             return Status.DOWN, f"down: {message}"
         if report.writable:
             return Status.WRITABLE, "primary"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 #: Seconds between two role checks of a healthy endpoint (each with jitter, see JITTER).
@@ -206,6 +206,12 @@ class EndpointWatch:
             reason="" if writable else self.finding,
             monitored=True,
         )
+
+
+def standbys_finding(hosts: Sequence[str]) -> str:
+    """The finding of a look that libpq refused on every host as read-only
+    (``target_session_attrs``): they answer, none is a writable primary."""
+    return f"no writable primary: {', '.join(hosts)} answered as standbys (read-only)"
 
 
 def spread(count: int, rng: random.Random) -> list[float]:

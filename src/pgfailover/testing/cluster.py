@@ -25,11 +25,11 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeAlias, TypeVar
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -221,12 +221,72 @@ class Node:
         return f"<Node {self.name} {self.address} {state}>"
 
 
+class _BouncerOwner(Protocol):
+    """What :class:`PgBouncer` needs of its cluster (LocalCluster or PatroniCluster)."""
+
+    dbname: str
+    ready_timeout: float
+
+    def _dsn(
+        self, host: str, port: int | str, *, dbname: str | None, user: str | None, **params: Any
+    ) -> str: ...
+
+    def _url(
+        self, host: str, port: int, driver: str, *, dbname: str | None, user: str | None
+    ) -> str: ...
+
+
+class _Server(Protocol):
+    """A PostgreSQL server PgBouncer can point at (a :class:`Node` or a Patroni node)."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    def connect(self, *, superuser: bool = True, **kwargs: Any) -> Conn: ...
+
+
+def _userlist_entries(
+    conn: Conn, passwords: Mapping[str, str], plaintext: Collection[str] = ()
+) -> dict[str, str]:
+    """The secret PgBouncer's ``auth_file`` holds for each user of ``passwords``.
+
+    A user's SCRAM secret as the server keeps it (``pg_authid.rolpassword``, read on
+    ``conn``, a superuser connection): PgBouncer then checks a client's proof without deriving
+    the key from a password (PBKDF2, 4096 iterations, at every login otherwise), and logs in
+    to the server with the keys the client's own SCRAM exchange gave it (SCRAM pass-through:
+    that needs the server to hold the very same secret, same salt and iterations, which
+    reading it from the server and its replicas guarantees). The plaintext password instead
+    for a user named in ``plaintext`` (PgBouncer's ``auth_user``, which logs in to the server
+    with no client behind it) and for a user the server keeps no SCRAM secret for (e.g.
+    ``password_encryption = md5``).
+    """
+    rows = conn.execute(
+        "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)", [list(passwords)]
+    ).fetchall()
+    stored = {str(name): secret for name, secret in rows}
+    entries: dict[str, str] = {}
+    for user, password in passwords.items():
+        secret = stored.get(user)
+        if isinstance(secret, str) and secret.startswith("SCRAM-SHA-256$"):
+            entries[user] = password if user in plaintext else secret
+        else:
+            entries[user] = password
+    return entries
+
+
 class PgBouncer:
-    """The PgBouncer of a :class:`LocalCluster` (admin console enabled for ``postgres``)."""
+    """The PgBouncer of a :class:`LocalCluster` (admin console enabled for ``postgres``).
+
+    Its ``auth_file`` (``userlist.txt``) holds each user's SCRAM secret, not its password,
+    except for an ``auth_user`` given in the cluster's ``pgbouncer_settings``.
+    """
 
     def __init__(
         self,
-        cluster: LocalCluster,
+        cluster: _BouncerOwner,
         port: int,
         root: Path,
         pool_mode: PoolMode,
@@ -291,6 +351,121 @@ class PgBouncer:
         target = self.target.name if self.target else None
         return f"<PgBouncer {self.address} {self.pool_mode} -> {target}>"
 
+    # The set-up both clusters share; the cluster supplies its programs, user and files.
+    def _configure(self, target: _Server, passwords: Mapping[str, str], osuser: OsUser) -> None:
+        """Create PgBouncer's directory, its ``auth_file`` (mode 0600; each user of
+        ``passwords`` with its secret on ``target``, see :func:`_userlist_entries`) and its
+        configuration pointing at ``target``."""
+        self.root.mkdir(mode=0o700)
+        osuser.own(self.root)
+        with target.connect() as conn:
+            entries = _userlist_entries(conn, passwords, [self.settings.get("auth_user", "")])
+        path = self.root / "userlist.txt"
+        path.write_text("".join(f'"{_quoted(u)}" "{_quoted(s)}"\n' for u, s in entries.items()))
+        path.chmod(0o600)
+        osuser.own(path)
+        self._write_config(target, osuser)
+
+    def _write_config(self, target: _Server, osuser: OsUser) -> None:
+        """(Re)write ``pgbouncer.ini`` with the cluster's databases at ``target``, atomically."""
+        settings = {
+            "listen_addr": self.host,
+            "listen_port": str(self.port),
+            "unix_socket_dir": str(self.root),
+            "auth_type": "scram-sha-256",
+            "auth_file": str(self.root / "userlist.txt"),
+            "admin_users": SUPERUSER,
+            "stats_users": SUPERUSER,
+            "pool_mode": self.pool_mode,
+            "max_client_conn": "500",
+            "default_pool_size": "20",
+            "server_connect_timeout": "5",
+            "ignore_startup_parameters": "extra_float_digits,options",
+            **self.settings,
+        }
+        databases = "".join(
+            f"{db} = host={target.host} port={target.port} dbname={db}\n"
+            for db in (self._cluster.dbname, "postgres")
+        )
+        text = (
+            "[databases]\n"
+            + databases
+            + "\n[pgbouncer]\n"
+            + "".join(f"{k} = {v}\n" for k, v in settings.items())
+        )
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        osuser.own(tmp)
+        tmp.replace(self.config_path)
+
+    def _spawn(
+        self, program: Path | None, osuser: OsUser, *, cwd: Path, env: Mapping[str, str]
+    ) -> None:
+        """Start ``program`` (None: the cluster was opened without PgBouncer, HarnessError) as
+        ``osuser`` and wait, up to the cluster's ``ready_timeout``, until its admin console
+        answers; HarnessError with its log tail if it exits meanwhile."""
+        if program is None:
+            raise HarnessError("this cluster was opened without PgBouncer")
+        process = ServerProcess(
+            osuser.wrap([str(program), str(self.config_path)]),
+            log_path=self.log_path,
+            cwd=cwd,
+            env=dict(env),
+            description="pgbouncer",
+        )
+        self.process = process
+
+        def check() -> bool | None:
+            if not process.running:
+                raise HarnessError(
+                    "pgbouncer exited during start-up; log tail:\n" + process.log_tail()
+                )
+            self.admin("SHOW VERSION")
+            return True
+
+        _poll("pgbouncer to accept connections", check, self._cluster.ready_timeout)
+
+    def _follower(
+        self,
+        root: Path,
+        source: Sequence[str],
+        superuser_password: str,
+        interval: float,
+        extra: Sequence[str],
+    ) -> FollowerProcess:
+        """A (not yet started) ``pgbouncer follow`` process for this PgBouncer in ``root``,
+        topology from ``source`` (``["--hosts", ...]`` or ``["--patroni", ...]``); the
+        superuser's password goes to its passfile, never to its command line."""
+        return FollowerProcess(
+            root,
+            admin_dsn=self.dsn(dbname="pgbouncer", user=SUPERUSER, password=None),
+            source=source,
+            check_dsn=make_conninfo(dbname="postgres", user=SUPERUSER),
+            passwords={SUPERUSER: superuser_password},
+            interval=interval,
+            extra=extra,
+        )
+
+    def _wait_points_at(
+        self, node: _Server, timeout: float | None, follower: FollowerProcess | None
+    ) -> None:
+        """Wait until ``SHOW DATABASES`` has every database of the cluster at ``node``
+        (``timeout`` seconds; None: the cluster's ``ready_timeout``); HarnessError past it
+        or as soon as ``follower`` has exited."""
+        wait_points_at(
+            self.admin_dsn(),
+            node.host,
+            node.port,
+            (self._cluster.dbname, "postgres"),
+            timeout=timeout or self._cluster.ready_timeout,
+            follower=follower,
+        )
+
+
+def _quoted(text: str) -> str:
+    """``text`` for a double-quoted ``auth_file`` field (a ``"`` is doubled)."""
+    return text.replace('"', '""')
+
 
 @dataclass(frozen=True)
 class _Runtime:
@@ -302,11 +477,60 @@ class _Runtime:
     pgbouncer_bin: Path | None
 
 
+class _Credentials:
+    """The users and database of a harness cluster (LocalCluster, PatroniCluster) and the
+    conninfo strings and SQLAlchemy URLs its nodes and PgBouncer hand out (they contain the
+    password: never log them)."""
+
+    dbname: str
+    user: str
+    password: str
+    superuser_password: str
+
+    def _dsn(
+        self, host: str, port: int | str, *, dbname: str | None, user: str | None, **params: Any
+    ) -> str:
+        """Conninfo for ``host``/``port``: ``dbname`` and ``user`` None mean the application
+        database and user; the password is that user's unless ``params`` has one (None: no
+        password in the string, for a passfile); other ``params`` are added as they are."""
+        user = user or self.user
+        default = self.superuser_password if user == SUPERUSER else self.password
+        password = params.pop("password", default)
+        return make_conninfo(
+            host=host,
+            port=str(port),
+            dbname=dbname or self.dbname,
+            user=user,
+            password=password,
+            **params,
+        )
+
+    def _url(
+        self, host: str, port: int, driver: str, *, dbname: str | None, user: str | None
+    ) -> str:
+        """A SQLAlchemy URL for ``host``/``port`` (see :meth:`Node.url`); ValueError for a
+        driver not in :data:`URL_SCHEMES`."""
+        scheme = URL_SCHEMES.get(driver)
+        if scheme is None:
+            raise ValueError(f"driver must be one of {', '.join(URL_SCHEMES)}, got {driver!r}")
+        user = user or self.user
+        password = self.superuser_password if user == SUPERUSER else self.password
+
+        def quote(part: str) -> str:
+            return urllib.parse.quote(part, safe="")
+
+        where = f"[{host}]" if ":" in host else host  # an IPv6 address
+        return (
+            f"{scheme}://{quote(user)}:{quote(password)}@{where}:{port}/"
+            f"{quote(dbname or self.dbname)}"
+        )
+
+
 _open_clusters: set[LocalCluster] = set()
 _open_lock = threading.Lock()
 
 
-class LocalCluster:
+class LocalCluster(_Credentials):
     """A primary, ``standbys`` streaming standbys and optionally a PgBouncer, all local.
 
     Use it as a context manager (or call :meth:`open` and :meth:`close`)::
@@ -542,39 +766,6 @@ class LocalCluster:
         ports = ",".join(str(n.port) for n in self.nodes)
         return self._dsn(hosts, ports, dbname=dbname, user=None, **params)
 
-    def _dsn(
-        self, host: str, port: int | str, *, dbname: str | None, user: str | None, **params: Any
-    ) -> str:
-        user = user or self.user
-        default = self.superuser_password if user == SUPERUSER else self.password
-        password = params.pop("password", default)
-        return make_conninfo(
-            host=host,
-            port=str(port),
-            dbname=dbname or self.dbname,
-            user=user,
-            password=password,
-            **params,
-        )
-
-    def _url(
-        self, host: str, port: int, driver: str, *, dbname: str | None, user: str | None
-    ) -> str:
-        scheme = URL_SCHEMES.get(driver)
-        if scheme is None:
-            raise ValueError(f"driver must be one of {', '.join(URL_SCHEMES)}, got {driver!r}")
-        user = user or self.user
-        password = self.superuser_password if user == SUPERUSER else self.password
-
-        def quote(part: str) -> str:
-            return urllib.parse.quote(part, safe="")
-
-        where = f"[{host}]" if ":" in host else host  # an IPv6 address
-        return (
-            f"{scheme}://{quote(user)}:{quote(password)}@{where}:{port}/"
-            f"{quote(dbname or self.dbname)}"
-        )
-
     # ------------------------------------------------------------------ node operations
     def role(self, node: Node) -> Role:
         """The node's live role: ``primary``, ``standby``, or ``down`` (stopped or unreachable)."""
@@ -791,14 +982,7 @@ class LocalCluster:
             raise HarnessError("this cluster has no PgBouncer (pass pgbouncer='transaction')")
         watch = _Stopwatch()
         with watch.phase("follow"):
-            wait_points_at(
-                self.pgbouncer.admin_dsn(),
-                node.host,
-                node.port,
-                (self.dbname, "postgres"),
-                timeout=timeout or self.ready_timeout,
-                follower=self.follower,
-            )
+            self.pgbouncer._wait_points_at(node, timeout, self.follower)
             self.pgbouncer.target = node
         return watch.result()
 
@@ -1153,86 +1337,31 @@ class LocalCluster:
         port = reserve_port()
         self._ports.append(port)
         root = self._rt.root / "pgbouncer"
-        root.mkdir(mode=0o700)
-        self._rt.osuser.own(root)
         bouncer = PgBouncer(self, port, root, pool_mode, self._pgb_settings)
         bouncer.target = target
         self.pgbouncer = bouncer
-        users = f'"{SUPERUSER}" "{self.superuser_password}"\n"{self.user}" "{self.password}"\n'
-        self._write_private("pgbouncer/userlist.txt", users)
-        self._write_pgbouncer_config(bouncer, target)
+        passwords = {SUPERUSER: self.superuser_password, self.user: self.password}
+        bouncer._configure(target, passwords, self._rt.osuser)
         self._spawn_pgbouncer(bouncer)
 
     def _spawn_pgbouncer(self, bouncer: PgBouncer) -> None:
-        program = self._rt.pgbouncer_bin
-        if program is None:
-            raise HarnessError("this cluster was opened without PgBouncer")
-        process = ServerProcess(
-            self._rt.osuser.wrap([str(program), str(bouncer.config_path)]),
-            log_path=bouncer.log_path,
-            cwd=self._rt.root,
-            env=self._env(),
-            description="pgbouncer",
-        )
-        bouncer.process = process
-
-        def check() -> bool | None:
-            if not process.running:
-                raise HarnessError(
-                    "pgbouncer exited during start-up; log tail:\n" + process.log_tail()
-                )
-            bouncer.admin("SHOW VERSION")
-            return True
-
-        _poll("pgbouncer to accept connections", check, self.ready_timeout)
+        bouncer._spawn(self._rt.pgbouncer_bin, self._rt.osuser, cwd=self._rt.root, env=self._env())
 
     def _start_follower(self) -> None:
         """Start the follower process of ``follower=True`` (a no-op while it runs)."""
         assert self.pgbouncer is not None
         if self.follower is None:
-            self.follower = FollowerProcess(
+            self.follower = self.pgbouncer._follower(
                 self._rt.root / "follower",
-                admin_dsn=self._dsn(
-                    HOST, self.pgbouncer.port, dbname="pgbouncer", user=SUPERUSER, password=None
-                ),
-                source=["--hosts", ",".join(n.address for n in self.nodes)],
-                check_dsn=make_conninfo(dbname="postgres", user=SUPERUSER),
-                passwords={SUPERUSER: self.superuser_password},
-                interval=self._follower_interval,
-                extra=self._follower_args,
+                ["--hosts", ",".join(n.address for n in self.nodes)],
+                self.superuser_password,
+                self._follower_interval,
+                self._follower_args,
             )
         self.follower.start(self.ready_timeout)
 
     def _write_pgbouncer_config(self, bouncer: PgBouncer, target: Node) -> None:
-        settings = {
-            "listen_addr": HOST,
-            "listen_port": str(bouncer.port),
-            "unix_socket_dir": str(bouncer.root),
-            "auth_type": "scram-sha-256",
-            "auth_file": str(bouncer.root / "userlist.txt"),
-            "admin_users": SUPERUSER,
-            "stats_users": SUPERUSER,
-            "pool_mode": bouncer.pool_mode,
-            "max_client_conn": "500",
-            "default_pool_size": "20",
-            "server_connect_timeout": "5",
-            "ignore_startup_parameters": "extra_float_digits,options",
-            **bouncer.settings,
-        }
-        databases = "".join(
-            f"{db} = host={target.host} port={target.port} dbname={db}\n"
-            for db in (self.dbname, "postgres")
-        )
-        text = (
-            "[databases]\n"
-            + databases
-            + "\n[pgbouncer]\n"
-            + "".join(f"{k} = {v}\n" for k, v in settings.items())
-        )
-        tmp = bouncer.config_path.with_suffix(".tmp")
-        tmp.write_text(text)
-        self._rt.osuser.own(tmp)
-        tmp.replace(bouncer.config_path)
+        bouncer._write_config(target, self._rt.osuser)
 
     def __repr__(self) -> str:
         nodes = ", ".join(f"{n.name}@{n.port}" for n in self.nodes)

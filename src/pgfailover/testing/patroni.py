@@ -64,15 +64,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from ._binaries import PostgresBinaries, find_pgbouncer, find_postgres
 from ._etcd import Etcd, find_etcd
-from ._follower import DEFAULT_INTERVAL, FollowerProcess, wait_points_at
+from ._follower import DEFAULT_INTERVAL, FollowerProcess
 from ._osuser import OsUser, server_user
 from ._ports import release_port, reserve_port
 from ._process import ServerProcess
@@ -80,17 +79,14 @@ from .cluster import (
     BASE_SETTINGS,
     HOST,
     SUPERUSER,
-    URL_SCHEMES,
     Conn,
     PgBouncer,
     PoolMode,
     Timings,
+    _Credentials,
     _Stopwatch,
 )
 from .errors import BinariesNotFound, HarnessError
-
-if TYPE_CHECKING:
-    from .cluster import LocalCluster
 
 logger = logging.getLogger("pgfailover.testing")
 
@@ -383,7 +379,7 @@ _open_clusters: set[PatroniCluster] = set()
 _open_lock = threading.Lock()
 
 
-class PatroniCluster:
+class PatroniCluster(_Credentials):
     """etcd + ``nodes`` Patroni-managed PostgreSQL servers (+ optionally PgBouncer), all local.
 
     ``nodes`` members (at least 1; 2 with ``synchronous_mode``). ``ttl``, ``loop_wait`` and
@@ -679,38 +675,6 @@ class PatroniCluster:
         if self._root is None:
             return []
         return sorted(_pids_under(self._root))
-
-    def _dsn(
-        self, host: str, port: int | str, *, dbname: str | None, user: str | None, **params: Any
-    ) -> str:
-        user = user or self.user
-        default = self.superuser_password if user == SUPERUSER else self.password
-        password = params.pop("password", default)
-        return make_conninfo(
-            host=host,
-            port=str(port),
-            dbname=dbname or self.dbname,
-            user=user,
-            password=password,
-            **params,
-        )
-
-    def _url(
-        self, host: str, port: int, driver: str, *, dbname: str | None, user: str | None
-    ) -> str:
-        scheme = URL_SCHEMES.get(driver)
-        if scheme is None:
-            raise ValueError(f"driver must be one of {', '.join(URL_SCHEMES)}, got {driver!r}")
-        user = user or self.user
-        password = self.superuser_password if user == SUPERUSER else self.password
-
-        def quote(part: str) -> str:
-            return urllib.parse.quote(part, safe="")
-
-        return (
-            f"{scheme}://{quote(user)}:{quote(password)}@{host}:{port}/"
-            f"{quote(dbname or self.dbname)}"
-        )
 
     # ------------------------------------------------------------------ observing
     def members(self) -> list[Member]:
@@ -1009,14 +973,7 @@ class PatroniCluster:
             raise HarnessError("this cluster has no PgBouncer (pass pgbouncer='transaction')")
         watch = _Stopwatch()
         with watch.phase("follow"):
-            wait_points_at(
-                self.pgbouncer.admin_dsn(),
-                node.host,
-                node.port,
-                (self.dbname, "postgres"),
-                timeout=timeout or self.ready_timeout,
-                follower=self.follower,
-            )
+            self.pgbouncer._wait_points_at(node, timeout, self.follower)
             self.pgbouncer.target = cast("Any", node)
             self._pgbouncer_target = node
         return watch.result()
@@ -1312,87 +1269,35 @@ class PatroniCluster:
     # ------------------------------------------------------------------ PgBouncer
     def _start_pgbouncer(self, pool_mode: PoolMode, target: PatroniNode) -> None:
         root = self._rt.root / "pgbouncer"
-        root.mkdir(mode=0o700)
-        self._rt.osuser.own(root)
-        # PgBouncer only reaches its cluster through ``_dsn``/``_url``, which this class has.
-        owner = cast("LocalCluster", self)
-        bouncer = PgBouncer(owner, self._reserve(), root, pool_mode, self._pgb_settings)
+        bouncer = PgBouncer(self, self._reserve(), root, pool_mode, self._pgb_settings)
         self.pgbouncer = bouncer
-        users = f'"{SUPERUSER}" "{self.superuser_password}"\n"{self.user}" "{self.password}"\n'
-        self._write_private(root / "userlist.txt", users)
-        self._write_pgbouncer_config(bouncer, target)
+        passwords = {SUPERUSER: self.superuser_password, self.user: self.password}
+        bouncer._configure(target, passwords, self._rt.osuser)
+        self._point_at(bouncer, target)
         self._spawn_pgbouncer(bouncer)
 
     def _spawn_pgbouncer(self, bouncer: PgBouncer) -> None:
-        program = self._rt.pgbouncer_bin
-        if program is None:
-            raise HarnessError("this cluster was opened without PgBouncer")
-        process = ServerProcess(
-            self._rt.osuser.wrap([str(program), str(bouncer.config_path)]),
-            log_path=bouncer.log_path,
-            cwd=bouncer.root,
-            env=self._env(self._rt.root),
-            description="pgbouncer",
-        )
-        bouncer.process = process
-
-        def check() -> bool | None:
-            if not process.running:
-                raise HarnessError(
-                    "pgbouncer exited during start-up; log tail:\n" + process.log_tail()
-                )
-            bouncer.admin("SHOW VERSION")
-            return True
-
-        _poll("pgbouncer to accept connections", check, self.ready_timeout)
+        env = self._env(self._rt.root)
+        bouncer._spawn(self._rt.pgbouncer_bin, self._rt.osuser, cwd=bouncer.root, env=env)
 
     def _start_follower(self) -> None:
         """Start the follower process of ``follower=True`` (a no-op while it runs)."""
         assert self.pgbouncer is not None
         if self.follower is None:
-            self.follower = FollowerProcess(
+            self.follower = self.pgbouncer._follower(
                 self._rt.root / "follower",
-                admin_dsn=self._dsn(
-                    HOST, self.pgbouncer.port, dbname="pgbouncer", user=SUPERUSER, password=None
-                ),
-                source=["--patroni", ",".join(n.rest_url for n in self.nodes)],
-                check_dsn=make_conninfo(dbname="postgres", user=SUPERUSER),
-                passwords={SUPERUSER: self.superuser_password},
-                interval=self._follower_interval,
-                extra=self._follower_args,
+                ["--patroni", ",".join(n.rest_url for n in self.nodes)],
+                self.superuser_password,
+                self._follower_interval,
+                self._follower_args,
             )
         self.follower.start(self.ready_timeout)
 
     def _write_pgbouncer_config(self, bouncer: PgBouncer, target: PatroniNode) -> None:
-        settings = {
-            "listen_addr": HOST,
-            "listen_port": str(bouncer.port),
-            "unix_socket_dir": str(bouncer.root),
-            "auth_type": "scram-sha-256",
-            "auth_file": str(bouncer.root / "userlist.txt"),
-            "admin_users": SUPERUSER,
-            "stats_users": SUPERUSER,
-            "pool_mode": bouncer.pool_mode,
-            "max_client_conn": "500",
-            "default_pool_size": "20",
-            "server_connect_timeout": "5",
-            "ignore_startup_parameters": "extra_float_digits,options",
-            **bouncer.settings,
-        }
-        databases = "".join(
-            f"{db} = host={target.host} port={target.port} dbname={db}\n"
-            for db in (self.dbname, "postgres")
-        )
-        text = (
-            "[databases]\n"
-            + databases
-            + "\n[pgbouncer]\n"
-            + "".join(f"{k} = {v}\n" for k, v in settings.items())
-        )
-        tmp = bouncer.config_path.with_suffix(".tmp")
-        tmp.write_text(text)
-        self._rt.osuser.own(tmp)
-        tmp.replace(bouncer.config_path)
+        bouncer._write_config(target, self._rt.osuser)
+        self._point_at(bouncer, target)
+
+    def _point_at(self, bouncer: PgBouncer, target: PatroniNode) -> None:
         # PgBouncer.target is typed for LocalCluster's nodes; PgBouncer reads only its name.
         bouncer.target = cast("Any", target)
         self._pgbouncer_target = target

@@ -1210,21 +1210,48 @@ class FaultProxy:
         conn.s_state = "blind"
 
     def _from_client(self, conn: _Conn, data: bytes) -> None:
+        self._relay(
+            data,
+            blind=conn.c_state == "blind",
+            buf=conn.c_buf,
+            pipe=conn.c2s,
+            step=lambda out, delay: self._client_step(conn, out, delay),
+            discarding=lambda: conn.discard_client,
+        )
+
+    def _relay(
+        self,
+        data: bytes,
+        *,
+        blind: bool,
+        buf: bytearray,
+        pipe: _Pipe,
+        step: Callable[[bytearray, float], bool],
+        discarding: Callable[[], bool],
+    ) -> None:
+        """Take ``data`` from one side into its buffer ``buf`` and push what its parser
+        passes on to ``pipe``, delayed by the latency of now.
+
+        ``step(out, delay)`` handles the buffer's next message, appending what goes on to
+        ``out``; False when it needs more data. ``discarding()`` is True while this side's
+        data is thrown away (a dropped connection). A ``blind`` side relays as it comes,
+        after whatever its buffer still held when the other side made the connection blind.
+        """
         delay = self._latency
-        if conn.c_state == "blind":
-            if conn.c_buf:  # bytes left when the server side made the connection blind
-                data = bytes(conn.c_buf) + data
-                conn.c_buf.clear()
-            conn.c2s.push(data, delay)
+        if blind:
+            if buf:
+                data = bytes(buf) + data
+                buf.clear()
+            pipe.push(data, delay)
             return
-        conn.c_buf += data
+        buf += data
         out = bytearray()
-        while not conn.discard_client and self._client_step(conn, out, delay):
+        while not discarding() and step(out, delay):
             pass
-        if conn.discard_client:
-            conn.c_buf.clear()
+        if discarding():
+            buf.clear()
         if out:
-            conn.c2s.push(bytes(out), delay)
+            pipe.push(bytes(out), delay)
 
     def _client_step(self, conn: _Conn, out: bytearray, delay: float) -> bool:
         """Handle the next packet of the client's buffer; False when more data is needed."""
@@ -1371,21 +1398,14 @@ class FaultProxy:
 
     # ------------------------------------------------------------------ parsing: server
     def _from_server(self, conn: _Conn, data: bytes) -> None:
-        delay = self._latency
-        if conn.s_state == "blind":
-            if conn.s_buf:  # bytes left when the client side made the connection blind
-                data = bytes(conn.s_buf) + data
-                conn.s_buf.clear()
-            conn.s2c.push(data, delay)
-            return
-        conn.s_buf += data
-        out = bytearray()
-        while not conn.discard_server and self._server_step(conn, out, delay):
-            pass
-        if conn.discard_server:
-            conn.s_buf.clear()
-        if out:
-            conn.s2c.push(bytes(out), delay)
+        self._relay(
+            data,
+            blind=conn.s_state == "blind",
+            buf=conn.s_buf,
+            pipe=conn.s2c,
+            step=lambda out, delay: self._server_step(conn, out, delay),
+            discarding=lambda: conn.discard_server,
+        )
 
     def _server_step(self, conn: _Conn, out: bytearray, delay: float) -> bool:
         """Handle the next message of the server's buffer; False when more data is needed."""

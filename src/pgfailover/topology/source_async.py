@@ -19,6 +19,7 @@ The contract a pool (or an engine) relies on:
   cached topology was observed at or after that ``time.monotonic()`` instant;
 - :meth:`~AsyncTopologySource.invalidate` marks the cache out of date without I/O: the next
   :meth:`~AsyncTopologySource.conninfo_for_leader` refreshes it (once, shared);
+  :meth:`~AsyncTopologySource.stale` says whether it would;
 - :meth:`~AsyncTopologySource.conninfo_for_leader` returns the caller's conninfo with the
   leader's host and port, refreshing first when the cache is missing, invalidated, older than
   ``max_age``, or has no leader (then at most every :data:`NO_LEADER_RETRY` seconds); raises
@@ -153,6 +154,13 @@ class AsyncTopologySource:
         """Mark the cached topology out of date (no I/O): the next
         :meth:`conninfo_for_leader` refreshes it, once for all its concurrent callers."""
         self._invalid_after = time.monotonic()
+
+    def stale(self, now: float | None = None) -> bool:
+        """Whether :meth:`conninfo_for_leader` would refresh before answering: no topology
+        yet, invalidated since it was observed, older than ``max_age``, or naming no leader
+        for :data:`NO_LEADER_RETRY` seconds. No I/O. ``now``: a ``time.monotonic()``
+        instant (None: now)."""
+        return not self._fresh(self._topology, time.monotonic() if now is None else now)
 
     def _fresh(self, topology: Topology | None, now: float) -> bool:
         if topology is None or topology.observed_at < self._invalid_after:

@@ -21,6 +21,12 @@
 - ``{"op": "wrapper", "db": alias}``: the error (type, message) of connecting the alias;
 - ``{"op": "topology_refresh", "db": alias}``: refresh the alias's topology source (as
   any user sharing it may), answer the leader's ``host:port``;
+- ``{"op": "health", "db": alias}`` (optional ``by``: ``"name"``, the default, or
+  ``"connection"``): ``pgfailover.health()`` of the alias, the alias's failover counters,
+  whether it knows of an outage and whether the process monitor has its member; for a
+  target it refuses, the error's type and message;
+- ``{"op": "ready"}``: one GET of ``pgfailover.readiness.wsgi_app()`` with no target (every
+  pool, engine and monitored alias of the process): the status code and the JSON body;
 - ``{"op": "testcase"}``: Django's own test runner on ``shop.tests``;
 - ``{"op": "exit"}``.
 """
@@ -46,6 +52,7 @@ from django.test import Client  # type: ignore[import-untyped]  # noqa: E402
 
 import pgfailover  # noqa: E402
 from pgfailover.events import RetryEvent  # noqa: E402
+from pgfailover.readiness import wsgi_app  # noqa: E402
 from pgfailover.testing.trace import round_trips  # noqa: E402
 
 _retries: list[RetryEvent] = []
@@ -136,6 +143,17 @@ def trace(client: Client, path: str, db: str, n: int) -> int:
         return round_trips(f.read())
 
 
+def ready() -> dict[str, Any]:
+    """One GET of the WSGI readiness app with no target (it finds them at each request)."""
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        statuses.append(status)
+
+    body = b"".join(wsgi_app()({"REQUEST_METHOD": "GET"}, start_response))
+    return {"status": int(statuses[0].split()[0]), "body": json.loads(body)}
+
+
 def testcase() -> dict[str, Any]:
     """Django's test runner on the project's TestCase (it creates and drops its database)."""
     from django.test.runner import (  # type: ignore[import-untyped]  # noqa: PLC0415
@@ -201,6 +219,23 @@ def handle(  # noqa: PLR0911, PLR0912 - one branch per op
         topology = connections[db].pgf_topology.refresh()
         leader = topology.write_target
         return {"leader": leader.address if leader is not None else None}
+    if op == "health":  # what a readiness probe of the alias answers, and its counters
+        target: Any = connections[db] if message.get("by") == "connection" else db
+        try:
+            found = pgfailover.health(target)
+        except TypeError as ex:
+            return {"error": type(ex).__name__, "message": str(ex)}
+        from pgfailover.django import _monitor  # noqa: PLC0415 - after django.setup()
+
+        failover = connections[db].pgf_state
+        return {
+            "health": found.as_dict(),
+            "stats": failover.stats(),
+            "outage": failover.outage_since is not None,
+            "member": db in _monitor.aliases(),
+        }
+    if op == "ready":  # a readiness probe of the whole process
+        return ready()
     if op == "testcase":
         return testcase()
     raise ValueError(f"unknown op {op!r}")
