@@ -25,8 +25,9 @@ What it changes:
   what each host was. Authentication and configuration errors are raised at once.
   A URL with several hosts gets ``target_session_attrs=read-write`` (unless it sets its
   own, or ``pooler=True``), as the pools' conninfo does, so the driver passes over hosts
-  that answer as standbys. With ``NullPool`` (every checkout is a new connection) new connections are probed only
-  while an outage is under way, so the happy path costs no round trip there either.
+  that answer as standbys. With ``NullPool`` (every checkout is a new connection) new
+  connections are probed only while an outage is under way, so the happy path costs no
+  round trip there either.
 - **Checkout** (``checkout``): a pooled connection is probed only when there is a reason:
   an outage is under way, or it was last checked out (or probed) at least
   ``recheck_interval`` seconds ago. (The time of the last checkout, not of the last
