@@ -420,6 +420,8 @@ class ConnectionPool(_BasePool[CT]):
         _registry.discard_pool(self)
         monitor, self._pgf_monitor = self._pgf_monitor, None
         if monitor is not None:
+            # waits for the watch's end when the pool is the endpoint's last member (its
+            # connection closed, up to 2 s): off the event loop for an async pool
             monitor.unregister(self)
         with self._pgf_parked_lock:
             self._pgf_parked.clear()

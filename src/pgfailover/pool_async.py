@@ -437,7 +437,12 @@ class AsyncConnectionPool(_BasePool[CT]):
         _registry.discard_pool(self)
         monitor, self._pgf_monitor = self._pgf_monitor, None
         if monitor is not None:
-            monitor.unregister(self)
+            # waits for the watch's end when the pool is the endpoint's last member (its
+            # connection closed, up to 2 s): off the event loop for an async pool
+            if True:  # ASYNC
+                await asyncio.to_thread(monitor.unregister, self)
+            else:
+                monitor.unregister(self)
         with self._pgf_parked_lock:
             self._pgf_parked.clear()
         self._pgf.grant_unused()  # a monitor's look waiting on this pool ends now
