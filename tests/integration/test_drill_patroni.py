@@ -72,9 +72,14 @@ def test_patroni_leader_crash_drill_keeps_every_protected_write(
     """``pgfailover drill --ha patroni`` unattended (a kill -9 of the leader, synchronous
     mode): exit status 0; the timeline shows the leader lost, the new leader named and then
     taking writes, which is when the primary counts as reachable; every stack wrote before
-    the crash; no protected stack lost, duplicated or invented a write; the runner stacks
-    saw no failure at all; nothing a protected stack started after the new leader took
-    writes failed; the JSON, the printed config and the PNG are written."""
+    the crash; no protected stack lost or duplicated a write; the runner stacks saw no
+    failure at all and invented no write; nothing a protected stack started after the new
+    leader took writes failed; the JSON, the printed config and the PNG are written.
+    A bare protected stack (no runner) may report as failed a write whose COMMIT was in
+    flight when the leader was killed and that the promoted synchronous standby holds (a
+    "phantom": a lost COMMIT's outcome is unknown to the caller; resolving it is the
+    runner's job): at most one per worker, the COMMITs that can be in flight at the kill
+    (seen in about one full run of four since the monitor became the default)."""
     json_path, png_path = tmp_path / "drill.json", tmp_path / "drill.png"
     argv = ["drill", "-q", "--ha", "patroni", "--before", "1.5", "--after", "2.5"]
     code = main([*argv, "--json", str(json_path), "--plot", str(png_path)])
@@ -100,7 +105,9 @@ def test_patroni_leader_crash_drill_keeps_every_protected_write(
     for stack in stacks.values():
         assert stack.ok > 0, stack
         if stack.protected:
-            assert (stack.lost, stack.duplicated, stack.phantom) == (0, 0, 0), stack
+            assert (stack.lost, stack.duplicated) == (0, 0), stack
+            in_flight = 0 if "runner" in stack.name else int(str(report.config["workers"]))
+            assert stack.phantom <= in_flight, stack
             assert stack.failed_after == 0, stack
             assert stack.first_ok_after is not None, stack
     assert stacks["pgfailover pool + runner"].failed == 0
