@@ -37,7 +37,8 @@ pgfailover's connection classes and:
   during the outage the pool makes no connection attempt but those the monitor grants
   (the monitor is the one prober of the endpoint, and a waiting pool's attempt is its
   look) and the monitor wakes it when a writable primary is back (its held attempts then
-  go one at a time, each once the previous one has connected). It costs one thread per
+  go one at a time, each once the previous one has connected and was handed over, and
+  those no request waits for any more are dropped). It costs one thread per
   process, one connection per endpoint and one role query per second on it;
   ``monitor=False`` opts out;
 - count what happened in ``get_stats()``.
@@ -120,6 +121,7 @@ class AsyncConnectionPool(_BasePool[CT]):
         self._pgf_parked: dict[int, tuple[AttemptWithBackoff, bool]] = {}
         self._pgf_parked_lock = threading.Lock()
         self._pgf_tokens = itertools.count()
+        self._pgf_connects = 0  # new connections made (see _connect, _add_connection)
         if True:  # ASYNC
             self._pgf_loop: asyncio.AbstractEventLoop | None = None
         _pool_common.check_topology(topology, AsyncTopologySource, conninfo)
@@ -229,7 +231,8 @@ class AsyncConnectionPool(_BasePool[CT]):
         ``token`` (its periodic recheck, which holds it again while the outage lasts, or
         the monitor's grant, ``granted``). After an outage the held attempts thus go one
         at a time, each once the previous one has connected: the first connection serves
-        a waiting request at once, not slowed by a burst of logins at the pooler."""
+        a waiting request at once, not slowed by a burst of logins at the pooler (and one
+        that no request needs any more is dropped, see :meth:`_pgf_attempt_unneeded`)."""
         with self._pgf_parked_lock:
             if token is None:
                 token = next(iter(self._pgf_parked), None)
@@ -239,6 +242,22 @@ class AsyncConnectionPool(_BasePool[CT]):
             self._pgf.grant_unused()
         for attempt, growing in held:
             self.run_task(AddConnection(self, attempt, growing=growing))
+
+    async def _pgf_attempt_unneeded(self, growing: bool) -> bool:
+        """Whether a connection attempt that was held or failed before is needless now, no
+        request waiting and the pool at ``min_size`` or above without it (the connections
+        made since served what waited). If so it is forgotten, as psycopg_pool forgets an
+        attempt that gave up (``growing``: one made to grow the pool, whose growth is then
+        over; a request that comes later grows the pool again). A purged pool would
+        otherwise log in again, after the outage, for every request that waited during it,
+        long after one connection served them all."""
+        async with self._lock:
+            if self._waiting or self._nconns - 1 < self._min_size:
+                return False
+            self._nconns -= 1
+            if growing:
+                self._growing = False
+            return True
 
     # -- connection life cycle
     async def _pgf_leader_conninfo(self) -> str:
@@ -290,8 +309,7 @@ class AsyncConnectionPool(_BasePool[CT]):
         aware.pool_generation = self._pgf.generation
         aware.pool_returned_at = now
         self._pgf.connected(now)
-        if self._pgf_parked:  # attempts held back: the primary is back, the next may go
-            self._pgf_in_pool(_Unpark(self, None))
+        self._pgf_connects += 1  # _add_connection then lets the next held attempt go
         return conn
 
     def _pgf_misconfigured(self) -> bool:
@@ -324,6 +342,7 @@ class AsyncConnectionPool(_BasePool[CT]):
     async def _add_connection(
         self, attempt: AttemptWithBackoff | None, growing: bool = False
     ) -> None:
+        again = attempt is not None  # one that failed or was held before
         attempt = attempt or FastAttempt(
             timeout=self.reconnect_timeout, misconfigured=self._pgf_misconfigured
         )
@@ -343,10 +362,20 @@ class AsyncConnectionPool(_BasePool[CT]):
                 return
             await super()._add_connection(attempt, growing)
             return
+        if again and self._pgf.outage_since is None and await self._pgf_attempt_unneeded(growing):
+            self._pgf.connect_done()
+            if self._pgf_parked:
+                self.run_task(_Unpark(self, None))
+            return
+        connects = self._pgf_connects
         try:
             await super()._add_connection(attempt, growing)
         finally:
             self._pgf.connect_done()
+        if self._pgf_parked and self._pgf_connects != connects:
+            # connected and handed over (to a waiting request, or to the pool): the primary
+            # is back, the next held attempt may go
+            self.run_task(_Unpark(self, None))
 
     # -- checkout and return
     async def getconn(self, timeout: float | None = None) -> CT:

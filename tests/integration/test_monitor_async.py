@@ -8,6 +8,7 @@ tests for the sync pool. Each test uses a private :class:`Monitor` with short ti
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import time
 from collections.abc import Callable
@@ -208,6 +209,45 @@ async def test_one_attempt_at_a_time_until_the_first_connects_after_the_outage(
         for before, after in itertools.pairwise(attempts[: first_ok + 1]):
             assert after[0] >= before[1], attempts  # never two at once until one connected
         assert sum(1 for a in attempts if a[2]) >= 3, attempts  # refilled by new connections
+    finally:
+        monitor.close()
+
+
+async def test_after_an_outage_a_pool_logs_in_only_for_what_waits(
+    pgfailover_cluster_factory: ClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool (min_size 1, max_size 2) purged by the monitor, with a request waiting
+    through the outage, holds two connection attempts (the refill to min_size and the
+    growth for that request): after the repoint one new connection serves the request, the
+    other attempt, needed by no one then, is dropped: one login, and the pool is back at
+    min_size with nothing held."""
+    monkeypatch.setattr(_pool_common, "PARK_RECHECK", 60.0)  # no recheck lets one slip out
+    cluster, dsn = _cluster_and_dsn(pgfailover_cluster_factory, "transaction")
+    name = table(cluster)
+    monitor = Monitor(interval=0.2)
+    try:
+        async with _AttemptsPool(
+            dsn, min_size=1, max_size=2, timeout=15, kwargs=KWARGS, monitor=monitor
+        ) as pool:
+            await pool.wait()
+            await _blocking(cluster.failover)
+            await _wait_for(lambda: pool.failover_state.outage_since is not None)
+            if True:  # ASYNC
+                request = asyncio.create_task(_insert(pool, name))
+            else:
+                request = concurrent.futures.ThreadPoolExecutor(1).submit(_insert, pool, name)
+            await _wait_for(lambda: len(pool._pgf_parked) == 2)  # refill and growth held
+            since = time.monotonic()
+            await _blocking(cluster.repoint_pgbouncer, cluster.primary)
+            if True:  # ASYNC
+                await asyncio.wait_for(request, 15)
+            else:
+                request.result(15)
+            await _wait_for(lambda: not pool._pgf_parked)
+            await asyncio.sleep(0.5)  # time for a needless login to show
+            logins = [a for a in pool.attempts if a[0] >= since and a[2]]
+            assert len(logins) == 1, pool.attempts
+            assert pool.get_stats()["pool_size"] == 1
     finally:
         monitor.close()
 
