@@ -202,6 +202,12 @@ class FailoverState:
             self._released = True
             return self.outage_since is not None
 
+    def waking(self) -> bool:
+        """The monitor saw the primary back and released the pool's held attempts, none of
+        which has connected yet (the outage is not over for the pool)."""
+        with self._lock:
+            return self.monitored and self._released and self.outage_since is not None
+
     def endpoint_lost(self, endpoint: str, finding: str, now: float) -> bool:
         """The monitor found no writable primary at the pool's endpoint (``finding`` says
         what it found). Starts an outage, without asking the monitor back; True if the

@@ -40,10 +40,10 @@ pgfailover's connection classes and:
   during the outage the pool makes no connection attempt but those the monitor grants
   (the monitor is the one prober of the endpoint, and a waiting pool's attempt is its
   look) and the monitor wakes it when a writable primary is back (its held attempts then
-  go one at a time, each once the previous one has connected and was handed over, and
-  those no request waits for any more are dropped). It costs one thread per
-  process, one connection per endpoint and one role query per second on it;
-  ``monitor=False`` opts out;
+  go one at a time, each once the previous one has connected and was handed over, new
+  ones queue behind them, and those no request waits for any more are dropped). It costs
+  one thread per process, one connection per endpoint and one role query per second on
+  it; ``monitor=False`` opts out;
 - count what happened in ``get_stats()``.
 
 Decisions live in :class:`~pgfailover._state.FailoverState` (no I/O); the pool class is a
@@ -124,6 +124,7 @@ class ConnectionPool(_BasePool[CT]):
         self._pgf_parked_lock = threading.Lock()
         self._pgf_tokens = itertools.count()
         self._pgf_connects = 0  # new connections made (see _connect, _add_connection)
+        self._pgf_under_way = 0  # connection attempts under way (see _add_connection)
         _pool_common.check_topology(topology, TopologySource, conninfo)
         self.topology = topology
         self._pgf_base_conninfo = conninfo
@@ -229,6 +230,25 @@ class ConnectionPool(_BasePool[CT]):
             self._pgf.grant_unused()
         for attempt, growing in held:
             self.run_task(AddConnection(self, attempt, growing=growing))
+
+    def _pgf_take_turn(self, attempt: AttemptWithBackoff, growing: bool, again: bool) -> int | None:
+        """None if a connection attempt may go now (it then counts as under way until
+        :meth:`_add_connection` is done with it), else the token it is held under (held
+        in the same step, so that the attempt under way, once connected, lets it go).
+        After the monitor's wake-up, until one
+        connects, attempts go one at a time: one must wait its turn, held again, while
+        another is under way (a held one's recheck, a retry), and a new one (``again``
+        False: a request found no connection) also while older ones are held; each then
+        goes once the previous one has connected, or is dropped if that one served the
+        request. Through a busy pooler the first login can take longer than the recheck
+        interval: without the turns a pool would log in twice for one request."""
+        with self._pgf_parked_lock:
+            if self._pgf.waking() and (self._pgf_under_way or (not again and self._pgf_parked)):
+                token = next(self._pgf_tokens)
+                self._pgf_parked[token] = (attempt, growing)
+                return token
+            self._pgf_under_way += 1
+            return None
 
     def _pgf_attempt_unneeded(self, growing: bool) -> bool:
         """Whether a connection attempt that was held or failed before is needless now, no
@@ -350,10 +370,16 @@ class ConnectionPool(_BasePool[CT]):
             if self._pgf_parked:
                 self.run_task(_Unpark(self, None))
             return
+        turn = self._pgf_take_turn(attempt, growing, again)
+        if turn is not None:  # held for its turn
+            self.schedule_task(_Unpark(self, turn), _pool_common.PARK_RECHECK)
+            return
         connects = self._pgf_connects
         try:
             super()._add_connection(attempt, growing)
         finally:
+            with self._pgf_parked_lock:
+                self._pgf_under_way -= 1
             self._pgf.connect_done()
         if self._pgf_parked and self._pgf_connects != connects:
             # connected and handed over (to a waiting request, or to the pool): the primary

@@ -23,6 +23,7 @@ from pgfailover.monitor import Monitor, Status
 from pgfailover.pool import ConnectionPool
 from pgfailover.testing import LocalCluster
 from pgfailover.testing.plugin import ClusterFactory
+from pgfailover.testing.proxy import FaultProxy
 
 from .support import bouncer_cluster, eventually, table
 
@@ -209,19 +210,30 @@ def test_one_attempt_at_a_time_until_the_first_connects_after_the_outage(
         monitor.close()
 
 
+@pytest.mark.parametrize("link", ["loopback", "slow"])
 def test_after_an_outage_a_pool_logs_in_only_for_what_waits(
-    pgfailover_cluster_factory: ClusterFactory, monkeypatch: pytest.MonkeyPatch
+    pgfailover_cluster_factory: ClusterFactory, monkeypatch: pytest.MonkeyPatch, link: str
 ) -> None:
     """A pool (min_size 1, max_size 2) purged by the monitor, with a request waiting
     through the outage, holds two connection attempts (the refill to min_size and the
     growth for that request): after the repoint one new connection serves the request, the
     other attempt, needed by no one then, is dropped: one login, and the pool is back at
-    min_size with nothing held."""
-    monkeypatch.setattr(_pool_common, "PARK_RECHECK", 60.0)  # no recheck lets one slip out
+    min_size with nothing held. Also through a slow link (a proxy adding 50 ms each way,
+    so a login takes several times the held attempts' 0.1 s recheck here): the rechecks
+    wait their turn behind the login under way."""
+    slow = link == "slow"
+    # loopback: no recheck lets one slip out; slow: rechecks during the login
+    monkeypatch.setattr(_pool_common, "PARK_RECHECK", 0.1 if slow else 60.0)
     cluster, dsn = _cluster_and_dsn(pgfailover_cluster_factory, "transaction")
     name = table(cluster)
     monitor = Monitor(interval=0.2)
+    assert cluster.pgbouncer is not None
+    proxy = FaultProxy(cluster.pgbouncer) if slow else None
     try:
+        if proxy is not None:
+            proxy.start()
+            proxy.latency(0.05)
+            dsn = proxy.dsn_for(dsn)
         with _AttemptsPool(
             dsn, min_size=1, max_size=2, timeout=15, kwargs=KWARGS, monitor=monitor
         ) as pool:
@@ -240,6 +252,8 @@ def test_after_an_outage_a_pool_logs_in_only_for_what_waits(
             assert pool.get_stats()["pool_size"] == 1
     finally:
         monitor.close()
+        if proxy is not None:
+            proxy.close()
 
 
 def test_a_request_that_meets_the_failover_makes_the_watch_look_at_once(
