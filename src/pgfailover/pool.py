@@ -235,13 +235,14 @@ class ConnectionPool(_BasePool[CT]):
         """None if a connection attempt may go now (it then counts as under way until
         :meth:`_add_connection` is done with it), else the token it is held under (held
         in the same step, so that the attempt under way, once connected, lets it go).
-        After the monitor's wake-up, until one
-        connects, attempts go one at a time: one must wait its turn, held again, while
-        another is under way (a held one's recheck, a retry), and a new one (``again``
-        False: a request found no connection) also while older ones are held; each then
-        goes once the previous one has connected, or is dropped if that one served the
-        request. Through a busy pooler the first login can take longer than the recheck
-        interval: without the turns a pool would log in twice for one request."""
+
+        After the monitor's wake-up, until one connects, attempts go one at a time: one
+        waits its turn, held again, while another is under way (a held one's recheck, a
+        retry), and a new one (``again`` False: a request found no connection) also while
+        older ones are held; each then goes once the previous one has connected, or is
+        dropped if that one served the request. Through a busy pooler the first login can
+        take longer than the recheck interval: without the turns a pool would log in twice
+        for one request."""
         with self._pgf_parked_lock:
             if self._pgf.waking() and (self._pgf_under_way or (not again and self._pgf_parked)):
                 token = next(self._pgf_tokens)
